@@ -1,0 +1,51 @@
+# detr-serve: `make run` serves the default model on :8000, `make test` runs every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# On a machine without CUDA we install a CPU build of torch first so that pip does not
+# pull the multi-GB CUDA wheel. Override TORCH_CPU / PIP_TORCH_ARGS for other indexes,
+# e.g. PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu" TORCH_CPU=torch
+TORCH_CPU ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint fmt bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: installing the CUDA build of torch and the gpu extra"; \
+		$(PY) -m pip install --quiet -e '.[dev,gpu]'; \
+	else \
+		echo "no CUDA: installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(PY) -m pip install --quiet $(PIP_TORCH_ARGS) '$(TORCH_CPU)' && \
+		$(PY) -m pip install --quiet -e '.[dev]'; \
+	fi
+	@touch $@
+
+run: install
+	$(VENV)/bin/detr-serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check app tests scripts
+	$(VENV)/bin/ruff format --check app tests scripts
+	$(VENV)/bin/mypy app
+
+fmt: install
+	$(VENV)/bin/ruff format app tests scripts
+	$(VENV)/bin/ruff check --fix app tests scripts
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

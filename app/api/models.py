@@ -1,0 +1,33 @@
+"""GET /v1/models: what this server serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import ServiceDep
+from app.schemas import ErrorResponse, ModelCard, ModelList
+
+router = APIRouter(tags=["models"])
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    summary="The served model: name, backend, device, dtype and labels",
+    responses={503: {"model": ErrorResponse, "description": "The model is still loading."}},
+)
+async def list_models(service: ServiceDep) -> ModelList:
+    info = service.info
+    return ModelList(
+        models=[
+            ModelCard(
+                name=info.name,
+                backend=info.backend,
+                device=info.device,
+                dtype=info.dtype,
+                architecture=info.architecture,
+                labels=info.labels,
+                max_batch_size=service.batcher.max_batch_size,
+            )
+        ]
+    )

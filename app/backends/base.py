@@ -1,0 +1,24 @@
+"""The interface every inference backend offers the engine: a batch in, raw outputs out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class RawOutputs:
+    logits: torch.Tensor  # [B, Q, C]
+    pred_boxes: torch.Tensor  # [B, Q, 4], normalized cxcywh
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def infer(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
+        """Run the detector on a pre-processed batch that already sits on `device`."""
+        ...

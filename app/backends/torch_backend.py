@@ -1,0 +1,56 @@
+"""Eager PyTorch backend: any checkpoint that AutoModelForObjectDetection loads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForObjectDetection
+
+from app.backends.base import RawOutputs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str = "auto", dtype: str = "auto") -> TorchBackend:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        model = AutoModelForObjectDetection.from_pretrained(model_dir, dtype=dt)
+        model.to(dev).eval()
+        logger.info("loaded %s (%s) on %s in %s", model_dir, type(model).__name__, dev, dt)
+        return cls(model, dev, dt)
+
+    @torch.inference_mode()
+    def infer(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
+        kwargs = {"pixel_values": pixel_values}
+        if pixel_mask is not None:
+            kwargs["pixel_mask"] = pixel_mask
+        out = self.model(**kwargs)
+        return RawOutputs(logits=out.logits, pred_boxes=out.pred_boxes)

@@ -1,0 +1,244 @@
+"""Dynamic batcher: groups items of concurrent requests into one call of a batch handler.
+
+It knows nothing of HTTP or models: a handler takes a list of items and returns one output
+per item (or an exception instance for an item that failed alone). The handler runs on the
+executor given (one worker thread per device), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherError(Exception):
+    """Base of the errors a submitter may get back."""
+
+
+class QueueFullError(BatcherError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the queue is full; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(BatcherError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and takes no new work")
+
+
+class DeadlineExceededError(BatcherError):
+    def __init__(self) -> None:
+        super().__init__("the request passed its deadline before the model could run it")
+
+
+class BatchFailedError(BatcherError):
+    """The batch holding this item raised; every item of that batch gets one of these."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    queue_waits_s: list[float]
+    run_s: float
+    ok: bool
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    enqueued: float
+    deadline: float
+
+
+@dataclass
+class _Ewma:
+    value: float = 0.05
+    alpha: float = 0.2
+
+    def update(self, sample: float) -> None:
+        self.value += self.alpha * (sample - self.value)
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        handler: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        executor: Executor | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        self._handler = handler
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self._executor = executor
+        self._on_batch = on_batch
+        self._queue: deque[_Pending[T, R]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._in_flight = 0
+        self._batch_time = _Ewma()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (cancelled ones are dropped when a batch forms)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Items inside the batch that is running now."""
+        return self._in_flight
+
+    @property
+    def accepting(self) -> bool:
+        return self._task is not None and not self._closing
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop intake, let queued and running work finish within `timeout_s`, then end."""
+        self._closing = True
+        self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            logger.warning("batcher did not drain in %.1f s; failing what is left", timeout_s)
+            self._task.cancel()
+            while self._queue:
+                pending = self._queue.popleft()
+                if not pending.future.done():
+                    pending.future.set_exception(ShuttingDownError())
+
+    # -- intake -----------------------------------------------------------------------------
+    async def submit(self, items: Sequence[T], deadline: float) -> list[R]:
+        """Queue `items` (all of one request) and wait for their outputs, in order.
+
+        `deadline` is a time.monotonic() value. Raises QueueFullError, ShuttingDownError,
+        DeadlineExceededError or BatchFailedError.
+        """
+        if not self.accepting:
+            raise ShuttingDownError()
+        if len(self._queue) + len(items) > self.max_queue_size:
+            raise QueueFullError(self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._queue.extend(pendings)
+        self._wake.set()
+        futures = [p.future for p in pendings]
+        try:
+            return list(
+                await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now))
+            )
+        except TimeoutError:
+            raise DeadlineExceededError() from None
+        finally:
+            for f in futures:
+                if not f.done():
+                    f.cancel()
+
+    def retry_after_s(self) -> int:
+        """Seconds a rejected client should wait: the time to work off the current queue."""
+        batches = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        return max(1, math.ceil(batches * self._batch_time.value))
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            await self._wait_to_fill()
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_to_fill(self) -> None:
+        """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
+        fill_deadline = self._queue[0].enqueued + self.max_delay_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = fill_deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending[T, R]]:
+        batch: list[_Pending[T, R]] = []
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():  # its request gave up (deadline or disconnect)
+                continue
+            if pending.deadline <= now:
+                pending.future.set_exception(DeadlineExceededError())
+                continue
+            batch.append(pending)
+        return batch
+
+    async def _execute(self, batch: list[_Pending[T, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self._in_flight = len(batch)
+        ok = True
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, self._handler, [p.item for p in batch]
+            )
+            if len(outputs) != len(batch):
+                raise BatchFailedError(
+                    f"the model returned {len(outputs)} outputs for {len(batch)} inputs"
+                )
+        except Exception as exc:
+            ok = False
+            logger.exception("batch of %d failed", len(batch))
+            reason = str(exc) if isinstance(exc, BatchFailedError) else type(exc).__name__
+            for p in batch:
+                if not p.future.done():
+                    failure = BatchFailedError(f"inference failed: {reason}")
+                    failure.__cause__ = exc
+                    p.future.set_exception(failure)
+        else:
+            for p, out in zip(batch, outputs, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(out, BaseException):
+                    p.future.set_exception(out)
+                else:
+                    p.future.set_result(out)
+        finally:
+            self._in_flight = 0
+        run_s = time.monotonic() - started
+        self._batch_time.update(run_s)
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(len(batch), [started - p.enqueued for p in batch], run_s, ok))

@@ -1,0 +1,89 @@
+"""`detr-serve` console script: flags -> Settings -> uvicorn.
+
+Flags are generated from the Settings fields so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import ValidationError
+
+from app.config import Settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detr-serve",
+        description="Serve a deformable-attention object detector over HTTP. Every flag is also "
+        "an environment variable DETR_SERVE_<FLAG> (e.g. DETR_SERVE_PORT=8080).",
+    )
+    for name, field in Settings.model_fields.items():
+        env = "DETR_SERVE_" + name.upper()
+        kind = _base_type(field.annotation)
+        default = field.default
+        help_text = f"{field.description or ''} [env {env}; default {default}]".strip()
+        if kind is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )
+        elif get_origin(kind) is Literal:
+            parser.add_argument(
+                _flag(name), dest=name, choices=list(get_args(kind)), default=None, help=help_text
+            )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Parse flags and the environment; exit with a readable message when a value is wrong."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = ["detr-serve: invalid settings:"]
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = f"{_flag(field)} / DETR_SERVE_{field.upper()}" if field else "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = load_settings(argv)
+    import uvicorn
+
+    from app.logging_setup import configure_logging
+    from app.main import create_app
+
+    configure_logging(settings.log_level, settings.json_logs)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+    )
+
+
+if __name__ == "__main__":
+    main()

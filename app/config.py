@@ -1,0 +1,114 @@
+"""The one place that reads the environment: every setting of detr-serve, typed and validated.
+
+Each field is also a `detr-serve` flag (see app/cli.py) and an environment variable
+`DETR_SERVE_<FIELD>`; flags win over the environment, the environment over the defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_NAME = "rtdetr-shapes"
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DETR_SERVE_", extra="forbid", validate_default=True, protected_namespaces=()
+    )
+
+    model: Path = Field(
+        default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME,
+        description="Hugging Face-format checkpoint directory (config.json, weights, "
+        "preprocessor_config.json). Defaults to the embedded model.",
+    )
+    model_name: str | None = Field(
+        default=None, description="Name the model is served under (default: the folder name)."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Inference precision; auto is float32 on CPU, float16 on CUDA."
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
+    )
+    max_batch_size: int = Field(default=8, ge=1, le=1024, description="Images per forward pass.")
+    max_batch_delay_ms: float = Field(
+        default=5.0, ge=0, le=10_000, description="How long a batch waits to fill up."
+    )
+    max_queue_size: int = Field(
+        default=256, ge=1, description="Images waiting for the model before 429 is answered."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="Deadline of a request; past it the answer is 504."
+    )
+    max_images_per_request: int = Field(default=16, ge=1, description="Images in one request.")
+    max_upload_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest request body, and largest image."
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Largest width*height accepted, read from the header."
+    )
+    default_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
+    )
+    default_max_detections: int = Field(
+        default=100, ge=1, description="Detections per image when a request gives no limit."
+    )
+    allow_private_urls: bool = Field(
+        default=False,
+        description="Let image URLs reach private, loopback and link-local addresses.",
+    )
+    url_timeout_s: float = Field(
+        default=10.0, gt=0, description="Total deadline of one image download."
+    )
+    max_redirects: int = Field(default=3, ge=0, le=10, description="Redirects an image URL may take.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    json_logs: bool = Field(default=False, description="Log one JSON object per line.")
+    drain_timeout_s: float = Field(
+        default=20.0, ge=0, description="On shutdown, how long in-flight work may take to finish."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("use one of auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model_dir(cls, value: Path) -> Path:
+        value = value.expanduser()
+        if not value.is_dir():
+            raise ValueError(
+                f"{value} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
+                "checkpoint folder holding config.json and preprocessor_config.json"
+            )
+        missing = [n for n in ("config.json", "preprocessor_config.json") if not (value / n).is_file()]
+        if missing:
+            raise ValueError(f"{value} lacks {', '.join(missing)}: save the model and its image "
+                             "processor there with save_pretrained()")
+        return value.resolve()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError(
+                "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model.name

@@ -1,0 +1,81 @@
+"""Typed errors of the service; the API turns each into its status code and a JSON body."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error a client should see: HTTP status, a short type, and a message naming the input."""
+
+    status_code = 400
+    error_type = "invalid_request"
+
+    def __init__(
+        self, message: str, *, image_index: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        if image_index is not None:
+            message = f"image {image_index}: {message}"
+        super().__init__(message)
+        self.message = message
+        self.image_index = image_index
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, object]:
+        error: dict[str, object] = {"type": self.error_type, "message": self.message}
+        if self.image_index is not None:
+            error["image_index"] = self.image_index
+        return {"error": error}
+
+
+class InvalidRequestError(ApiError):
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class ValidationFailedError(ApiError):
+    status_code = 422
+    error_type = "validation_error"
+
+
+class InvalidImageError(ApiError):
+    status_code = 400
+    error_type = "invalid_image"
+
+
+class ImageTooLargeError(ApiError):
+    status_code = 413
+    error_type = "image_too_large"
+
+
+class PayloadTooLargeError(ApiError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class FetchError(ApiError):
+    status_code = 400
+    error_type = "fetch_failed"
+
+
+class UrlRefusedError(ApiError):
+    status_code = 400
+    error_type = "url_refused"
+
+
+class QueueFullApiError(ApiError):
+    status_code = 429
+    error_type = "queue_full"
+
+
+class UnavailableError(ApiError):
+    status_code = 503
+    error_type = "unavailable"
+
+
+class DeadlineError(ApiError):
+    status_code = 504
+    error_type = "deadline_exceeded"
+
+
+class InferenceError(ApiError):
+    status_code = 500
+    error_type = "inference_failed"

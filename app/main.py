@@ -1,0 +1,93 @@
+"""create_app(settings): the FastAPI application, its lifespan, routers and error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api import detect, health, models
+from app.config import Settings
+from app.engine import Engine
+from app.errors import ApiError
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.runtime import Runtime
+from app.schemas import DetectRequest
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app. `engine` lets tests inject an already loaded engine."""
+    runtime = Runtime(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        yield
+        await runtime.stop()
+
+    app = FastAPI(
+        title="detr-serve",
+        version="0.1.0",
+        summary="Deformable-attention object detection (RT-DETR family) over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.include_router(detect.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        body = {"error": {"type": "validation_error", "message": message}}
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"type": kind, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        body = {"error": {"type": "internal_error", "message": "internal server error"}}
+        return JSONResponse(body, status_code=500)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated document, plus DetectRequest, which the detect route reads by hand
+    (it accepts JSON and multipart on one path)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    request_schema = DetectRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(request_schema.pop("$defs", {}))
+    components["DetectRequest"] = request_schema
+    app.openapi_schema = schema
+    return schema

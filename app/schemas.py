@@ -1,0 +1,108 @@
+"""Request and response models of the /v1 API (the OpenAPI document is built from these)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        default=None, max_length=4096, description="http(s) URL of the image; fetched by the server."
+    )
+    data: str | None = Field(
+        default=None, description="The encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF) in base64; "
+        "a data: URI prefix is accepted.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageInput:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("give exactly one of 'url' or 'data' for each image")
+        return self
+
+
+class DetectOptions(BaseModel):
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Minimum score (default: the server's)."
+    )
+    max_detections: int | None = Field(
+        default=None, ge=1, le=1000, description="Most detections per image, best first."
+    )
+    classes: list[str | int] | None = Field(
+        default=None, max_length=1000,
+        description="Only these classes, by label name or class id.",
+    )
+
+
+class DetectRequest(DetectOptions):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [{"url": "https://example.com/shapes.jpg"}], "threshold": 0.5},
+                {"images": [{"data": "<base64 JPEG>"}], "classes": ["circle"], "max_detections": 10},
+            ]
+        },
+    )
+
+    images: list[ImageInput] = Field(min_length=1, description="The images, answered in order.")
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: list[float] = Field(
+        min_length=4, max_length=4, description="[x1, y1, x2, y2] in the original image's pixels."
+    )
+
+
+class Timings(BaseModel):
+    fetch_ms: float = Field(description="Download (URL inputs) or base64 decode.")
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float = Field(description="Pre-processing and forward pass of the whole batch.")
+    postprocess_ms: float
+    batch_size: int
+
+
+class ImageResult(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+    timings: Timings
+
+
+class DetectResponse(BaseModel):
+    model: str
+    results: list[ImageResult]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    image_index: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    name: str
+    backend: str
+    device: str
+    dtype: str
+    architecture: str
+    labels: dict[int, str]
+    max_batch_size: int
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,208 @@
+"""One detection request's path: bytes (upload, base64, URL) -> decode -> batcher -> results.
+
+Everything a client could get wrong is checked here, before any image reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from anyio import to_thread
+
+from app.batching import (
+    Batcher,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from app.config import Settings
+from app.engine import DetectionTask, ImageDetections, ModelInfo
+from app.errors import (
+    ApiError,
+    DeadlineError,
+    InferenceError,
+    InvalidImageError,
+    InvalidRequestError,
+    QueueFullApiError,
+    UnavailableError,
+)
+from app.fetch import Fetcher
+from app.images import DecodedImage, decode_image
+from app.metrics import Metrics
+from app.schemas import DetectOptions, DetectResponse, Detection, ImageResult, Timings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One input image as the client gave it: raw bytes, base64 text or a URL."""
+
+    raw: bytes | None = None
+    base64: str | None = None
+    url: str | None = None
+
+
+@dataclass
+class _Prepared:
+    image: DecodedImage
+    fetch_s: float
+    decode_s: float
+
+
+class DetectionService:
+    def __init__(
+        self,
+        settings: Settings,
+        info: ModelInfo,
+        batcher: Batcher[DetectionTask, ImageDetections],
+        fetcher: Fetcher,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.info = info
+        self.batcher = batcher
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
+
+    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResponse:
+        arrived = time.monotonic()
+        deadline = arrived + self.settings.request_timeout_s
+        if not sources:
+            raise InvalidRequestError("the request holds no image")
+        limit = self.settings.max_images_per_request
+        if len(sources) > limit:
+            raise InvalidRequestError(
+                f"the request holds {len(sources)} images, over the limit of {limit}"
+            )
+        threshold = (
+            self.settings.default_threshold if options.threshold is None else options.threshold
+        )
+        max_det = options.max_detections or self.settings.default_max_detections
+        class_ids = self.resolve_classes(options.classes)
+        try:
+            prepared = await asyncio.gather(
+                *(self._prepare(i, s) for i, s in enumerate(sources))
+            )
+        except ApiError as exc:
+            self.metrics.image_errors.labels(exc.error_type).inc()
+            raise
+        tasks = [DetectionTask(p.image.pixels, threshold, max_det, class_ids) for p in prepared]
+        queued = time.monotonic()
+        outputs = await self._submit(tasks, deadline)
+        return self._response(prepared, outputs, queued)
+
+    def resolve_classes(self, classes: list[str | int] | None) -> frozenset[int] | None:
+        if classes is None:
+            return None
+        ids = set()
+        for cls in classes:
+            if isinstance(cls, int) or (isinstance(cls, str) and cls.strip().isdigit()):
+                cid = int(cls)
+                if cid not in self.info.labels:
+                    raise InvalidRequestError(
+                        f"unknown class id {cid}; the model's ids are 0..{len(self.info.labels) - 1}"
+                    )
+            else:
+                found = self._ids_by_name.get(cls.strip().lower())
+                if found is None:
+                    known = ", ".join(sorted(self.info.labels.values()))
+                    raise InvalidRequestError(f"unknown class {cls!r}; the model knows: {known}")
+                cid = found
+            ids.add(cid)
+        return frozenset(ids)
+
+    async def _prepare(self, index: int, source: ImageSource) -> _Prepared:
+        started = time.perf_counter()
+        if source.url is not None:
+            data = await self.fetcher.fetch(source.url, index=index)
+        elif source.base64 is not None:
+            data = _b64decode(source.base64, index)
+        else:
+            data = source.raw or b""
+        if len(data) > self.settings.max_upload_bytes:
+            raise InvalidImageError(
+                f"the image is {len(data)} bytes, over the limit of "
+                f"{self.settings.max_upload_bytes}", image_index=index,
+            )
+        fetched = time.perf_counter()
+        image = await to_thread.run_sync(
+            lambda: decode_image(data, max_pixels=self.settings.max_image_pixels, index=index)
+        )
+        decoded = time.perf_counter()
+        self.metrics.stage_latency.labels("decode").observe(decoded - fetched)
+        if source.url is not None:
+            self.metrics.stage_latency.labels("fetch").observe(fetched - started)
+        return _Prepared(image, fetched - started, decoded - fetched)
+
+    async def _submit(
+        self, tasks: list[DetectionTask], deadline: float
+    ) -> list[ImageDetections]:
+        try:
+            return await self.batcher.submit(tasks, deadline)
+        except QueueFullError as exc:
+            raise QueueFullApiError(
+                str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+            ) from None
+        except ShuttingDownError as exc:
+            raise UnavailableError(str(exc), headers={"Retry-After": "1"}) from None
+        except DeadlineExceededError as exc:
+            raise DeadlineError(str(exc)) from None
+        except BatchFailedError as exc:
+            raise InferenceError(str(exc)) from None
+
+    def _response(
+        self, prepared: list[_Prepared], outputs: list[ImageDetections], queued: float
+    ) -> DetectResponse:
+        labels = self.info.labels
+        results = []
+        answered = time.monotonic()
+        for p, out in zip(prepared, outputs, strict=True):
+            queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
+            self.metrics.stage_latency.labels("queue").observe(queue_s)
+            self.metrics.stage_latency.labels("inference").observe(out.inference_s)
+            self.metrics.stage_latency.labels("postprocess").observe(out.postprocess_s)
+            detections = [
+                Detection(
+                    label=labels.get(int(c), str(int(c))),
+                    class_id=int(c),
+                    score=round(float(s), 5),
+                    box=[round(float(v), 2) for v in box],
+                )
+                for s, c, box in zip(out.scores, out.labels, out.boxes, strict=True)
+            ]
+            self.metrics.detections.inc(len(detections))
+            results.append(
+                ImageResult(
+                    width=p.image.width,
+                    height=p.image.height,
+                    detections=detections,
+                    timings=Timings(
+                        fetch_ms=round(p.fetch_s * 1e3, 3),
+                        decode_ms=round(p.decode_s * 1e3, 3),
+                        queue_ms=round(queue_s * 1e3, 3),
+                        inference_ms=round(out.inference_s * 1e3, 3),
+                        postprocess_ms=round(out.postprocess_s * 1e3, 3),
+                        batch_size=out.batch_size,
+                    ),
+                )
+            )
+        self.metrics.images.inc(len(results))
+        return DetectResponse(model=self.info.name, results=results)
+
+
+def _b64decode(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError("'data' is not valid base64", image_index=index) from None

@@ -1,0 +1,219 @@
+"""The dynamic batcher with a fake model: grouping, limits, deadlines, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app.batching import (
+    Batcher,
+    BatchFailedError,
+    BatchStats,
+    DeadlineExceededError,
+    QueueFullError,
+    ShuttingDownError,
+)
+
+
+class FakeModel:
+    """Doubles its inputs; records every batch; can be slowed, gated or made to fail."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.gate: threading.Event | None = None
+        self.fail_on: int | None = None
+        self.drop_one = False
+
+    def __call__(self, items: list[int]) -> Sequence[int | BaseException]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError("model exploded")
+        out: list[int | BaseException] = [i * 2 for i in items]
+        if self.drop_one:
+            out.pop()
+        return out
+
+
+def make_batcher(model: FakeModel, stats: list[BatchStats] | None = None, **kw) -> Batcher:
+    params = {"max_batch_size": 4, "max_delay_s": 0.05, "max_queue_size": 64}
+    params.update(kw)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="fake-device")
+    return Batcher(model, executor=executor, on_batch=stats.append if stats is not None else None, **params)
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_concurrent_requests_share_one_forward_pass() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.2)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit([i], deadline()) for i in range(5)))
+    assert results == [[0], [2], [4], [6], [8]]
+    assert model.batches == [[0, 1, 2, 3, 4]]
+    await batcher.stop(1)
+
+
+async def test_batch_is_cut_at_max_batch_size() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=3, max_delay_s=0.2)
+    batcher.start()
+    results = await batcher.submit(list(range(7)), deadline())
+    assert results == [0, 2, 4, 6, 8, 10, 12]
+    assert [len(b) for b in model.batches] == [3, 3, 1]
+    await batcher.stop(1)
+
+
+async def test_partial_batch_runs_after_max_delay() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=32, max_delay_s=0.05)
+    batcher.start()
+    started = time.monotonic()
+    assert await batcher.submit([1], deadline()) == [2]
+    waited = time.monotonic() - started
+    assert 0.04 <= waited < 1.0
+    await batcher.stop(1)
+
+
+async def test_full_batch_does_not_wait_for_the_delay() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, max_delay_s=5.0)
+    batcher.start()
+    started = time.monotonic()
+    assert await batcher.submit([1, 2], deadline()) == [2, 4]
+    assert time.monotonic() - started < 1.0
+    await batcher.stop(1)
+
+
+async def test_inference_runs_off_the_event_loop_on_one_worker() -> None:
+    model = FakeModel(delay_s=0.1)
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
+    batcher.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.gather(batcher.submit([1], deadline()), batcher.submit([2], deadline()))
+    task.cancel()
+    assert ticks >= 10, "the event loop was blocked while the model ran"
+    assert len(model.threads) == 1 and next(iter(model.threads)).startswith("fake-device")
+    await batcher.stop(1)
+
+
+async def test_full_queue_rejects_with_retry_after() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0, max_queue_size=2)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit([1], deadline()))
+    await asyncio.sleep(0.05)  # the first item is now inside the gated model
+    queued = asyncio.create_task(batcher.submit([2, 3], deadline()))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFullError) as info:
+        await batcher.submit([4], deadline())
+    assert info.value.retry_after_s >= 1
+    model.gate.set()
+    assert await first == [2]
+    assert await queued == [4, 6]
+    await batcher.stop(1)
+
+
+async def test_request_past_deadline_is_answered_without_running() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit([1], deadline()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceededError):
+        await batcher.submit([99], deadline(0.1))
+    model.gate.set()
+    await blocker
+    await asyncio.sleep(0.05)
+    assert all(99 not in b for b in model.batches), "an expired request reached the model"
+    await batcher.stop(1)
+
+
+async def test_failed_batch_fails_only_its_requests_and_serving_goes_on() -> None:
+    model = FakeModel()
+    model.fail_on = 13
+    batcher = make_batcher(model, max_batch_size=2, max_delay_s=0.05)
+    batcher.start()
+    bad = batcher.submit([13, 1], deadline())
+    with pytest.raises(BatchFailedError, match="RuntimeError"):
+        await bad
+    assert await batcher.submit([5], deadline()) == [10]
+    await batcher.stop(1)
+
+
+async def test_output_count_is_checked_against_input_count() -> None:
+    model = FakeModel()
+    model.drop_one = True
+    batcher = make_batcher(model)
+    batcher.start()
+    with pytest.raises(BatchFailedError, match="2 outputs for 3 inputs"):
+        await batcher.submit([1, 2, 3], deadline())
+    await batcher.stop(1)
+
+
+async def test_per_item_exception_fails_only_that_item() -> None:
+    def handler(items: list[int]) -> list[int | BaseException]:
+        return [ValueError("bad item") if i < 0 else i for i in items]
+
+    batcher = Batcher(handler, max_batch_size=4, max_delay_s=0.05, max_queue_size=8)
+    batcher.start()
+    good, bad = await asyncio.gather(
+        batcher.submit([1], deadline()), batcher.submit([-1], deadline()), return_exceptions=True
+    )
+    assert good == [1]
+    assert isinstance(bad, ValueError)
+    await batcher.stop(1)
+
+
+async def test_shutdown_stops_intake_and_finishes_in_flight_work() -> None:
+    model = FakeModel(delay_s=0.1)
+    batcher = make_batcher(model, max_batch_size=2, max_delay_s=0)
+    batcher.start()
+    in_flight = [asyncio.create_task(batcher.submit([i], deadline())) for i in range(5)]
+    await asyncio.sleep(0.02)
+    stopping = asyncio.create_task(batcher.stop(5))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDownError):
+        await batcher.submit([100], deadline())
+    await stopping
+    assert [await t for t in in_flight] == [[0], [2], [4], [6], [8]]
+
+
+async def test_batch_stats_report_size_and_queue_wait() -> None:
+    stats: list[BatchStats] = []
+    model = FakeModel()
+    batcher = make_batcher(model, stats, max_batch_size=4, max_delay_s=0.05)
+    batcher.start()
+    await batcher.submit([1, 2, 3], deadline())
+    assert len(stats) == 1
+    assert stats[0].size == 3 and stats[0].ok
+    assert all(w >= 0.04 for w in stats[0].queue_waits_s)
+    await batcher.stop(1)
+
+
+def test_invalid_limits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Batcher(lambda items: items, max_batch_size=0, max_delay_s=0, max_queue_size=1)
