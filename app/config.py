@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         default=False,
         description="Let image URLs reach private, loopback and link-local addresses.",
     )
+    allowed_url_hosts: str = Field(
+        default="",
+        description="Comma-separated host names whose URLs are fetched even when they resolve "
+        "to private addresses.",
+    )
     url_timeout_s: float = Field(
         default=10.0, gt=0, description="Total deadline of one image download."
     )
@@ -108,6 +113,11 @@ class Settings(BaseSettings):
                 "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
             )
         return self
+
+    @property
+    def allowed_url_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip().rstrip(".").lower() for h in self.allowed_url_hosts.split(",")
+                         if h.strip())
 
     @property
     def served_model_name(self) -> str:

@@ -71,6 +71,7 @@ class Runtime:
         self._fetcher = Fetcher(
             FetchPolicy(
                 allow_private=s.allow_private_urls,
+                allowed_hosts=s.allowed_url_host_set,
                 max_bytes=s.max_upload_bytes,
                 timeout_s=s.url_timeout_s,
                 max_redirects=s.max_redirects,

@@ -1,0 +1,184 @@
+"""Benchmark: raw model throughput vs end-to-end HTTP throughput and latency.
+
+    python scripts/bench.py                       # default model, CPU, Locust as load tool
+    python scripts/bench.py --model DIR --max-batch 16 --duration 20
+
+1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
+   images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
+2. End to end: the real `detr-serve` on a free port, loaded by Locust (headless) with real
+   JPEGs at 1, 8 and 32 concurrent clients, with batching on (max batch size = --max-batch)
+   and off (max batch size 1); images/s and p50/p95/p99 latency.
+It prints a table and the two ratios the project tracks, and writes JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
+from scripts.serverproc import RunningServer  # noqa: E402
+
+
+def sample_jpeg(path: Path | None) -> bytes:
+    if path is not None:
+        return path.read_bytes()
+    default = ROOT / "examples" / "shapes-640x480.jpg"
+    if default.exists():
+        return default.read_bytes()
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (640, 480), (90, 120, 150))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse([100, 100, 260, 260], fill=(230, 40, 40))
+    draw.rectangle([360, 200, 560, 400], fill=(40, 200, 60))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch]
+
+
+def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: bytes) -> list[dict]:
+    import torch
+
+    from app.engine import DetectionTask, Engine
+    from app.images import decode_image
+
+    engine = Engine.load(model, name=model.name, device=device)
+    pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels
+    rows = []
+    for bs in batch_sizes(max_batch):
+        tasks = [DetectionTask(pixels, 0.5, 100)] * bs
+        engine.run_batch(tasks)  # warm-up
+        images = [torch.from_numpy(pixels).permute(2, 0, 1)] * bs
+        pv, mask = engine.preprocessor(images)
+        engine.backend.infer(pv, mask)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            engine.run_batch(tasks)
+            runs += 1
+        engine_s = (time.perf_counter() - started) / runs
+        fwd_runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 2:
+            engine.backend.infer(pv, mask)
+            fwd_runs += 1
+        forward_s = (time.perf_counter() - started) / fwd_runs
+        rows.append({"batch": bs, "engine_ms": engine_s * 1e3, "engine_img_s": bs / engine_s,
+                     "forward_ms": forward_s * 1e3, "forward_img_s": bs / forward_s})
+        print(f"  raw batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms ({bs / engine_s:7.1f} img/s)"
+              f"  forward {forward_s * 1e3:8.1f} ms", flush=True)
+    return rows
+
+
+def run_locust(url: str, users: int, seconds: float, image: Path, workdir: Path) -> dict:
+    prefix = workdir / f"locust-{users}"
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "scripts" / "locustfile.py"),
+        "--headless", "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s",
+        "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "30",
+        "--loglevel", "WARNING",
+    ]
+    env = {**os.environ, "DETR_BENCH_IMAGE": str(image)}
+    subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    with open(f"{prefix}_stats.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    return {
+        "clients": users,
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "img_s": float(row["Requests/s"]),
+        "p50_ms": float(row["50%"]),
+        "p95_ms": float(row["95%"]),
+        "p99_ms": float(row["99%"]),
+    }
+
+
+def bench_http(model: Path, max_batch: int, clients: list[int], seconds: float, image: Path,
+               delay_ms: float, workdir: Path) -> list[dict]:
+    rows = []
+    for label, batch in (("batching on", max_batch), ("batching off", 1)):
+        server = RunningServer(["--model", str(model), "--max-batch-size", str(batch),
+                                "--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024",
+                                "--log-level", "warning"])
+        try:
+            for users in clients:
+                result = run_locust(server.url, users, seconds, image, workdir)
+                result["mode"] = label
+                result["max_batch_size"] = batch
+                rows.append(result)
+                print(f"  http {label:12s} {users:3d} clients: {result['img_s']:7.1f} img/s  "
+                      f"p50 {result['p50_ms']:6.0f}  p95 {result['p95_ms']:6.0f}  "
+                      f"p99 {result['p99_ms']:6.0f} ms  failures {result['failures']}",
+                      flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--delay-ms", type=float, default=5.0)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load step")
+    parser.add_argument("--raw-seconds", type=float, default=3.0)
+    parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    args = parser.parse_args()
+
+    jpeg = sample_jpeg(args.image)
+    workdir = Path(tempfile.mkdtemp(prefix="detr-bench-"))
+    image = args.image or workdir / "image.jpg"
+    if args.image is None:
+        image.write_bytes(jpeg)
+    print(f"model {args.model} on {args.device}; image {len(jpeg)} bytes", flush=True)
+    print("raw engine throughput:", flush=True)
+    raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
+    report: dict = {"model": str(args.model), "device": args.device, "raw": raw}
+    best_raw = max(r["engine_img_s"] for r in raw)
+    print(f"raw saturation: {best_raw:.1f} img/s", flush=True)
+    if not args.skip_http:
+        clients = [int(c) for c in args.clients.split(",")]
+        http = bench_http(args.model, args.max_batch, clients, args.duration, image,
+                          args.delay_ms, workdir)
+        report["http"] = http
+        on = [r for r in http if r["mode"] == "batching on"]
+        off = [r for r in http if r["mode"] == "batching off"]
+        best_on = max(r["img_s"] for r in on)
+        top = max(clients)
+        on_top = next(r["img_s"] for r in on if r["clients"] == top)
+        off_top = next(r["img_s"] for r in off if r["clients"] == top)
+        report["e2e_over_raw"] = best_on / best_raw
+        report["batching_speedup"] = on_top / off_top if off_top else float("inf")
+        print(f"end-to-end / raw at saturation: {best_on:.1f} / {best_raw:.1f} = "
+              f"{report['e2e_over_raw']:.2f}  (target >= 0.85)")
+        print(f"batching on / off at {top} clients: {on_top:.1f} / {off_top:.1f} = "
+              f"{report['batching_speedup']:.2f}x  (target >= 1.3x)")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
