@@ -152,9 +152,7 @@ class Batcher(Generic[T, R]):
         self._wake.set()
         futures = [p.future for p in pendings]
         try:
-            return list(
-                await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now))
-            )
+            return list(await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now)))
         except TimeoutError:
             raise DeadlineExceededError() from None
         finally:

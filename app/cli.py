@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{field.description or ''} [env {env}; default {default}]".strip()
         if kind is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=help_text,
             )
         elif get_origin(kind) is Literal:

@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     url_timeout_s: float = Field(
         default=10.0, gt=0, description="Total deadline of one image download."
     )
-    max_redirects: int = Field(default=3, ge=0, le=10, description="Redirects an image URL may take.")
+    max_redirects: int = Field(
+        default=3, ge=0, le=10, description="Redirects an image URL may take."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     json_logs: bool = Field(default=False, description="Log one JSON object per line.")
     drain_timeout_s: float = Field(
@@ -100,10 +102,14 @@ class Settings(BaseSettings):
                 f"{value} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
                 "checkpoint folder holding config.json and preprocessor_config.json"
             )
-        missing = [n for n in ("config.json", "preprocessor_config.json") if not (value / n).is_file()]
+        missing = [
+            n for n in ("config.json", "preprocessor_config.json") if not (value / n).is_file()
+        ]
         if missing:
-            raise ValueError(f"{value} lacks {', '.join(missing)}: save the model and its image "
-                             "processor there with save_pretrained()")
+            raise ValueError(
+                f"{value} lacks {', '.join(missing)}: save the model and its image "
+                "processor there with save_pretrained()"
+            )
         return value.resolve()
 
     @model_validator(mode="after")
@@ -116,8 +122,9 @@ class Settings(BaseSettings):
 
     @property
     def allowed_url_host_set(self) -> frozenset[str]:
-        return frozenset(h.strip().rstrip(".").lower() for h in self.allowed_url_hosts.split(",")
-                         if h.strip())
+        return frozenset(
+            h.strip().rstrip(".").lower() for h in self.allowed_url_hosts.split(",") if h.strip()
+        )
 
     @property
     def served_model_name(self) -> str:

@@ -115,8 +115,10 @@ class Fetcher:
                 host, port, type=socket.SOCK_STREAM
             )
         except OSError:
-            raise FetchError(f"the host {host!r} could not be resolved", image_index=index) from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            raise FetchError(
+                f"the host {host!r} could not be resolved", image_index=index
+            ) from None
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         trusted = self.policy.allow_private or host in self.policy.allowed_hosts
         if not trusted:
             refused = [a for a in addresses if not is_public_address(a)]
@@ -124,7 +126,8 @@ class Fetcher:
                 logger.info("refused URL host %s resolving to %s", host, refused)
                 raise UrlRefusedError(
                     "the URL points to a private, loopback or reserved address, which is not "
-                    "fetched", image_index=index,
+                    "fetched",
+                    image_index=index,
                 )
         return addresses[0]
 
@@ -134,7 +137,9 @@ class Fetcher:
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
         host_header = url.host if url.port is None else f"{url.host}:{url.port}"
         return self._client.build_request(
-            "GET", url.copy_with(host=ip_host.strip("[]")), headers={"Host": host_header},
+            "GET",
+            url.copy_with(host=ip_host.strip("[]")),
+            headers={"Host": host_header},
             extensions=extensions,
         )
 

@@ -48,8 +48,9 @@ def decode_image(data: bytes, *, max_pixels: int, index: int) -> DecodedImage:
             image_index=index,
         ) from None
     except Exception as exc:  # Pillow raises many types on hostile headers
-        raise InvalidImageError(f"the image header is corrupt or truncated ({type(exc).__name__})",
-                                image_index=index) from None
+        raise InvalidImageError(
+            f"the image header is corrupt or truncated ({type(exc).__name__})", image_index=index
+        ) from None
     with img:
         width, height = img.size
         if width < 1 or height < 1:

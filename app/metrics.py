@@ -7,8 +7,23 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-    10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 STAGES = ("fetch", "decode", "queue", "inference", "postprocess")
@@ -19,37 +34,47 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "detr_serve_http_requests_total", "HTTP requests answered, by route and status.",
-            ["method", "route", "status"], registry=r,
+            "detr_serve_http_requests_total",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=r,
         )
         self.request_latency = Histogram(
             "detr_serve_http_request_duration_seconds",
             "Time from a request's arrival to its response, by route.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage_latency = Histogram(
             "detr_serve_stage_duration_seconds",
             "Time one image spends in each stage (fetch, decode, queue, inference, postprocess).",
-            ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "detr_serve_batch_size", "Images per forward pass.", buckets=_BATCH_BUCKETS,
+            "detr_serve_batch_size",
+            "Images per forward pass.",
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.batches = Counter(
-            "detr_serve_batches_total", "Forward passes run, by outcome.", ["outcome"],
+            "detr_serve_batches_total",
+            "Forward passes run, by outcome.",
+            ["outcome"],
             registry=r,
         )
         self.images = Counter(
             "detr_serve_images_total", "Images answered with detections.", registry=r
         )
         self.image_errors = Counter(
-            "detr_serve_image_errors_total", "Images refused or failed, by error type.", ["type"],
+            "detr_serve_image_errors_total",
+            "Images refused or failed, by error type.",
+            ["type"],
             registry=r,
         )
-        self.detections = Counter(
-            "detr_serve_detections_total", "Detections returned.", registry=r
-        )
+        self.detections = Counter("detr_serve_detections_total", "Detections returned.", registry=r)
         self.queue_depth = Gauge(
             "detr_serve_queue_depth", "Images waiting for the model.", registry=r
         )

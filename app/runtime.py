@@ -79,14 +79,24 @@ class Runtime:
         )
         info = engine.info
         self.metrics.model_info.info(
-            {"model": info.name, "backend": info.backend, "device": info.device,
-             "dtype": info.dtype, "architecture": info.architecture}
+            {
+                "model": info.name,
+                "backend": info.backend,
+                "device": info.device,
+                "dtype": info.dtype,
+                "architecture": info.architecture,
+            }
         )
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.service = DetectionService(s, info, batcher, self._fetcher, self.metrics)
         self.state = "ready"
-        logger.info("ready: %s on %s (%s), max batch %d", info.name, info.device, info.dtype,
-                    s.max_batch_size)
+        logger.info(
+            "ready: %s on %s (%s), max batch %d",
+            info.name,
+            info.device,
+            info.dtype,
+            s.max_batch_size,
+        )
 
     def _load_engine(self) -> Engine:
         import torch

@@ -9,10 +9,13 @@ class ImageInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(
-        default=None, max_length=4096, description="http(s) URL of the image; fetched by the server."
+        default=None,
+        max_length=4096,
+        description="http(s) URL of the image; fetched by the server.",
     )
     data: str | None = Field(
-        default=None, description="The encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF) in base64; "
+        default=None,
+        description="The encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF) in base64; "
         "a data: URI prefix is accepted.",
     )
 
@@ -31,7 +34,8 @@ class DetectOptions(BaseModel):
         default=None, ge=1, le=1000, description="Most detections per image, best first."
     )
     classes: list[str | int] | None = Field(
-        default=None, max_length=1000,
+        default=None,
+        max_length=1000,
         description="Only these classes, by label name or class id.",
     )
 
@@ -42,7 +46,11 @@ class DetectRequest(DetectOptions):
         json_schema_extra={
             "examples": [
                 {"images": [{"url": "https://example.com/shapes.jpg"}], "threshold": 0.5},
-                {"images": [{"data": "<base64 JPEG>"}], "classes": ["circle"], "max_detections": 10},
+                {
+                    "images": [{"data": "<base64 JPEG>"}],
+                    "classes": ["circle"],
+                    "max_detections": 10,
+                },
             ]
         },
     )

@@ -36,7 +36,7 @@ from app.errors import (
 from app.fetch import Fetcher
 from app.images import DecodedImage, decode_image
 from app.metrics import Metrics
-from app.schemas import DetectOptions, DetectResponse, Detection, ImageResult, Timings
+from app.schemas import Detection, DetectOptions, DetectResponse, ImageResult, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class DetectionService:
         self.metrics = metrics
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
 
-    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResponse:
+    async def detect(
+        self, sources: Sequence[ImageSource], options: DetectOptions
+    ) -> DetectResponse:
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_timeout_s
         if not sources:
@@ -89,9 +91,7 @@ class DetectionService:
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
         try:
-            prepared = await asyncio.gather(
-                *(self._prepare(i, s) for i, s in enumerate(sources))
-            )
+            prepared = await asyncio.gather(*(self._prepare(i, s) for i, s in enumerate(sources)))
         except ApiError as exc:
             self.metrics.image_errors.labels(exc.error_type).inc()
             raise
@@ -109,7 +109,8 @@ class DetectionService:
                 cid = int(cls)
                 if cid not in self.info.labels:
                     raise InvalidRequestError(
-                        f"unknown class id {cid}; the model's ids are 0..{len(self.info.labels) - 1}"
+                        f"unknown class id {cid}; the model's ids are "
+                        f"0..{len(self.info.labels) - 1}"
                     )
             else:
                 found = self._ids_by_name.get(cls.strip().lower())
@@ -131,7 +132,8 @@ class DetectionService:
         if len(data) > self.settings.max_upload_bytes:
             raise InvalidImageError(
                 f"the image is {len(data)} bytes, over the limit of "
-                f"{self.settings.max_upload_bytes}", image_index=index,
+                f"{self.settings.max_upload_bytes}",
+                image_index=index,
             )
         fetched = time.perf_counter()
         image = await to_thread.run_sync(
@@ -143,9 +145,7 @@ class DetectionService:
             self.metrics.stage_latency.labels("fetch").observe(fetched - started)
         return _Prepared(image, fetched - started, decoded - fetched)
 
-    async def _submit(
-        self, tasks: list[DetectionTask], deadline: float
-    ) -> list[ImageDetections]:
+    async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
             return await self.batcher.submit(tasks, deadline)
         except QueueFullError as exc:

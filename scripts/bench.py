@@ -81,20 +81,47 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
             engine.backend.infer(pv, mask)
             fwd_runs += 1
         forward_s = (time.perf_counter() - started) / fwd_runs
-        rows.append({"batch": bs, "engine_ms": engine_s * 1e3, "engine_img_s": bs / engine_s,
-                     "forward_ms": forward_s * 1e3, "forward_img_s": bs / forward_s})
-        print(f"  raw batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms ({bs / engine_s:7.1f} img/s)"
-              f"  forward {forward_s * 1e3:8.1f} ms", flush=True)
+        rows.append(
+            {
+                "batch": bs,
+                "engine_ms": engine_s * 1e3,
+                "engine_img_s": bs / engine_s,
+                "forward_ms": forward_s * 1e3,
+                "forward_img_s": bs / forward_s,
+            }
+        )
+        print(
+            f"  raw batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms ({bs / engine_s:7.1f} img/s)"
+            f"  forward {forward_s * 1e3:8.1f} ms",
+            flush=True,
+        )
     return rows
 
 
 def run_locust(url: str, users: int, seconds: float, image: Path, workdir: Path) -> dict:
     prefix = workdir / f"locust-{users}"
     cmd = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "scripts" / "locustfile.py"),
-        "--headless", "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s",
-        "--host", url, "--csv", str(prefix), "--only-summary", "--stop-timeout", "30",
-        "--loglevel", "WARNING",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "scripts" / "locustfile.py"),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{int(seconds)}s",
+        "--host",
+        url,
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        "--stop-timeout",
+        "30",
+        "--loglevel",
+        "WARNING",
     ]
     env = {**os.environ, "DETR_BENCH_IMAGE": str(image)}
     subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -111,31 +138,52 @@ def run_locust(url: str, users: int, seconds: float, image: Path, workdir: Path)
     }
 
 
-def bench_http(model: Path, max_batch: int, clients: list[int], seconds: float, image: Path,
-               delay_ms: float, workdir: Path) -> list[dict]:
+def bench_http(
+    model: Path,
+    max_batch: int,
+    clients: list[int],
+    seconds: float,
+    image: Path,
+    delay_ms: float,
+    workdir: Path,
+) -> list[dict]:
     rows = []
     for label, batch in (("batching on", max_batch), ("batching off", 1)):
-        server = RunningServer(["--model", str(model), "--max-batch-size", str(batch),
-                                "--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024",
-                                "--log-level", "warning"])
+        server = RunningServer(
+            [
+                "--model",
+                str(model),
+                "--max-batch-size",
+                str(batch),
+                "--max-batch-delay-ms",
+                str(delay_ms),
+                "--max-queue-size",
+                "1024",
+                "--log-level",
+                "warning",
+            ]
+        )
         try:
             for users in clients:
                 result = run_locust(server.url, users, seconds, image, workdir)
                 result["mode"] = label
                 result["max_batch_size"] = batch
                 rows.append(result)
-                print(f"  http {label:12s} {users:3d} clients: {result['img_s']:7.1f} img/s  "
-                      f"p50 {result['p50_ms']:6.0f}  p95 {result['p95_ms']:6.0f}  "
-                      f"p99 {result['p99_ms']:6.0f} ms  failures {result['failures']}",
-                      flush=True)
+                print(
+                    f"  http {label:12s} {users:3d} clients: {result['img_s']:7.1f} img/s  "
+                    f"p50 {result['p50_ms']:6.0f}  p95 {result['p95_ms']:6.0f}  "
+                    f"p99 {result['p99_ms']:6.0f} ms  failures {result['failures']}",
+                    flush=True,
+                )
         finally:
             server.stop()
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -161,8 +209,9 @@ def main() -> None:
     print(f"raw saturation: {best_raw:.1f} img/s", flush=True)
     if not args.skip_http:
         clients = [int(c) for c in args.clients.split(",")]
-        http = bench_http(args.model, args.max_batch, clients, args.duration, image,
-                          args.delay_ms, workdir)
+        http = bench_http(
+            args.model, args.max_batch, clients, args.duration, image, args.delay_ms, workdir
+        )
         report["http"] = http
         on = [r for r in http if r["mode"] == "batching on"]
         off = [r for r in http if r["mode"] == "batching off"]
@@ -172,10 +221,14 @@ def main() -> None:
         off_top = next(r["img_s"] for r in off if r["clients"] == top)
         report["e2e_over_raw"] = best_on / best_raw
         report["batching_speedup"] = on_top / off_top if off_top else float("inf")
-        print(f"end-to-end / raw at saturation: {best_on:.1f} / {best_raw:.1f} = "
-              f"{report['e2e_over_raw']:.2f}  (target >= 0.85)")
-        print(f"batching on / off at {top} clients: {on_top:.1f} / {off_top:.1f} = "
-              f"{report['batching_speedup']:.2f}x  (target >= 1.3x)")
+        print(
+            f"end-to-end / raw at saturation: {best_on:.1f} / {best_raw:.1f} = "
+            f"{report['e2e_over_raw']:.2f}  (target >= 0.85)"
+        )
+        print(
+            f"batching on / off at {top} clients: {on_top:.1f} / {off_top:.1f} = "
+            f"{report['batching_speedup']:.2f}x  (target >= 1.3x)"
+        )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

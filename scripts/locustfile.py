@@ -28,6 +28,8 @@ class DetectUser(FastHttpUser):
     @task
     def detect(self) -> None:
         self.client.post(
-            "/v1/detect", data=_BODY, headers={"Content-Type": "application/json"},
+            "/v1/detect",
+            data=_BODY,
+            headers={"Content-Type": "application/json"},
             name="/v1/detect",
         )

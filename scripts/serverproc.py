@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 ready_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, ready_timeout_s: float = 120.0
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "detr-serve"

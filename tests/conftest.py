@@ -27,16 +27,29 @@ def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
 
     torch.manual_seed(0)
     backbone = RTDetrResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-        layer_type="basic", out_features=["stage2", "stage3", "stage4"],
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
     )
     config = RTDetrConfig(
-        backbone_config=backbone, d_model=32, encoder_hidden_dim=32,
-        encoder_in_channels=[32, 64, 128], decoder_in_channels=[32, 32, 32],
-        encoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
-        decoder_ffn_dim=64, decoder_layers=1, num_queries=20, decoder_n_points=2,
-        num_denoising=0, num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        backbone_config=backbone,
+        d_model=32,
+        encoder_hidden_dim=32,
+        encoder_in_channels=[32, 64, 128],
+        decoder_in_channels=[32, 32, 32],
+        encoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        decoder_layers=1,
+        num_queries=20,
+        decoder_n_points=2,
+        num_denoising=0,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
     )
     RTDetrForObjectDetection(config).save_pretrained(path)
     RTDetrImageProcessor(size={"height": size, "width": size}).save_pretrained(path)

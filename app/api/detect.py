@@ -64,7 +64,7 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     "/v1/detect",
     response_model=DetectResponse,
     summary="Detect objects in one or more images",
-    description="Send JSON `{\"images\": [{\"url\": ...} | {\"data\": base64}], ...}` or "
+    description='Send JSON `{"images": [{"url": ...} | {"data": base64}], ...}` or '
     "multipart/form-data with one or more `file` parts. Results come in input order, boxes "
     "as [x1, y1, x2, y2] in each original image's pixels.",
     responses=_ERRORS,

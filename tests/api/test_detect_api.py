@@ -38,8 +38,12 @@ class CountingEngine(Engine):
 
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "model": model_dir, "max_batch_size": 8, "max_batch_delay_ms": 30,
-        "default_threshold": 0.0, "allow_private_urls": True, "url_timeout_s": 1.0,
+        "model": model_dir,
+        "max_batch_size": 8,
+        "max_batch_delay_ms": 30,
+        "default_threshold": 0.0,
+        "allow_private_urls": True,
+        "url_timeout_s": 1.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -89,8 +93,9 @@ def assert_error(response: httpx.Response, status: int, type_: str, text: str = 
 
 
 async def test_detect_json_base64_returns_boxes_in_original_pixels(client) -> None:
-    r = await client.post("/v1/detect", json={"images": [{"data": b64(shapes_image(320, 240))}],
-                                              "max_detections": 5})
+    r = await client.post(
+        "/v1/detect", json={"images": [{"data": b64(shapes_image(320, 240))}], "max_detections": 5}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "tiny"
@@ -113,8 +118,9 @@ async def test_detect_multipart_answers_each_file_in_order(client) -> None:
         ("file", ("b.png", shapes_image(200, 500, "PNG"), "image/png")),
         ("file", ("c.webp", shapes_image(640, 100, "WEBP"), "image/webp")),
     ]
-    r = await client.post("/v1/detect", files=files, data={"threshold": "0.0",
-                                                           "max_detections": "3"})
+    r = await client.post(
+        "/v1/detect", files=files, data={"threshold": "0.0", "max_detections": "3"}
+    )
     assert r.status_code == 200, r.text
     sizes = [(x["width"], x["height"]) for x in r.json()["results"]]
     assert sizes == [(320, 240), (200, 500), (640, 100)]
@@ -129,17 +135,22 @@ async def test_detect_data_uri_prefix_is_accepted(client) -> None:
 
 async def test_detect_threshold_and_class_filter_apply(client) -> None:
     img = b64(shapes_image())
-    everything = (await client.post("/v1/detect", json={"images": [{"data": img}],
-                                                          "max_detections": 100})).json()
+    everything = (
+        await client.post("/v1/detect", json={"images": [{"data": img}], "max_detections": 100})
+    ).json()
     dets = everything["results"][0]["detections"]
     assert dets, "the tiny model should give candidates at threshold 0"
     cut = sorted(d["score"] for d in dets)[len(dets) // 2]
-    high = (await client.post("/v1/detect", json={"images": [{"data": img}], "threshold": cut,
-                                                    "max_detections": 100})).json()
+    high = (
+        await client.post(
+            "/v1/detect", json={"images": [{"data": img}], "threshold": cut, "max_detections": 100}
+        )
+    ).json()
     assert all(d["score"] >= cut for d in high["results"][0]["detections"])
     assert len(high["results"][0]["detections"]) < len(dets)
-    only = (await client.post("/v1/detect", json={"images": [{"data": img}],
-                                                    "classes": ["star", 1]})).json()
+    only = (
+        await client.post("/v1/detect", json={"images": [{"data": img}], "classes": ["star", 1]})
+    ).json()
     assert {d["label"] for d in only["results"][0]["detections"]} <= {"star", "square"}
     assert only["results"][0]["detections"]
 
@@ -231,14 +242,31 @@ async def test_unsupported_pillow_format_is_refused(client) -> None:
         ({"images": [{}]}, 422, "validation_error", "exactly one of 'url' or 'data'"),
         ({"images": [{"data": "x", "url": "http://a"}]}, 422, "validation_error", "exactly one"),
         ({"images": [{"data": "not base64 !!"}]}, 400, "invalid_image", "image 0: 'data' is not"),
-        ({"images": [{"data": "aGVsbG8="}], "classes": ["unicorn"]}, 400, "invalid_request",
-         "unknown class 'unicorn'"),
-        ({"images": [{"data": "aGVsbG8="}], "classes": [42]}, 400, "invalid_request",
-         "unknown class id 42"),
+        (
+            {"images": [{"data": "aGVsbG8="}], "classes": ["unicorn"]},
+            400,
+            "invalid_request",
+            "unknown class 'unicorn'",
+        ),
+        (
+            {"images": [{"data": "aGVsbG8="}], "classes": [42]},
+            400,
+            "invalid_request",
+            "unknown class id 42",
+        ),
         ({"images": [{"data": "aGVsbG8="}] * 17}, 400, "invalid_request", "over the limit of 16"),
     ],
-    ids=["zero-images", "threshold-high", "threshold-low", "no-source", "two-sources",
-         "bad-base64", "unknown-class", "unknown-class-id", "too-many-images"],
+    ids=[
+        "zero-images",
+        "threshold-high",
+        "threshold-low",
+        "no-source",
+        "two-sources",
+        "bad-base64",
+        "unknown-class",
+        "unknown-class-id",
+        "too-many-images",
+    ],
 )
 async def test_bad_request_gets_a_named_4xx(client, body, status, type_, text) -> None:
     r = await client.post("/v1/detect", json=body)
@@ -247,8 +275,9 @@ async def test_bad_request_gets_a_named_4xx(client, body, status, type_, text) -
 
 
 async def test_malformed_json_is_a_400(client) -> None:
-    r = await client.post("/v1/detect", content=b'{"images": [', headers={
-        "content-type": "application/json"})
+    r = await client.post(
+        "/v1/detect", content=b'{"images": [', headers={"content-type": "application/json"}
+    )
     assert_error(r, 400, "invalid_request", "not valid JSON")
 
 
@@ -258,14 +287,18 @@ async def test_other_content_types_are_a_415(client) -> None:
 
 
 async def test_multipart_without_file_parts_is_a_400(client) -> None:
-    r = await client.post("/v1/detect", data={"threshold": "0.5"}, files=[
-        ("other", ("a.txt", b"x", "text/plain"))])
+    r = await client.post(
+        "/v1/detect", data={"threshold": "0.5"}, files=[("other", ("a.txt", b"x", "text/plain"))]
+    )
     assert_error(r, 400, "invalid_request", "no 'file' part")
 
 
 async def test_multipart_bad_option_is_a_422(client) -> None:
-    r = await client.post("/v1/detect", data={"threshold": "high"}, files=[
-        ("file", ("a.jpg", shapes_image(), "image/jpeg"))])
+    r = await client.post(
+        "/v1/detect",
+        data={"threshold": "high"},
+        files=[("file", ("a.jpg", shapes_image(), "image/jpeg"))],
+    )
     assert_error(r, 422, "validation_error", "threshold")
 
 
@@ -282,17 +315,23 @@ async def test_image_over_the_pixel_limit_is_a_413(client_factory) -> None:
 
 
 async def test_url_input_is_fetched(client, image_server) -> None:
-    r = await client.post("/v1/detect", json={"images": [{"url": image_server + "/shapes.jpg"},
-                                                         {"url": image_server + "/redirect"}]})
+    r = await client.post(
+        "/v1/detect",
+        json={
+            "images": [{"url": image_server + "/shapes.jpg"}, {"url": image_server + "/redirect"}]
+        },
+    )
     assert r.status_code == 200, r.text
     assert [x["width"] for x in r.json()["results"]] == [320, 320]
 
 
 @pytest.mark.parametrize(
     ("path", "text"),
-    [("/missing", "image 0: the URL answered HTTP 404"),
-     ("/slow", "image 0: downloading the URL took longer than 1 s"),
-     ("/text", "image 0: not an image")],
+    [
+        ("/missing", "image 0: the URL answered HTTP 404"),
+        ("/slow", "image 0: downloading the URL took longer than 1 s"),
+        ("/text", "image 0: not an image"),
+    ],
 )
 async def test_url_failures_are_4xx(client, image_server, path, text) -> None:
     r = await client.post("/v1/detect", json={"images": [{"url": image_server + path}]})
@@ -335,8 +374,9 @@ async def test_request_past_deadline_gets_504(client_factory) -> None:
     client, _ = await client_factory(request_timeout_s=0.2, max_batch_size=1)
     CountingEngine.delay_s = 0.5
     body = {"images": [{"data": b64(shapes_image())}]}
-    first, second = await asyncio.gather(client.post("/v1/detect", json=body),
-                                         client.post("/v1/detect", json=body))
+    first, second = await asyncio.gather(
+        client.post("/v1/detect", json=body), client.post("/v1/detect", json=body)
+    )
     assert {first.status_code, second.status_code} == {504}
     assert first.json()["error"]["type"] == "deadline_exceeded"
     CountingEngine.delay_s = 0.0

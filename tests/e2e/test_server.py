@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import shapes_image
 from scripts.serverproc import RunningServer
+from tests.conftest import shapes_image
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,14 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     srv = RunningServer(
-        ["--model", str(tiny_model_dir), "--default-threshold", "0.0", "--max-batch-delay-ms", "20"],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--default-threshold",
+            "0.0",
+            "--max-batch-delay-ms",
+            "20",
+        ],
         env={"DETR_SERVE_ALLOW_PRIVATE_URLS": "true", "DETR_SERVE_TORCH_THREADS": "1"},
     )
     yield srv
@@ -33,10 +40,12 @@ def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
 def test_upload_base64_and_url_give_the_same_boxes(server, image_server) -> None:
     data = httpx.get(image_server + "/shapes.jpg").content
     up = httpx.post(server.url + "/v1/detect", files=[("file", ("a.jpg", data, "image/jpeg"))])
-    b64 = httpx.post(server.url + "/v1/detect",
-                     json={"images": [{"data": base64.b64encode(data).decode()}]})
-    url = httpx.post(server.url + "/v1/detect",
-                     json={"images": [{"url": image_server + "/shapes.jpg"}]})
+    b64 = httpx.post(
+        server.url + "/v1/detect", json={"images": [{"data": base64.b64encode(data).decode()}]}
+    )
+    url = httpx.post(
+        server.url + "/v1/detect", json={"images": [{"url": image_server + "/shapes.jpg"}]}
+    )
     for r in (up, b64, url):
         assert r.status_code == 200, r.text
     boxes = [[d["box"] for d in r.json()["results"][0]["detections"]] for r in (up, b64, url)]
@@ -55,19 +64,23 @@ def test_health_models_and_metrics(server) -> None:
 def test_concurrent_clients_are_batched(server) -> None:
     body = {"images": [{"data": base64.b64encode(shapes_image()).decode()}]}
     with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda _: client.post(server.url + "/v1/detect", json=body),
-                                  range(16)))
+        responses = list(
+            pool.map(lambda _: client.post(server.url + "/v1/detect", json=body), range(16))
+        )
     assert all(r.status_code == 200 for r in responses)
     assert max(r.json()["results"][0]["timings"]["batch_size"] for r in responses) > 1
 
 
 def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
-    srv = RunningServer(["--model", str(tiny_model_dir), "--max-batch-size", "1"],
-                        env={"DETR_SERVE_TORCH_THREADS": "1"})
+    srv = RunningServer(
+        ["--model", str(tiny_model_dir), "--max-batch-size", "1"],
+        env={"DETR_SERVE_TORCH_THREADS": "1"},
+    )
     body = {"images": [{"data": base64.b64encode(shapes_image()).decode()}] * 16}
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, srv.url + "/v1/detect", json=body, timeout=30)
-                   for _ in range(4)]
+        futures = [
+            pool.submit(httpx.post, srv.url + "/v1/detect", json=body, timeout=30) for _ in range(4)
+        ]
         time.sleep(0.3)
         code = srv.stop(signal.SIGTERM)
         results = [f.result() for f in futures]
@@ -78,8 +91,12 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
 
 def test_cli_refuses_bad_settings_before_starting() -> None:
     script = Path(sys.executable).parent / "detr-serve"
-    proc = subprocess.run([str(script), "--max-batch-size", "-3", "--model", "/nonexistent"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(script), "--max-batch-size", "-3", "--model", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "--max-batch-size / DETR_SERVE_MAX_BATCH_SIZE" in proc.stderr
     assert "--model / DETR_SERVE_MODEL" in proc.stderr

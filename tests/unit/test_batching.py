@@ -50,7 +50,9 @@ def make_batcher(model: FakeModel, stats: list[BatchStats] | None = None, **kw) 
     params = {"max_batch_size": 4, "max_delay_s": 0.05, "max_queue_size": 64}
     params.update(kw)
     executor = ThreadPoolExecutor(1, thread_name_prefix="fake-device")
-    return Batcher(model, executor=executor, on_batch=stats.append if stats is not None else None, **params)
+    return Batcher(
+        model, executor=executor, on_batch=stats.append if stats is not None else None, **params
+    )
 
 
 def deadline(seconds: float = 5.0) -> float:

@@ -12,9 +12,23 @@ from app.fetch import Fetcher, FetchPolicy, is_public_address
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-     "0.0.0.0", "224.0.0.1", "::1", "fc00::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-     "ff02::1", "::"],
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fc00::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "ff02::1",
+        "::",
+    ],
 )
 def test_non_global_addresses_are_not_public(address: str) -> None:
     assert not is_public_address(ipaddress.ip_address(address))
@@ -27,20 +41,32 @@ def test_global_addresses_are_public(address: str) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.jpg", "http://localhost/x.jpg", "http://2130706433/x.jpg",
-     "http://0x7f.0.0.1/x.jpg", "http://0177.0.0.1/x.jpg", "http://127.1/x.jpg",
-     "http://localhost./x.jpg", "http://[::1]/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg",
-     "http://169.254.169.254/latest/meta-data", "http://0.0.0.0/x.jpg"],
+    [
+        "http://127.0.0.1/x.jpg",
+        "http://localhost/x.jpg",
+        "http://2130706433/x.jpg",
+        "http://0x7f.0.0.1/x.jpg",
+        "http://0177.0.0.1/x.jpg",
+        "http://127.1/x.jpg",
+        "http://localhost./x.jpg",
+        "http://[::1]/x.jpg",
+        "http://[::ffff:127.0.0.1]/x.jpg",
+        "http://169.254.169.254/latest/meta-data",
+        "http://0.0.0.0/x.jpg",
+    ],
 )
 async def test_private_targets_are_refused_in_every_notation(url: str) -> None:
     fetcher = Fetcher(FetchPolicy())
-    with pytest.raises(UrlRefusedError, match="image 4: the URL (points to a private|cannot be parsed)"):
+    with pytest.raises(
+        UrlRefusedError, match="image 4: the URL (points to a private|cannot be parsed)"
+    ):
         await fetcher.fetch(url, index=4)
     await fetcher.aclose()
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg",
-                                 "gopher://x/", "http:///nohost"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "gopher://x/", "http:///nohost"]
+)
 async def test_other_schemes_and_hostless_urls_are_refused(url: str) -> None:
     fetcher = Fetcher(FetchPolicy())
     with pytest.raises(UrlRefusedError):
