@@ -70,7 +70,7 @@ def decode_image(data: bytes, *, max_pixels: int, index: int) -> DecodedImage:
             raise InvalidImageError(
                 f"the {fmt} data is corrupt or truncated ({type(exc).__name__})", image_index=index
             ) from None
-    return DecodedImage(pixels=np.asarray(rgb, dtype=np.uint8), format=fmt)
+    return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -84,9 +84,11 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
         time.sleep(0.3)
         code = srv.stop(signal.SIGTERM)
         results = [f.result() for f in futures]
-    assert code == 0, srv.log()
+    # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit.
+    assert code in (0, -signal.SIGTERM), srv.log()
     assert [r.status_code for r in results] == [200] * 4
-    assert "stopped" in srv.log()
+    log = srv.log()
+    assert log.index("Shutting down") < log.index("stopped") < log.index("Finished server")
 
 
 def test_cli_refuses_bad_settings_before_starting() -> None:
