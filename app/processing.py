@@ -1,0 +1,491 @@
+"""Batched pre- and post-processing in torch, on the model's device.
+
+Reproduces transformers' PIL image processors and ``post_process_object_detection`` for the
+DETR family from a checkpoint's preprocessor_config.json and config.json, without importing them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PIL resampling codes, as preprocessor_config.json stores them.
+NEAREST, BILINEAR, BICUBIC = 0, 2, 3
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# torch's antialiased kernels are ports of Pillow's filters (bicubic with a = -0.5).
+_INTERPOLATE_MODES = {BILINEAR: "bilinear", BICUBIC: "bicubic"}
+
+# Class defaults of the transformers processors whose preprocessing is reproduced here: keys a
+# preprocessor_config.json leaves out take these values, as they do in transformers.
+_DETR_DEFAULTS: dict[str, Any] = {
+    "do_normalize": True,
+    "do_pad": True,
+    "size": {"shortest_edge": 800, "longest_edge": 1333},
+}
+_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "RTDetr": {"do_normalize": False, "do_pad": False, "size": {"height": 640, "width": 640}},
+    "DeformableDetr": _DETR_DEFAULTS,
+    "ConditionalDetr": _DETR_DEFAULTS,
+    "Detr": _DETR_DEFAULTS,
+}
+_PROCESSOR_SUFFIXES = (
+    "ImageProcessorFast",
+    "ImageProcessorPil",
+    "ImageProcessor",
+    "FeatureExtractor",
+)
+
+
+@dataclass(frozen=True)
+class FixedSize:
+    """``size: {"height", "width"}``: stretched to exactly this size."""
+
+    height: int
+    width: int
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.height, self.width
+
+
+@dataclass(frozen=True)
+class ShortestEdge:
+    """``size: {"shortest_edge", "longest_edge"}``: aspect ratio kept, both bounds respected."""
+
+    shortest_edge: int
+    longest_edge: int
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        # Same float arithmetic, round() and int() truncations as transformers'
+        # get_size_with_aspect_ratio, so the size agrees to the pixel.
+        size = self.shortest_edge
+        raw_size: float | None = None
+        min_original, max_original = float(min(height, width)), float(max(height, width))
+        if max_original / min_original * size > self.longest_edge:
+            raw_size = self.longest_edge * min_original / max_original
+            size = int(round(raw_size))
+        if (height <= width and height == size) or (width <= height and width == size):
+            return height, width
+        scale = raw_size if raw_size is not None else size
+        if width < height:
+            out_height, out_width = int(scale * height / width), size
+        else:
+            out_height, out_width = size, int(scale * width / height)
+        # transformers fails on a zero-sized side (extreme aspect ratios); we keep one pixel.
+        return max(out_height, 1), max(out_width, 1)
+
+
+@dataclass(frozen=True)
+class MaxSize:
+    """``size: {"max_height", "max_width"}``: aspect ratio kept, scaled to touch one bound."""
+
+    max_height: int
+    max_width: int
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        scale = min(self.max_height / height, self.max_width / width)
+        return max(int(height * scale), 1), max(int(width * scale), 1)
+
+
+ResizeSpec = FixedSize | ShortestEdge | MaxSize
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the checkpoint's image processor does to an image, read from its JSON."""
+
+    resize: ResizeSpec | None  # None when do_resize is false
+    resample: int = BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    do_pad: bool = False
+    pad_size: tuple[int, int] | None = None  # (height, width); None pads to the batch's largest
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and self.resample not in (NEAREST, *_INTERPOLATE_MODES):
+            name = _RESAMPLE_NAMES.get(self.resample, "unknown")
+            raise ValueError(
+                f"resample={self.resample} ({name}) is not supported; "
+                f"use {NEAREST} (nearest), {BILINEAR} (bilinear) or {BICUBIC} (bicubic)"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
+            raise ValueError(
+                f"image_mean and image_std need three values each, std non-zero; "
+                f"got {self.mean} and {self.std}"
+            )
+        if not self.do_pad and not isinstance(self.resize, FixedSize):
+            # Images of different shapes could not be stacked into one batch: transformers itself
+            # cannot batch them either. Refuse at start-up rather than on some batches only.
+            raise ValueError(
+                'do_pad=false needs a fixed size {"height": H, "width": W}; '
+                "without padding, images of different aspect ratios cannot share a batch"
+            )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> PreprocessSpec:
+        """Read ``model_dir/preprocessor_config.json``; ValueError naming the file and key."""
+        path = Path(model_dir) / PREPROCESSOR_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(
+                f"{path}: not found; the model directory needs its image processor "
+                "(save it with image_processor.save_pretrained)"
+            ) from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot be read as JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        try:
+            return cls._from_json(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def _from_json(cls, raw: dict[str, Any]) -> PreprocessSpec:
+        kind = raw.get("image_processor_type") or raw.get("feature_extractor_type")
+        family = _processor_family(kind)
+        if family is None:
+            supported = ", ".join(f"{name}ImageProcessor" for name in _PROCESSOR_DEFAULTS)
+            raise ValueError(
+                f"image_processor_type={kind!r} is not supported; use one of {supported}"
+            )
+        defaults = _PROCESSOR_DEFAULTS[family]
+
+        def get(key: str, default: Any) -> Any:
+            value = raw.get(key)
+            return default if value is None else value
+
+        do_resize = bool(get("do_resize", True))
+        resize = (
+            _resize_spec(get("size", defaults["size"]), raw.get("max_size")) if do_resize else None
+        )
+        return cls(
+            resize=resize,
+            resample=int(get("resample", BILINEAR)),
+            do_rescale=bool(get("do_rescale", True)),
+            rescale_factor=float(get("rescale_factor", 1 / 255)),
+            do_normalize=bool(get("do_normalize", defaults["do_normalize"])),
+            mean=_three_floats("image_mean", get("image_mean", IMAGENET_MEAN)),
+            std=_three_floats("image_std", get("image_std", IMAGENET_STD)),
+            # DETR-era configs spell do_pad as pad_and_return_pixel_mask.
+            do_pad=bool(get("do_pad", get("pad_and_return_pixel_mask", defaults["do_pad"]))),
+            pad_size=_pad_size(raw.get("pad_size")),
+        )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size (height, width) of an image of this size after resizing, before padding."""
+        return (height, width) if self.resize is None else self.resize.output_size(height, width)
+
+
+def _processor_family(kind: Any) -> str | None:
+    if not isinstance(kind, str):
+        return None
+    for suffix in _PROCESSOR_SUFFIXES:
+        if kind.endswith(suffix):
+            family = kind.removesuffix(suffix)
+            return family if family in _PROCESSOR_DEFAULTS else None
+    return None
+
+
+def _resize_spec(size: Any, max_size: Any) -> ResizeSpec:
+    if isinstance(size, int):
+        # Old DETR configs: an int shortest edge plus max_size (transformers assumes 1333).
+        return ShortestEdge(size, int(max_size) if max_size is not None else 1333)
+    if isinstance(size, dict):
+        keys = {k for k, v in size.items() if v}
+        if {"shortest_edge", "longest_edge"} <= keys:
+            return ShortestEdge(int(size["shortest_edge"]), int(size["longest_edge"]))
+        if {"max_height", "max_width"} <= keys:
+            return MaxSize(int(size["max_height"]), int(size["max_width"]))
+        if {"height", "width"} <= keys:
+            return FixedSize(int(size["height"]), int(size["width"]))
+    raise ValueError(
+        f"size={size!r} is not supported; use {{'height', 'width'}}, "
+        "{'shortest_edge', 'longest_edge'} or {'max_height', 'max_width'}"
+    )
+
+
+def _pad_size(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.get("height") and value.get("width"):
+        return int(value["height"]), int(value["width"])
+    raise ValueError(f"pad_size={value!r} is not supported; use {{'height': H, 'width': W}}")
+
+
+def _three_floats(key: str, value: Any) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"{key}={value!r}: expected one value per RGB channel")
+    return values[0], values[1], values[2]
+
+
+class Preprocessor:
+    """uint8 RGB images of any sizes -> the model's ``pixel_values`` (and ``pixel_mask``)."""
+
+    def __init__(self, spec: PreprocessSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._scale = spec.rescale_factor if spec.do_rescale else 1.0
+        self._mean: torch.Tensor | None = None
+        self._std: torch.Tensor | None = None
+        if spec.do_normalize:
+            self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return pixel_values [B, 3, h, w] in ``dtype`` and pixel_mask [B, h, w] int64 or None.
+
+        images: uint8 RGB tensors [3, H, W], CPU or device, of any sizes (strided views such as
+        ``hwc.permute(2, 0, 1)`` are fine: they cross to the device as they are).
+        """
+        if not images:
+            raise ValueError("no images to preprocess")
+        for i, image in enumerate(images):
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"image {i}: expected a uint8 RGB tensor [3, H, W], "
+                    f"got {image.dtype} {tuple(image.shape)}"
+                )
+        in_sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        out_sizes = [self.spec.output_size(h, w) for h, w in in_sizes]
+        batch_height, batch_width = self._padded_size(out_sizes)
+
+        # Images of the same size are resized together: one set of kernels per distinct size.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(in_sizes):
+            groups.setdefault(size, []).append(i)
+        pixel_values: torch.Tensor | None = None
+        for (height, width), index in groups.items():
+            out_height, out_width = out_sizes[index[0]]
+            x = torch.stack([images[i].to(self.device, non_blocking=True) for i in index]).float()
+            if (out_height, out_width) != (height, width):
+                x = _resize(x, out_height, out_width, self.spec.resample)
+            x = self._normalize(x).to(self.dtype)
+            if len(index) == len(images) and (out_height, out_width) == (batch_height, batch_width):
+                pixel_values = x  # one size and nothing to pad: the common fixed-size case
+                break
+            if pixel_values is None:
+                # Padding is zero AFTER normalisation, as transformers pads normalised arrays.
+                shape = (len(images), 3, batch_height, batch_width)
+                pixel_values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            pixel_values[index, :, :out_height, :out_width] = x
+        assert pixel_values is not None
+        if not self.spec.do_pad:
+            return pixel_values, None
+        return pixel_values, self._pixel_mask(out_sizes, batch_height, batch_width)
+
+    def _padded_size(self, out_sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        height = max(h for h, _ in out_sizes)
+        width = max(w for _, w in out_sizes)
+        if not self.spec.do_pad:
+            if any(size != (height, width) for size in out_sizes):
+                raise ValueError(f"images resize to different shapes {out_sizes} and do_pad=false")
+            return height, width
+        if self.spec.pad_size is None:
+            return height, width
+        if height > self.spec.pad_size[0] or width > self.spec.pad_size[1]:
+            raise ValueError(
+                f"an image resizes to {(height, width)}, larger than pad_size {self.spec.pad_size}"
+            )
+        return self.spec.pad_size
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order as transformers: rescale, then (x - mean) / std.
+        if self._scale != 1.0:
+            x = x.mul_(self._scale)
+        if self._mean is not None and self._std is not None:
+            x = x.sub_(self._mean).div_(self._std)
+        return x
+
+    def _pixel_mask(self, sizes: list[tuple[int, int]], height: int, width: int) -> torch.Tensor:
+        sizes_t = torch.tensor(sizes, device=self.device)
+        rows = torch.arange(height, device=self.device) < sizes_t[:, :1]
+        cols = torch.arange(width, device=self.device) < sizes_t[:, 1:]
+        return (rows[:, :, None] & cols[:, None, :]).long()
+
+
+def _resize(x: torch.Tensor, height: int, width: int, resample: int) -> torch.Tensor:
+    """Resize float [N, C, H, W] holding uint8 values the way PIL's Image.resize does."""
+    in_height, in_width = x.shape[-2:]
+    if resample == NEAREST:
+        rows = torch.from_numpy(_nearest_indices(in_height, height)).to(x.device)
+        cols = torch.from_numpy(_nearest_indices(in_width, width)).to(x.device)
+        return x.index_select(2, rows).index_select(3, cols)
+    mode = _INTERPOLATE_MODES[resample]
+    # PIL resamples in two passes, rounding to uint8 in between; torch alone would skip that
+    # rounding and be off by a level on some 2 % of pixels. Pillow >= 13 runs the vertical pass
+    # first when the height shrinks by more than twice as many pixels as the width.
+    shrink_h, shrink_w = in_height - height, in_width - width
+    if shrink_h > 0 and shrink_h > 2 * shrink_w:
+        return _resize_pass(_resize_pass(x, height, in_width, mode), height, width, mode)
+    return _resize_pass(_resize_pass(x, in_height, width, mode), height, width, mode)
+
+
+def _resize_pass(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    if x.shape[-2:] == (height, width):
+        return x
+    y = F.interpolate(x, size=(height, width), mode=mode, align_corners=False, antialias=True)
+    # PIL rounds half up and clips each pass to uint8 (torch.round would round half to even).
+    return y.clamp_(0, 255).add_(0.5).floor_()
+
+
+@lru_cache(maxsize=512)
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    # Pillow's nearest resize (ImagingScaleAffine) walks the source by repeated addition of the
+    # step in double precision and truncates; a cumulative sum makes the same choices at the
+    # exact-integer boundaries where (i + 0.5) * step would round differently.
+    step = in_size / out_size
+    coords = np.cumsum(np.concatenate(([step * 0.5], np.full(out_size - 1, step))))
+    return np.minimum(coords.astype(np.int64), in_size - 1)
+
+
+# Model types by how transformers post-processes them:
+# RTDetrImageProcessor: sigmoid, top-k over queries x classes with k = number of queries.
+_TOPK_NUM_QUERIES = frozenset({"rt_detr", "rt_detr_v2", "d_fine", "deimv2"})
+# DeformableDetr / ConditionalDetr image processors: sigmoid, top-k with k = 100 (their default).
+_TOPK_100 = frozenset({"deformable_detr", "conditional_detr", "lw_detr"})
+# DetrImageProcessor: softmax, the trailing no-object class dropped, best class per query.
+_SOFTMAX = frozenset({"detr", "table-transformer"})
+
+
+@dataclass(frozen=True)
+class PostprocessSpec:
+    activation: Literal["sigmoid", "softmax"]
+    top_k: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> PostprocessSpec:
+        model_type = getattr(config, "model_type", None)
+        if model_type in _TOPK_NUM_QUERIES:
+            if not getattr(config, "use_focal_loss", True):
+                # transformers' softmax branch for these models applies softmax over the batch
+                # dimension (no dim given): there is nothing sound to reproduce.
+                raise ValueError(
+                    f"config.json: {model_type} with use_focal_loss=false is not supported"
+                )
+            return cls("sigmoid", int(config.num_queries))
+        if model_type in _TOPK_100:
+            return cls("sigmoid", 100)
+        if model_type in _SOFTMAX:
+            return cls("softmax", int(config.num_queries))
+        supported = ", ".join(sorted(_TOPK_NUM_QUERIES | _TOPK_100 | _SOFTMAX))
+        raise ValueError(
+            f"config.json: model_type={model_type!r} is not supported; use {supported}"
+        )
+
+
+@dataclass(frozen=True)
+class BatchDetections:
+    """Top-k candidates of each image, best first, on the host."""
+
+    scores: np.ndarray  # float32 [B, K]; -inf for candidates of classes masked out
+    labels: np.ndarray  # int64 [B, K]
+    boxes: np.ndarray  # float32 [B, K, 4], xyxy in the original image's pixels, not clipped
+
+
+class Postprocessor:
+    """Raw logits and boxes -> scored, labelled boxes in each original image's pixels."""
+
+    def __init__(self, spec: PostprocessSpec) -> None:
+        self.spec = spec
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        orig_sizes: torch.Tensor,
+        class_masks: torch.Tensor | None = None,
+    ) -> BatchDetections:
+        """logits [B, Q, C]; pred_boxes [B, Q, 4] normalised cxcywh; orig_sizes [B, 2] (h, w).
+
+        class_masks: bool [B, num_classes], False drops that class for that image. transformers
+        has no such option: we apply it to the scores before the top-k (before the best-class
+        choice for softmax models), so an excluded class never takes a slot from an allowed one.
+        For softmax models the mask may include the no-object column; it is ignored.
+        """
+        batch, _, num_logits = logits.shape
+        if pred_boxes.shape[:2] != logits.shape[:2] or orig_sizes.shape != (batch, 2):
+            raise ValueError(
+                f"shapes disagree: logits {tuple(logits.shape)}, pred_boxes "
+                f"{tuple(pred_boxes.shape)}, orig_sizes {tuple(orig_sizes.shape)}"
+            )
+        # float32 whatever the model's dtype: fp16 scores would tie and reorder the top-k.
+        logits = logits.float()
+        device = logits.device
+        if self.spec.activation == "sigmoid":
+            probs = logits.sigmoid()
+        else:
+            probs = logits.softmax(-1)[..., :-1]
+        num_classes = probs.shape[-1]
+        if class_masks is not None:
+            if class_masks.shape[0] != batch or class_masks.shape[1] not in (
+                num_classes,
+                num_logits,
+            ):
+                raise ValueError(
+                    f"class_masks {tuple(class_masks.shape)} does not match {num_classes} classes"
+                )
+            keep = class_masks[:, :num_classes].to(device=device, dtype=torch.bool)
+            probs = probs.masked_fill(~keep[:, None, :], float("-inf"))
+
+        if self.spec.activation == "sigmoid":
+            flat = probs.flatten(1)
+            scores, index = flat.topk(min(self.spec.top_k, flat.shape[1]), dim=1)
+            labels = index % num_classes
+            query = torch.div(index, num_classes, rounding_mode="floor")
+        else:
+            # DETR keeps every query in query order; we sort them by score like the others.
+            best, best_label = probs.max(-1)
+            scores, query = best.topk(min(self.spec.top_k, best.shape[1]), dim=1)
+            labels = best_label.gather(1, query)
+
+        boxes = pred_boxes.float().gather(1, query[..., None].expand(-1, -1, 4))
+        # cxcywh -> xyxy, with the same arithmetic as transformers' center_to_corners_format
+        # (written by hand: torchvision is not a dependency). Not clipped, as in transformers.
+        center, extent = boxes[..., :2], boxes[..., 2:]
+        boxes = torch.cat([center - 0.5 * extent, center + 0.5 * extent], dim=-1)
+        height, width = orig_sizes.to(device=device, dtype=torch.float32).unbind(1)
+        boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :]
+
+        # One device-to-host copy for everything (labels < 2**24 are exact in float32).
+        packed = torch.cat([scores[..., None], labels[..., None].float(), boxes], dim=-1).cpu()
+        host = packed.numpy()
+        return BatchDetections(
+            scores=np.ascontiguousarray(host[..., 0]),
+            labels=host[..., 1].astype(np.int64),
+            boxes=np.ascontiguousarray(host[..., 2:]),
+        )
+
+
+def select(
+    dets: BatchDetections, index: int, threshold: float, max_detections: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, labels and boxes of image ``index`` scoring strictly above ``threshold``
+    (transformers keeps ``score > threshold``), at most ``max_detections``, best first."""
+    if max_detections < 0:
+        raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    scores = dets.scores[index]
+    keep = np.flatnonzero(scores > threshold)[:max_detections]
+    return scores[keep], dets.labels[index][keep], dets.boxes[index][keep]
