@@ -108,6 +108,10 @@ class Engine:
         results = []
         for i, task in enumerate(tasks):
             scores, labels, boxes = select(dets, i, task.threshold, task.max_detections)
+            # transformers leaves boxes unclipped; clients expect them inside the image.
+            height, width = task.pixels.shape[:2]
+            np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+            np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
             results.append((scores, labels, boxes))
         done = time.perf_counter()
         return [
