@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
+    backend: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime.",
+    )
+    msda_kernel: bool = Field(
+        default=True,
+        description="Replace the models' multi-scale deformable attention with detr-serve's op.",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Inference precision; auto is float32 on CPU, float16 on CUDA."
