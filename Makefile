@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		echo "no CUDA: installing the CPU build of torch ($(TORCH_CPU))"; \
 		$(PY) -m pip install --quiet $(PIP_TORCH_ARGS) '$(TORCH_CPU)' && \
-		$(PY) -m pip install --quiet -e '.[dev]'; \
+		$(PY) -m pip install --quiet -e '.[dev,onnx]'; \
 	fi
 	@touch $@
 
