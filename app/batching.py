@@ -96,6 +96,7 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._in_flight = 0
+        self._batch_started: float | None = None
         self._batch_time = _Ewma()
 
     # -- state ------------------------------------------------------------------------------
@@ -108,6 +109,12 @@ class Batcher(Generic[T, R]):
     def in_flight(self) -> int:
         """Items inside the batch that is running now."""
         return self._in_flight
+
+    @property
+    def running_for_s(self) -> float:
+        """How long the forward pass running now has taken so far (0 when idle)."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def accepting(self) -> bool:
@@ -208,6 +215,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._in_flight = len(batch)
+        self._batch_started = started
         ok = True
         try:
             outputs = await loop.run_in_executor(
@@ -236,6 +244,7 @@ class Batcher(Generic[T, R]):
                     p.future.set_result(out)
         finally:
             self._in_flight = 0
+            self._batch_started = None
         run_s = time.monotonic() - started
         self._batch_time.update(run_s)
         if self._on_batch is not None:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     max_redirects: int = Field(
         default=3, ge=0, le=10, description="Redirects an image URL may take."
     )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, every endpoint but health and metrics needs "
+        "'Authorization: Bearer <key>'.",
+    )
+    cors_origins: str = Field(
+        default="", description="Comma-separated origins allowed by CORS (empty: CORS off; *: any)."
+    )
+    watchdog_s: float = Field(
+        default=60.0, gt=0, description="A forward pass running longer turns /readyz to 503."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     json_logs: bool = Field(default=False, description="Log one JSON object per line.")
     drain_timeout_s: float = Field(
@@ -127,6 +138,10 @@ class Settings(BaseSettings):
                 "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
             )
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def allowed_url_host_set(self) -> frozenset[str]:

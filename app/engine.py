@@ -23,6 +23,10 @@ from app.processing import Postprocessor, PostprocessSpec, Preprocessor, Preproc
 logger = logging.getLogger(__name__)
 
 
+class DeviceOutOfMemoryError(RuntimeError):
+    """One image did not fit on the device even in a batch of its own."""
+
+
 @dataclass(frozen=True)
 class DetectionTask:
     """One image waiting for the model, with the options of its request."""
@@ -89,7 +93,24 @@ class Engine:
             info,
         )
 
-    def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageDetections]:
+    def run_batch(
+        self, tasks: Sequence[DetectionTask]
+    ) -> list[ImageDetections | DeviceOutOfMemoryError]:
+        """Detect in a batch. On device out-of-memory the batch is split in halves and retried;
+        an image that does not fit even alone gets a DeviceOutOfMemoryError of its own."""
+        try:
+            return list(self._run(tasks))
+        except torch.OutOfMemoryError:
+            if self.backend.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(tasks) == 1:
+                logger.error("out of device memory on a batch of one image")
+                return [DeviceOutOfMemoryError("the device ran out of memory for this image")]
+            half = len(tasks) // 2
+            logger.warning("out of device memory on a batch of %d; retrying in halves", len(tasks))
+            return self.run_batch(tasks[:half]) + self.run_batch(tasks[half:])
+
+    def _run(self, tasks: Sequence[DetectionTask]) -> list[ImageDetections]:
         started = time.perf_counter()
         device = self.backend.device
         images = [torch.from_numpy(t.pixels).permute(2, 0, 1) for t in tasks]

@@ -9,15 +9,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import detect, health, models
+from app.api import detect, health, kserve, models
 from app.config import Settings
 from app.engine import Engine
 from app.errors import ApiError
-from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.runtime import Runtime
 from app.schemas import DetectRequest
 
@@ -44,8 +45,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(detect.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(kserve.router)
     _install_error_handlers(app)
+    # Added last runs first: request context, then CORS, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -5,6 +5,7 @@ Pure ASGI (not BaseHTTPMiddleware) keeps streaming bodies streaming and costs li
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -108,3 +109,51 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on every path but health, metrics and docs."""
+
+    EXEMPT = frozenset(
+        {
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/docs",
+            "/docs/oauth2-redirect",
+            "/openapi.json",
+        }
+    )
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        given = (_header(scope, b"authorization") or "").encode("latin-1")
+        # compare_digest: the time taken does not tell an attacker how much of the key matched.
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+        payload: object = (
+            {"error": message}
+            if scope["path"].startswith("/v2")
+            else {"error": {"type": "unauthorized", "message": message}}
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})

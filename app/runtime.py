@@ -20,14 +20,14 @@ from app.service import DetectionService
 
 logger = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "draining", "failed"]
+State = Literal["loading", "ready", "stuck", "draining", "failed"]
 
 
 class Runtime:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.state: State = "loading"
+        self._state: State = "loading"
         self.engine = engine
         self.service: DetectionService | None = None
         self.load_error: BaseException | None = None
@@ -36,6 +36,18 @@ class Runtime:
         self._batcher: Batcher[DetectionTask, ImageDetections] | None = None
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> State:
+        """loading -> ready -> draining; "stuck" while a forward pass outlives the watchdog."""
+        batcher = self._batcher
+        if (
+            self._state == "ready"
+            and batcher is not None
+            and batcher.running_for_s > self.settings.watchdog_s
+        ):
+            return "stuck"
+        return self._state
 
     def start(self) -> None:
         self._loader = asyncio.get_running_loop().create_task(self._load(), name="model-loader")
@@ -54,7 +66,7 @@ class Runtime:
             sizes = sorted({1, s.max_batch_size})
             await loop.run_in_executor(self._executor, engine.warmup, sizes)
         except Exception as exc:
-            self.state = "failed"
+            self._state = "failed"
             self.load_error = exc
             logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
             return
@@ -89,7 +101,7 @@ class Runtime:
         )
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.service = DetectionService(s, info, batcher, self._fetcher, self.metrics)
-        self.state = "ready"
+        self._state = "ready"
         logger.info(
             "ready: %s on %s (%s), max batch %d",
             info.name,
@@ -116,8 +128,8 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop intake (503), finish queued and running work, release resources."""
-        if self.state == "ready":
-            self.state = "draining"
+        if self._state == "ready":
+            self._state = "draining"
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
         if self._batcher is not None:

@@ -23,7 +23,7 @@ from app.batching import (
     ShuttingDownError,
 )
 from app.config import Settings
-from app.engine import DetectionTask, ImageDetections, ModelInfo
+from app.engine import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import (
     ApiError,
     DeadlineError,
@@ -156,7 +156,7 @@ class DetectionService:
             raise UnavailableError(str(exc), headers={"Retry-After": "1"}) from None
         except DeadlineExceededError as exc:
             raise DeadlineError(str(exc)) from None
-        except BatchFailedError as exc:
+        except (BatchFailedError, DeviceOutOfMemoryError) as exc:
             raise InferenceError(str(exc)) from None
 
     def _response(
