@@ -72,7 +72,14 @@ class BodyLimitMiddleware:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _reject(send, self.max_bytes)
+            await _send_error(
+                send,
+                scope,
+                413,
+                PayloadTooLargeError.error_type,
+                _too_large(self.max_bytes),
+                [(b"connection", b"close")],
+            )
             return
         seen = 0
 
@@ -92,16 +99,29 @@ def _too_large(limit: int) -> str:
     return f"the request body is over the limit of {limit} bytes"
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps(PayloadTooLargeError(_too_large(limit)).body()).encode()
+async def _send_error(
+    send: Send,
+    scope: Scope,
+    status: int,
+    error_type: str,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """An error answered by middleware, in the shape of the API the path belongs to
+    (the KServe v2 protocol wants {"error": "..."})."""
+    payload: object = (
+        {"error": message}
+        if scope["path"].startswith("/v2")
+        else {"error": {"type": error_type, "message": message}}
+    )
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -141,19 +161,6 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-        payload: object = (
-            {"error": message}
-            if scope["path"].startswith("/v2")
-            else {"error": {"type": "unauthorized", "message": message}}
+        await _send_error(
+            send, scope, 401, "unauthorized", message, [(b"www-authenticate", b"Bearer")]
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})

@@ -127,14 +127,18 @@ def run_locust(url: str, users: int, seconds: float, image: Path, workdir: Path)
     subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(f"{prefix}_stats.csv") as fh:
         row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+
+    def num(key: str) -> float:
+        return float(row[key]) if row[key] not in ("", "N/A") else float("nan")
+
     return {
         "clients": users,
         "requests": int(row["Request Count"]),
         "failures": int(row["Failure Count"]),
-        "img_s": float(row["Requests/s"]),
-        "p50_ms": float(row["50%"]),
-        "p95_ms": float(row["95%"]),
-        "p99_ms": float(row["99%"]),
+        "img_s": num("Requests/s"),
+        "p50_ms": num("50%"),
+        "p95_ms": num("95%"),
+        "p99_ms": num("99%"),
     }
 
 

@@ -1,0 +1,287 @@
+"""KServe Open Inference Protocol v2 (REST): health, metadata and infer for the served model.
+
+Inference goes through the same DetectionService (batcher, limits, metrics) as /v1/detect;
+protocol parsing and encoding live in app/kserve_codec.py. Errors take the protocol's shape,
+{"error": "message"}, with the status /v1 would give.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import kserve_codec as codec
+from app.api.deps import RuntimeDep, ServiceDep
+from app.errors import ApiError, InvalidImageError, InvalidRequestError
+from app.runtime import Runtime
+from app.service import DetectionService, ImageSource
+
+logger = logging.getLogger(__name__)
+
+
+class KServeRoute(APIRoute):
+    """Answers every error of these routes in the protocol's shape, which tritonclient reads."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def protocol_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                status, message, headers = exc.status_code, exc.message, exc.headers
+            except RequestValidationError as exc:
+                status, headers = 400, {}
+                message = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+                )
+            except StarletteHTTPException as exc:
+                status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
+            except Exception:
+                logger.exception("unhandled error")
+                status, message, headers = 500, "internal server error", {}
+            return JSONResponse(codec.error_body(message), status_code=status, headers=headers)
+
+        return protocol_errors
+
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=KServeRoute)
+
+
+class ProtocolError(BaseModel):
+    error: str
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = {}
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = {}
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "Malformed request or bad image; the message names the input or image.",
+        404: "Unknown model or version.",
+        413: "Body or image too large.",
+        429: "Queue full; see Retry-After.",
+        500: "Inference failed for this batch.",
+        503: "The model is loading or the server is shutting down.",
+        504: "The request passed its deadline.",
+    }
+    return {c: {"model": ProtocolError, "description": described[c]} for c in codes}
+
+
+_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_errors(404),
+    503: {"model": ModelReady, "description": "Loading, draining or failed."},
+}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its local $defs substituted, so it stands alone inside the OpenAPI
+    document (pydantic's refs point at a $defs section the document does not have)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Inference request JSON; with the binary tensor data extension it is "
+        f"followed by the raw tensors and its length is in the {codec.HEADER_LENGTH} header.",
+        "content": {
+            "application/json": {"schema": _inline(codec.InferRequestHeader.model_json_schema())},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata(request: Request) -> dict[str, Any]:
+    return codec.server_metadata(request.app.version)
+
+
+@router.get("/health/live", response_model=Live, summary="Liveness: 200 while the process lives")
+async def live() -> Live:
+    return Live(live=True)
+
+
+@router.get(
+    "/health/ready",
+    response_model=Ready,
+    summary="Readiness: 200 once the model is loaded and warmed",
+    responses={503: {"model": Ready, "description": "Loading, draining or failed."}},
+)
+async def ready(runtime: RuntimeDep) -> Response:
+    is_ready = runtime.state == "ready"
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.get(
+    "/models/{model_name}",
+    response_model=ModelMetadata,
+    summary="Model metadata: input, outputs (names, datatypes, shapes) and parameters",
+    responses=_errors(404, 503),
+)
+async def model_metadata(model_name: str, service: ServiceDep) -> dict[str, Any]:
+    return _model_metadata(service, model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{version}",
+    response_model=ModelMetadata,
+    summary="Model metadata of one version",
+    responses=_errors(404, 503),
+)
+async def model_version_metadata(
+    model_name: str, version: str, service: ServiceDep
+) -> dict[str, Any]:
+    return _model_metadata(service, model_name, version)
+
+
+@router.get(
+    "/models/{model_name}/ready",
+    response_model=ModelReady,
+    summary="Model readiness: 200 once the model is loaded and warmed",
+    responses=_READY_RESPONSES,
+)
+async def model_ready(model_name: str, runtime: RuntimeDep) -> Response:
+    return _model_ready(runtime, model_name, None)
+
+
+@router.get(
+    "/models/{model_name}/versions/{version}/ready",
+    response_model=ModelReady,
+    summary="Readiness of one model version",
+    responses=_READY_RESPONSES,
+)
+async def model_version_ready(model_name: str, version: str, runtime: RuntimeDep) -> Response:
+    return _model_ready(runtime, model_name, version)
+
+
+@router.post(
+    "/models/{model_name}/infer",
+    summary="Detect objects in a BYTES tensor of encoded images",
+    response_class=Response,
+    responses=_errors(400, 404, 413, 429, 500, 503, 504),
+    openapi_extra=_INFER_BODY,
+)
+async def infer(model_name: str, request: Request, service: ServiceDep) -> Response:
+    return await _infer(request, service, model_name, None)
+
+
+@router.post(
+    "/models/{model_name}/versions/{version}/infer",
+    summary="Detect objects with one model version",
+    response_class=Response,
+    responses=_errors(400, 404, 413, 429, 500, 503, 504),
+    openapi_extra=_INFER_BODY,
+)
+async def infer_version(
+    model_name: str, version: str, request: Request, service: ServiceDep
+) -> Response:
+    return await _infer(request, service, model_name, version)
+
+
+def _model_metadata(service: DetectionService, name: str, version: str | None) -> dict[str, Any]:
+    info = service.info
+    codec.check_model(info.name, name, version)
+    return codec.model_metadata(
+        name=info.name,
+        backend=info.backend,
+        labels=info.labels,
+        default_threshold=service.settings.default_threshold,
+        default_max_detections=service.settings.default_max_detections,
+    )
+
+
+def _model_ready(runtime: Runtime, name: str, version: str | None) -> Response:
+    served = runtime.service.info.name if runtime.service else runtime.settings.served_model_name
+    codec.check_model(served, name, version)
+    is_ready = runtime.state == "ready"
+    return JSONResponse({"name": served, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+async def _infer(
+    request: Request, service: DetectionService, name: str, version: str | None
+) -> Response:
+    codec.check_model(service.info.name, name, version)
+    body = codec.decode_content(
+        await request.body(),
+        request.headers.get("content-encoding"),
+        service.settings.max_upload_bytes,
+    )
+    parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
+    try:
+        result = await service.detect([ImageSource(raw=b) for b in parsed.images], parsed.options)
+    except InvalidImageError as exc:
+        if not parsed.images_from_json:
+            raise
+        raise InvalidRequestError(
+            f"{exc.message} (images sent as JSON strings arrive as their UTF-8 bytes: send "
+            "encoded images with the binary tensor data extension)"
+        ) from None
+    k = parsed.options.max_detections or service.settings.default_max_detections
+    content, header_length = codec.encode_infer_response(
+        model_name=service.info.name,
+        request_id=parsed.id,
+        tensors=codec.detection_tensors(result, k),
+        outputs=parsed.outputs,
+    )
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={codec.HEADER_LENGTH: str(header_length)},
+    )

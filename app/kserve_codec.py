@@ -1,0 +1,553 @@
+"""KServe Open Inference Protocol v2 (REST) for the detector: request parsing, tensor encoding.
+
+No web framework here: bytes and dicts in, bytes and dicts out, so every rule is unit-tested
+without a server. The router (app/api/kserve.py) only moves bytes between HTTP and these
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.errors import ApiError, InvalidRequestError
+from app.schemas import DetectOptions, DetectResponse
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data"]
+MODEL_VERSION = "1"
+INPUT_NAME = "images"
+
+# Request parameters that tritonclient and Triton reserve: accepted and ignored here (the
+# server's own deadline and batcher apply), so that stock clients work unchanged.
+_RESERVED_PARAMETERS = frozenset(
+    {
+        "binary_data_output",
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "content_type",
+    }
+)
+_OPTION_PARAMETERS = ("threshold", "max_detections", "classes")
+_UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "classification")
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+class UnknownModelError(ApiError):
+    status_code = 404
+    error_type = "not_found"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype, little-endian, as the binary extension sends it
+    description: str
+
+
+INPUT = TensorSpec(
+    INPUT_NAME,
+    "BYTES",
+    (-1,),
+    "object",
+    "Encoded images (JPEG, PNG, WebP, BMP, GIF, TIFF), one element per image; shape [N] "
+    "(or [N, 1]). Send them with the binary tensor data extension: over JSON, BYTES elements "
+    "are UTF-8 strings, which encoded images almost never are.",
+)
+OUTPUTS: dict[str, TensorSpec] = {
+    spec.name: spec
+    for spec in (
+        TensorSpec(
+            "boxes",
+            "FP32",
+            (-1, -1, 4),
+            "<f4",
+            "[N, K, 4] boxes as [x1, y1, x2, y2] in each original image's pixels; padding rows "
+            "are 0.",
+        ),
+        TensorSpec(
+            "scores",
+            "FP32",
+            (-1, -1),
+            "<f4",
+            "[N, K] scores, best first; padding is 0.",
+        ),
+        TensorSpec(
+            "labels",
+            "INT64",
+            (-1, -1),
+            "<i8",
+            "[N, K] class ids (see parameters.labels); padding is -1.",
+        ),
+        TensorSpec(
+            "num_detections",
+            "INT32",
+            (-1,),
+            "<i4",
+            "[N] how many of the K rows of each image are real detections.",
+        ),
+    )
+}
+
+OUTPUTS_DESCRIPTION = (
+    "K is the request's max_detections parameter (or the server's default): every image's "
+    "detections fill the first num_detections rows of boxes, scores and labels, best first, "
+    "and the rest is padding (score 0, label -1, box 0)."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestInput(_Strict):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class RequestOutput(_Strict):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequestHeader(_Strict):
+    """The JSON part of an inference request (all of it when no binary data follows)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    images: list[bytes]
+    options: DetectOptions
+    outputs: list[RequestedOutput]
+    images_from_json: bool
+
+
+# --- request ----------------------------------------------------------------------------
+
+
+def decode_content(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """Undo a request's Content-Encoding (tritonclient's request_compression_algorithm),
+    refusing bodies that inflate past max_bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidRequestError(
+            f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none"
+        )
+    # wbits: 16 + MAX_WBITS reads a gzip wrapper, MAX_WBITS a zlib one ("deflate" in HTTP).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidRequestError(f"the {encoding} body cannot be decompressed: {exc}") from None
+    if len(out) > max_bytes:
+        raise InvalidRequestError(
+            f"the decompressed body is over the limit of {max_bytes} bytes"
+        ) from None
+    if not inflater.eof:
+        raise InvalidRequestError(f"the {encoding} body is truncated")
+    return out
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHeader, bytes]:
+    """The JSON inference header and the binary section after it (empty when there is none)."""
+    if header_length is None:
+        head, binary = body, b""
+    else:
+        text = header_length.strip()
+        if not text.isdigit():
+            raise InvalidRequestError(
+                f"{HEADER_LENGTH} must be a byte count, got {header_length!r}"
+            )
+        size = int(text)
+        if not 0 < size <= len(body):
+            raise InvalidRequestError(
+                f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
+            )
+        head, binary = body[:size], body[size:]
+    try:
+        parsed = json.loads(head.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidRequestError(
+            "the inference request JSON is not valid UTF-8; BYTES sent as JSON must be UTF-8 "
+            "text: send images with the binary tensor data extension (tritonclient: "
+            "set_data_from_numpy(..., binary_data=True))"
+        ) from None
+    except json.JSONDecodeError as exc:
+        where = "" if header_length is None else f" (the first {len(head)} bytes)"
+        raise InvalidRequestError(
+            f"the inference request header{where} is not valid JSON: {exc.msg} at byte {exc.pos}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError(
+            f"the inference request must be a JSON object, got {type(parsed).__name__}"
+        )
+    try:
+        return InferRequestHeader.model_validate(parsed), binary
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            "the inference request does not match the protocol: " + _describe(exc)
+        ) from None
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    header, binary = split_body(body, header_length)
+    if len(header.inputs) != 1 or header.inputs[0].name != INPUT_NAME:
+        names = ", ".join(repr(i.name) for i in header.inputs) or "none"
+        raise InvalidRequestError(
+            f"this model takes one input, {INPUT_NAME!r} (BYTES, encoded images); got {names}"
+        )
+    tensor = header.inputs[0]
+    count = _element_count(tensor)
+    binary_size = _binary_size(tensor)
+    if binary_size is None:
+        if binary:
+            raise InvalidRequestError(
+                f"the body holds {len(binary)} bytes after the JSON header but no input has "
+                "parameters.binary_data_size"
+            )
+        if tensor.data is None:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size"
+            )
+        images = _json_bytes(tensor.data, count)
+    else:
+        if header_length is None:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r} has parameters.binary_data_size but the request has no "
+                f"{HEADER_LENGTH} header"
+            )
+        if tensor.data is not None:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r} has both 'data' and parameters.binary_data_size"
+            )
+        if binary_size != len(binary):
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r} declares binary_data_size {binary_size} but the body "
+                f"holds {len(binary)} bytes after the JSON header"
+            )
+        images = deserialize_bytes(binary, count)
+    return InferRequest(
+        id=header.id,
+        images=images,
+        options=_options(header.parameters),
+        outputs=_requested_outputs(header),
+        images_from_json=binary_size is None,
+    )
+
+
+def deserialize_bytes(buffer: bytes, count: int) -> list[bytes]:
+    """BYTES elements of the binary extension: each a 4-byte little-endian length, then bytes."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(buffer):
+        if len(buffer) - offset < _LENGTH_PREFIX.size:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r}: element {len(items)} is cut off inside its 4-byte "
+                "length prefix"
+            )
+        (size,) = _LENGTH_PREFIX.unpack_from(buffer, offset)
+        offset += _LENGTH_PREFIX.size
+        if size > len(buffer) - offset:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r}: element {len(items)} declares {size} bytes but only "
+                f"{len(buffer) - offset} remain"
+            )
+        items.append(buffer[offset : offset + size])
+        offset += size
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r}: the shape says {count} elements but the binary data holds "
+            f"{len(items)}"
+        )
+    return items
+
+
+def serialize_bytes(items: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH_PREFIX.pack(len(item)) + item for item in items)
+
+
+def _element_count(tensor: RequestInput) -> int:
+    if tensor.datatype != "BYTES":
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r} must be BYTES (encoded images), got {tensor.datatype!r}"
+        )
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r} must have shape [N] or [N, 1], got {shape}"
+        )
+    for key in _UNSUPPORTED_TENSOR_PARAMETERS:
+        if key in tensor.parameters:
+            raise InvalidRequestError(f"input {INPUT_NAME!r}: {key} is not supported")
+    return shape[0]
+
+
+def _binary_size(tensor: RequestInput) -> int | None:
+    size = tensor.parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r}: binary_data_size must be a byte count, got {size!r}"
+        )
+    return size
+
+
+def _json_bytes(data: list[Any], count: int) -> list[bytes]:
+    items = list(_flatten(data))
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r}: the shape says {count} elements but 'data' holds {len(items)}"
+        )
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r}: element {i} must be a string, got {type(item).__name__}"
+            )
+        try:
+            out.append(item.encode("utf-8"))
+        except UnicodeEncodeError:  # JSON may escape lone surrogates, which are no UTF-8
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r}: element {i} is not valid UTF-8 text; send images with "
+                "the binary tensor data extension"
+            ) from None
+    return out
+
+
+def _flatten(data: list[Any]) -> Iterator[Any]:
+    for item in data:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def _options(parameters: Mapping[str, Any]) -> DetectOptions:
+    unknown = [
+        k
+        for k in parameters
+        if k not in _OPTION_PARAMETERS
+        and k not in _RESERVED_PARAMETERS
+        and not k.startswith("triton_")
+    ]
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown request parameter {unknown[0]!r}; this model takes "
+            + ", ".join(_OPTION_PARAMETERS)
+        )
+    values: dict[str, Any] = {}
+    for key in ("threshold", "max_detections"):
+        value = parameters.get(key)
+        if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+            raise InvalidRequestError(f"parameters.{key} must be a number, got {value!r}")
+        if key == "max_detections" and isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidRequestError(
+                    f"parameters.max_detections must be an integer, got {value}"
+                )
+            value = int(value)
+        values[key] = value
+    values["classes"] = _classes(parameters.get("classes"))
+    try:
+        return DetectOptions.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequestError(_describe(exc, prefix="parameters.")) from None
+
+
+def _classes(value: Any) -> list[str | int] | None:
+    """Parameters are scalars in the protocol, so a list of classes comes as 'circle,star'."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"parameters.classes must be names or ids, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    if isinstance(value, list) and all(
+        isinstance(c, str | int) and not isinstance(c, bool) for c in value
+    ):
+        return list(value)
+    raise InvalidRequestError(
+        f"parameters.classes must be a comma-separated string of names or ids, got {value!r}"
+    )
+
+
+def _requested_outputs(header: InferRequestHeader) -> list[RequestedOutput]:
+    default_binary = header.parameters.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise InvalidRequestError(
+            f"parameters.binary_data_output must be true or false, got {default_binary!r}"
+        )
+    if header.outputs is None:
+        return [RequestedOutput(name, default_binary) for name in OUTPUTS]
+    requested: list[RequestedOutput] = []
+    for out in header.outputs:
+        if out.name not in OUTPUTS:
+            raise InvalidRequestError(
+                f"unknown output {out.name!r}; this model's outputs are " + ", ".join(OUTPUTS)
+            )
+        if any(r.name == out.name for r in requested):
+            raise InvalidRequestError(f"output {out.name!r} is requested twice")
+        for key in _UNSUPPORTED_TENSOR_PARAMETERS:
+            if key in out.parameters:
+                raise InvalidRequestError(f"output {out.name!r}: {key} is not supported")
+        binary = out.parameters.get("binary_data", default_binary)
+        if not isinstance(binary, bool):
+            raise InvalidRequestError(
+                f"output {out.name!r}: binary_data must be true or false, got {binary!r}"
+            )
+        requested.append(RequestedOutput(out.name, binary))
+    return requested
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{prefix}{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# --- response ---------------------------------------------------------------------------
+
+
+def detection_tensors(response: DetectResponse, max_detections: int) -> dict[str, np.ndarray]:
+    """The detections of every image as fixed-shape tensors, padded to K = max_detections."""
+    n, k = len(response.results), max_detections
+    boxes = np.zeros((n, k, 4), dtype=np.float32)
+    scores = np.zeros((n, k), dtype=np.float32)
+    labels = np.full((n, k), -1, dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int32)
+    for i, result in enumerate(response.results):
+        dets = result.detections[:k]
+        counts[i] = len(dets)
+        for j, det in enumerate(dets):
+            boxes[i, j] = det.box
+            scores[i, j] = det.score
+            labels[i, j] = det.class_id
+    return {"boxes": boxes, "scores": scores, "labels": labels, "num_detections": counts}
+
+
+def encode_infer_response(
+    *,
+    model_name: str,
+    request_id: str | None,
+    tensors: Mapping[str, np.ndarray],
+    outputs: Sequence[RequestedOutput],
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length (the value
+    of the response's Inference-Header-Content-Length; None means the body is plain JSON)."""
+    described: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out in outputs:
+        spec = OUTPUTS[out.name]
+        array = np.ascontiguousarray(tensors[out.name], dtype=spec.dtype)
+        tensor: dict[str, Any] = {
+            "name": spec.name,
+            "datatype": spec.datatype,
+            "shape": list(array.shape),
+        }
+        if out.binary:
+            raw = array.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        described.append(tensor)
+    body: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
+    if request_id is not None:
+        body["id"] = request_id
+    body["outputs"] = described
+    head = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
+
+
+def error_body(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+# --- metadata ---------------------------------------------------------------------------
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    return {"name": "detr-serve", "version": version, "extensions": list(EXTENSIONS)}
+
+
+def model_metadata(
+    *,
+    name: str,
+    backend: str,
+    labels: Mapping[int, str],
+    default_threshold: float,
+    default_max_detections: int,
+) -> dict[str, Any]:
+    platform = {"torch": "pytorch_transformers", "onnx": "onnxruntime_onnx"}.get(backend, backend)
+    return {
+        "name": name,
+        "versions": [MODEL_VERSION],
+        "platform": platform,
+        "inputs": [_tensor_metadata(INPUT)],
+        "outputs": [_tensor_metadata(spec) for spec in OUTPUTS.values()],
+        "parameters": {
+            "description": OUTPUTS_DESCRIPTION,
+            "request_parameters": {
+                "threshold": f"minimum score, 0..1 (default {default_threshold})",
+                "max_detections": f"K, 1..1000 (default {default_max_detections})",
+                "classes": "only these classes: comma-separated names or ids",
+            },
+            "labels": {str(i): labels[i] for i in sorted(labels)},
+        },
+    }
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "datatype": spec.datatype,
+        "shape": list(spec.shape),
+        "parameters": {"description": spec.description},
+    }
+
+
+def check_model(served: str, name: str, version: str | None) -> None:
+    """404 unless `name` (and `version`, when given) is the served model."""
+    if name != served:
+        raise UnknownModelError(f"unknown model {name!r}; this server serves {served!r}")
+    if version is not None and version != MODEL_VERSION:
+        raise UnknownModelError(
+            f"unknown version {version!r} of model {name!r}; its only version is {MODEL_VERSION!r}"
+        )
