@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install run test test-deps lint fmt bench clean
 
 install: $(STAMP)
 
@@ -32,7 +32,20 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/detr-serve --host $(HOST) --port $(PORT)
 
-test: install
+# The Prometheus end-to-end tests need prometheus and promtool (Debian's package, ~330 MB
+# installed); without root we only say so, and those tests skip (or fail under CI=true).
+test-deps:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian's prometheus package (prometheus, promtool) for the tests"; \
+			apt-get update && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+		else \
+			echo "promtool not found: as root, run 'make test-deps' (apt-get install prometheus)"; \
+		fi; \
+	fi
+
+test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
