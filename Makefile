@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps lint fmt bench clean
+.PHONY: install run test test-deps fuzz lint fmt bench clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The dedicated fuzzing run of the API (schemathesis, over 1000 generated cases).
+fuzz: install
+	DETR_FUZZ_MAX_EXAMPLES=60 $(PY) -m pytest -q -s tests/e2e/test_schemathesis.py
 
 lint: install
 	$(VENV)/bin/ruff check app tests scripts

@@ -5,8 +5,19 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# An 8x8 red PNG: small enough for the docs, real enough that "Try it out" works.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8ISfHgA0wYRUdtBIA0MoBFD5jqJkAAAAA"
+    "SUVORK5CYII="
+)
+
+
 class ImageInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # oneOf states in the schema what the validator below enforces.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["data"]}]},
+    )
 
     url: str | None = Field(
         default=None,
@@ -45,12 +56,8 @@ class DetectRequest(DetectOptions):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"images": [{"url": "https://example.com/shapes.jpg"}], "threshold": 0.5},
-                {
-                    "images": [{"data": "<base64 JPEG>"}],
-                    "classes": ["circle"],
-                    "max_detections": 10,
-                },
+                {"images": [{"data": EXAMPLE_PNG_BASE64}], "threshold": 0.5, "max_detections": 10},
+                {"images": [{"url": "https://example.com/shapes.jpg"}], "classes": ["circle"]},
             ]
         },
     )

@@ -87,7 +87,7 @@ async def detect(request: Request, service: ServiceDep) -> DetectResponse:
 async def _from_json(request: Request) -> tuple[list[ImageSource], DetectOptions]:
     body = await request.body()
     try:
-        parsed = DetectRequest.model_validate_json(body)
+        parsed = DetectRequest.model_validate_json(body, strict=True)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise InvalidRequestError("the body is not valid JSON") from None
