@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     url_timeout_s: float = Field(
         default=10.0, gt=0, description="Total deadline of one image download."
     )
+    max_concurrent_downloads: int = Field(
+        default=32, ge=1, description="Image URLs downloaded at once; more wait their turn."
+    )
     max_redirects: int = Field(
         default=3, ge=0, le=10, description="Redirects an image URL may take."
     )

@@ -87,6 +87,7 @@ class Runtime:
                 max_bytes=s.max_upload_bytes,
                 timeout_s=s.url_timeout_s,
                 max_redirects=s.max_redirects,
+                max_concurrent=s.max_concurrent_downloads,
             )
         )
         info = engine.info

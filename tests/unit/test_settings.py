@@ -51,3 +51,10 @@ def test_missing_model_dir_says_how_to_fix(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         load_settings(["--model", str(tmp_path)])
     assert "lacks preprocessor_config.json" in capsys.readouterr().err
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert f"| `{flag}` | `DETR_SERVE_{name.upper()}` |" in readme, flag
