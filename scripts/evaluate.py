@@ -1,0 +1,329 @@
+"""COCO mAP of a detector on held-out synthetic shapes, directly and through detr-serve's HTTP API.
+
+Direct mode runs the exported folder with transformers; HTTP mode posts the same JPEG bytes to
+a running server. With both, the difference shows what serving changes (it should be ~0).
+
+    python scripts/evaluate.py --model models/rtdetr-shapes --count 500
+    python scripts/evaluate.py --url http://127.0.0.1:8000 --count 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts import synthetic_shapes as shapes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One detection as the API returns it: {"label", "class_id", "score", "box": [x1, y1, x2, y2]}.
+Detection = dict
+METRIC_NAMES = (
+    "mAP",
+    "mAP50",
+    "mAP75",
+    "mAP_small",
+    "mAP_medium",
+    "mAP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
+
+
+def predictions_from_outputs(
+    processor,
+    outputs,
+    sizes: Sequence[tuple[int, int]],
+    id2label: dict[int, str],
+    threshold: float = 0.01,
+    max_detections: int = 100,
+) -> list[list[Detection]]:
+    """Model outputs -> per-image detections in original pixels (sizes are (height, width))."""
+    results = processor.post_process_object_detection(
+        outputs, threshold=threshold, target_sizes=list(sizes)
+    )
+    per_image = []
+    for result, (h, w) in zip(results, sizes, strict=True):
+        order = result["scores"].argsort(descending=True)[:max_detections]
+        detections = []
+        for i in order.tolist():
+            box = result["boxes"][i].tolist()
+            box = [min(max(v, 0.0), limit) for v, limit in zip(box, (w, h, w, h), strict=True)]
+            class_id = int(result["labels"][i])
+            detections.append(
+                {
+                    "label": id2label.get(class_id, str(class_id)),
+                    "class_id": class_id,
+                    "score": float(result["scores"][i]),
+                    "box": box,
+                }
+            )
+        per_image.append(detections)
+    return per_image
+
+
+def coco_map(coco_gt: dict, detections: Sequence[Sequence[Detection]]) -> dict[str, float]:
+    """pycocotools bbox mAP; detections[i] is for coco_gt["images"][i], matched by label name."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    category_of = {c["name"]: c["id"] for c in coco_gt["categories"]}
+    results = []
+    for info, dets in zip(coco_gt["images"], detections, strict=True):
+        for d in dets:
+            if d["label"] not in category_of:
+                continue
+            x1, y1, x2, y2 = d["box"]
+            results.append(
+                {
+                    "image_id": info["id"],
+                    "category_id": category_of[d["label"]],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": d["score"],
+                }
+            )
+    if not results:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        gt = COCO()
+        gt.dataset = json.loads(json.dumps(coco_gt))
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(max(v, 0.0)) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes, (N, 4) x (M, 4) -> (N, M)."""
+    from pycocotools import mask as mask_utils
+
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    to_xywh = np.array([[1, 0, -1, 0], [0, 1, 0, -1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return mask_utils.iou((a @ to_xywh).tolist(), (b @ to_xywh).tolist(), [0] * len(b))
+
+
+def recall_precision(
+    samples: Sequence[shapes.Sample],
+    detections: Sequence[Sequence[Detection]],
+    score: float = 0.5,
+    iou: float = 0.5,
+) -> dict[str, float]:
+    """Share of objects found (right class, IoU >= iou) and of detections that are right.
+
+    Only detections scoring >= `score` count. Greedy matching, best score first, one detection
+    per object: COCO's rule at one threshold.
+    """
+    found = total = correct = kept = 0
+    for sample, dets in zip(samples, detections, strict=True):
+        dets = sorted((d for d in dets if d["score"] >= score), key=lambda d: -d["score"])
+        kept += len(dets)
+        total += len(sample.labels)
+        ious = _iou(
+            np.array([d["box"] for d in dets], dtype=np.float64).reshape(-1, 4),
+            sample.boxes.astype(np.float64),
+        )
+        taken = np.zeros(len(sample.labels), dtype=bool)
+        for i, d in enumerate(dets):
+            candidates = np.where(~taken & (sample.labels == d["class_id"]) & (ious[i] >= iou))[0]
+            if len(candidates):
+                taken[candidates[np.argmax(ious[i][candidates])]] = True
+                correct += 1
+        found += int(taken.sum())
+    return {
+        f"recall@{score:g}": found / total if total else 1.0,
+        # Nothing claimed: vacuously precise only if there was nothing to find.
+        f"precision@{score:g}": correct / kept if kept else float(total == 0),
+    }
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def detect_direct(
+    model_dir: Path,
+    samples: Sequence[shapes.Sample],
+    threshold: float,
+    max_detections: int,
+    batch_size: int,
+) -> list[list[Detection]]:
+    """Run the exported folder the way any transformers user would."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModelForObjectDetection.from_pretrained(model_dir).eval()
+    out: list[list[Detection]] = []
+    with torch.inference_mode():
+        for chunk in _batches(samples, batch_size):
+            inputs = processor(images=[s.image for s in chunk], return_tensors="pt")
+            outputs = model(pixel_values=inputs["pixel_values"])
+            sizes = [(s.height, s.width) for s in chunk]
+            out += predictions_from_outputs(
+                processor, outputs, sizes, model.config.id2label, threshold, max_detections
+            )
+    return out
+
+
+def detect_http(
+    url: str,
+    samples: Sequence[shapes.Sample],
+    threshold: float,
+    max_detections: int,
+    batch_size: int,
+    transport: str = "multipart",
+    timeout: float = 120.0,
+) -> tuple[str, list[list[Detection]]]:
+    """POST the JPEG bytes to /v1/detect; return the model's name and per-image detections."""
+    import httpx
+
+    endpoint = url.rstrip("/") + "/v1/detect"
+    out: list[list[Detection]] = []
+    name = ""
+    with httpx.Client(timeout=timeout) as client:
+        for chunk in _batches(samples, batch_size):
+            if transport == "multipart":
+                response = client.post(
+                    endpoint,
+                    files=[
+                        ("file", (f"{i}.jpg", s.jpeg, "image/jpeg")) for i, s in enumerate(chunk)
+                    ],
+                    data={"threshold": str(threshold), "max_detections": str(max_detections)},
+                )
+            else:
+                response = client.post(
+                    endpoint,
+                    json={
+                        "images": [{"data": base64.b64encode(s.jpeg).decode()} for s in chunk],
+                        "threshold": threshold,
+                        "max_detections": max_detections,
+                    },
+                )
+            if response.status_code != 200:
+                raise RuntimeError(
+                    f"{endpoint} answered {response.status_code}: {response.text[:500]}"
+                )
+            body = response.json()
+            name = body.get("model", name)
+            results = body["results"]
+            if len(results) != len(chunk):
+                raise RuntimeError(f"sent {len(chunk)} images, got {len(results)} results")
+            for sample, result in zip(chunk, results, strict=True):
+                if (result["width"], result["height"]) != (sample.width, sample.height):
+                    raise RuntimeError(
+                        f"server saw {result['width']}x{result['height']}, "
+                        f"image is {sample.width}x{sample.height}"
+                    )
+                out.append(result["detections"])
+    return name, out
+
+
+def evaluate(
+    samples: Sequence[shapes.Sample], coco_gt: dict, detections: Sequence[Sequence[Detection]]
+) -> dict[str, float]:
+    return coco_map(coco_gt, detections) | recall_precision(samples, detections)
+
+
+def _print_table(columns: dict[str, dict[str, float]]) -> None:
+    names = list(next(iter(columns.values())))
+    header = ["metric", *columns]
+    if len(columns) == 2:
+        header.append("difference")
+    print(" | ".join(f"{h:>14}" for h in header))
+    for n in names:
+        values = [c[n] for c in columns.values()]
+        row = [f"{n:>14}", *(f"{v:>14.4f}" for v in values)]
+        if len(values) == 2:
+            row.append(f"{values[1] - values[0]:>+14.4f}")
+        print(" | ".join(row))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=REPO / "models" / "rtdetr-shapes",
+        help="folder for direct mode",
+    )
+    parser.add_argument(
+        "--url", help="base URL of a running detr-serve, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument("--no-direct", action="store_true", help="only the HTTP mode")
+    parser.add_argument("--transport", choices=("multipart", "json"), default="multipart")
+    parser.add_argument(
+        "--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out stream, never trained on"
+    )
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in direct mode")
+    parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.no_direct and not args.url:
+        parser.error("--no-direct needs --url")
+    if args.seed in (shapes.TRAIN_SEED,):
+        parser.error(f"seed {args.seed} is the training stream; pick one never trained on")
+
+    coco_gt, samples = shapes.coco_dataset(args.seed, args.count)
+    print(f"{len(samples)} images, {len(coco_gt['annotations'])} objects (seed {args.seed})")
+    columns: dict[str, dict[str, float]] = {}
+    report: dict = {
+        "seed": args.seed,
+        "count": args.count,
+        "threshold": args.threshold,
+        "max_detections": args.max_detections,
+    }
+    if not args.no_direct:
+        import torch
+        import transformers  # noqa: F401 (imported here so the timing below is inference only)
+
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        dets = detect_direct(
+            args.model, samples, args.threshold, args.max_detections, args.batch_size
+        )
+        report["direct_seconds"] = time.perf_counter() - t0
+        columns["direct"] = evaluate(samples, coco_gt, dets)
+    if args.url:
+        t0 = time.perf_counter()
+        name, dets = detect_http(
+            args.url, samples, args.threshold, args.max_detections, args.batch_size, args.transport
+        )
+        report["http_seconds"] = time.perf_counter() - t0
+        report["http_model"] = name
+        columns["http"] = evaluate(samples, coco_gt, dets)
+    _print_table(columns)
+    for k in ("direct_seconds", "http_seconds"):
+        if k in report:
+            print(f"{k}: {report[k]:.1f} s ({report[k] / len(samples) * 1000:.0f} ms/image)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report | columns, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
