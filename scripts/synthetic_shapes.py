@@ -217,10 +217,12 @@ def _sample_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
-def generate_sample(seed: int, index: int) -> Sample:
-    """Image number `index` of the stream `seed`; identical on every call and machine."""
+def generate_sample(seed: int, index: int, size: tuple[int, int] | None = None) -> Sample:
+    """Image number `index` of the stream `seed`; identical on every call and machine.
+
+    `size` (width, height) fixes the canvas, e.g. 640x480 for benchmarks and examples."""
     rng = np.random.default_rng([seed, index])
-    width, height = _sample_size(rng)
+    width, height = size if size is not None else _sample_size(rng)
     canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
     _draw_clutter(rng, canvas)
     pixels = np.asarray(canvas, dtype=np.float32).copy()
@@ -369,7 +371,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--start", type=int, default=0, help="first image index")
+    parser.add_argument("--size", default=None, help="WxH: one fixed size, e.g. 640x480")
     args = parser.parse_args()
+    if args.size:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i in range(args.start, args.start + args.count):
+            sample = generate_sample(args.seed, i, (width, height))
+            (args.out / f"shapes-{width}x{height}-{i}.jpg").write_bytes(sample.jpeg)
+        print(f"wrote {args.count} images of {width}x{height}")
+        return
     path = write_dataset(args.out, args.seed, args.count, args.start)
     print(f"wrote {args.count} images and {path}")
 
