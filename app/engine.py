@@ -152,6 +152,24 @@ class Engine:
                 masks[i, sorted(c for c in task.class_ids if c < num_logits)] = True
         return masks.to(device)
 
+    def memory_usage(self) -> list[tuple[str, str, float]]:
+        """(device, kind, bytes) for the metrics: CUDA allocator figures, or RSS on the CPU."""
+        device = self.backend.device
+        if device.type == "cuda":
+            return [
+                (str(device), "allocated", float(torch.cuda.memory_allocated(device))),
+                (str(device), "reserved", float(torch.cuda.memory_reserved(device))),
+            ]
+        import resource
+
+        # ru_maxrss is the peak; the current RSS comes from /proc where it exists.
+        try:
+            with open("/proc/self/statm") as fh:
+                rss = int(fh.read().split()[1]) * resource.getpagesize()
+        except OSError:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return [(str(device), "rss", float(rss))]
+
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         """Run dummy batches so the first requests do not pay for lazy initialisation."""
         rng = np.random.default_rng(0)

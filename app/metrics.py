@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# (device, kind, bytes) readings, e.g. ("cuda:0", "allocated", 1.2e9) or ("cpu", "rss", 5e8).
+MemoryProbe = Callable[[], list[tuple[str, str, float]]]
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -83,6 +88,26 @@ class Metrics:
         )
         self.model_info = Info("detr_serve_model", "The served model.", registry=r)
 
+    def observe_device_memory(self, probe: MemoryProbe) -> None:
+        self.registry.register(_DeviceMemoryCollector(probe))
+
     def observe_queue(self, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
         self.in_flight.set_function(in_flight)
+
+
+class _DeviceMemoryCollector(Collector):
+    """Reads device memory at scrape time (no polling thread)."""
+
+    def __init__(self, probe: MemoryProbe) -> None:
+        self._probe = probe
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "detr_serve_device_memory_bytes",
+            "Memory held on the model's device: allocated/reserved on CUDA, process RSS on CPU.",
+            labels=["device", "kind"],
+        )
+        for device, kind, value in self._probe():
+            family.add_metric([device, kind], value)
+        yield family

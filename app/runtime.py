@@ -101,6 +101,7 @@ class Runtime:
             }
         )
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
+        self.metrics.observe_device_memory(engine.memory_usage)
         self.service = DetectionService(s, info, batcher, self._fetcher, self.metrics)
         self._state = "ready"
         logger.info(

@@ -112,6 +112,7 @@ async def test_models_health_and_metrics_endpoints(client) -> None:
         "detr_serve_batch_size_bucket",
         "detr_serve_queue_depth 0.0",
         "detr_serve_images_total 1.0",
+        'detr_serve_device_memory_bytes{device="cpu",kind="rss"}',
         'detr_serve_model_info{architecture="RTDetrForObjectDetection",backend="torch"',
     ):
         assert name in text, name

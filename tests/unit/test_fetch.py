@@ -107,3 +107,39 @@ async def test_too_many_redirects_are_refused(image_server: str) -> None:
     with pytest.raises(FetchError, match="redirected more than 0 times"):
         await fetcher.fetch(image_server + "/redirect", index=0)
     await fetcher.aclose()
+
+
+async def test_connection_goes_to_the_checked_address_without_a_second_lookup(
+    image_server: str, monkeypatch
+) -> None:
+    """DNS rebinding: the name is resolved once; the connection uses that very address."""
+    import asyncio
+
+    port = int(image_server.rsplit(":", 1)[1])
+    answers = iter(["127.0.0.1", "203.0.113.9"])  # the second answer would be the rebind
+    lookups: list[str] = []
+
+    async def fake_getaddrinfo(host, port_, *args, **kwargs):
+        lookups.append(host)
+        return [(2, 1, 6, "", (next(answers), port_))]
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    fetcher = Fetcher(FetchPolicy(allowed_hosts=frozenset({"images.rebind.test"})))
+    data = await fetcher.fetch(f"http://images.rebind.test:{port}/shapes.jpg", index=0)
+    await fetcher.aclose()
+    assert data[:2] == b"\xff\xd8"
+    assert lookups == ["images.rebind.test"], "the host was looked up more than once"
+
+
+async def test_name_resolving_to_a_private_address_is_refused(monkeypatch) -> None:
+    import asyncio
+
+    async def fake_getaddrinfo(host, port_, *args, **kwargs):
+        return [(2, 1, 6, "", ("10.0.0.7", port_)), (2, 1, 6, "", ("93.184.216.34", port_))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fake_getaddrinfo)
+    fetcher = Fetcher(FetchPolicy())
+    with pytest.raises(UrlRefusedError, match="private"):
+        await fetcher.fetch("https://mixed.example.test/cat.jpg", index=0)
+    await fetcher.aclose()
