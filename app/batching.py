@@ -82,9 +82,16 @@ class Batcher(Generic[T, R]):
         max_queue_size: int,
         executor: Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        """`max_concurrent_batches` > 1 lets the next batch be handed over while earlier ones
+        run (pipelining stages of one device, or several devices); the executor must have as
+        many workers, and the handler must be safe to call concurrently."""
+        if min(max_batch_size, max_queue_size, max_concurrent_batches) < 1 or max_delay_s < 0:
+            raise ValueError(
+                "max_batch_size, max_queue_size and max_concurrent_batches must be >= 1, "
+                "max_delay_s >= 0"
+            )
         self._handler = handler
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -95,8 +102,10 @@ class Batcher(Generic[T, R]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._in_flight = 0
-        self._batch_started: float | None = None
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._running: dict[int, tuple[float, int]] = {}  # batch id -> (started, size)
+        self._runners: set[asyncio.Task[None]] = set()
+        self._batch_ids = 0
         self._batch_time = _Ewma()
 
     # -- state ------------------------------------------------------------------------------
@@ -107,14 +116,15 @@ class Batcher(Generic[T, R]):
 
     @property
     def in_flight(self) -> int:
-        """Items inside the batch that is running now."""
-        return self._in_flight
+        """Items inside the batches that are running now."""
+        return sum(size for _, size in self._running.values())
 
     @property
     def running_for_s(self) -> float:
-        """How long the forward pass running now has taken so far (0 when idle)."""
-        started = self._batch_started
-        return 0.0 if started is None else time.monotonic() - started
+        """How long the oldest batch running now has taken so far (0 when idle)."""
+        if not self._running:
+            return 0.0
+        return time.monotonic() - min(started for started, _ in self._running.values())
 
     @property
     def accepting(self) -> bool:
@@ -174,16 +184,27 @@ class Batcher(Generic[T, R]):
 
     # -- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-            await self._wait_to_fill()
-            batch = self._take_batch()
-            if batch:
-                await self._execute(batch)
+        try:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                # Wait for a free slot first: while every slot is busy, the queue keeps filling,
+                # so the next batch forms full at once.
+                await self._slots.acquire()
+                await self._wait_to_fill()
+                batch = self._take_batch()
+                if not batch:
+                    self._slots.release()
+                    continue
+                runner = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._runners.add(runner)
+                runner.add_done_callback(self._runners.discard)
+        finally:
+            if self._runners:
+                await asyncio.gather(*self._runners, return_exceptions=True)
 
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
@@ -214,8 +235,9 @@ class Batcher(Generic[T, R]):
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        self._in_flight = len(batch)
-        self._batch_started = started
+        self._batch_ids += 1
+        batch_id = self._batch_ids
+        self._running[batch_id] = (started, len(batch))
         ok = True
         try:
             outputs = await loop.run_in_executor(
@@ -243,8 +265,8 @@ class Batcher(Generic[T, R]):
                 else:
                     p.future.set_result(out)
         finally:
-            self._in_flight = 0
-            self._batch_started = None
+            del self._running[batch_id]
+            self._slots.release()
         run_s = time.monotonic() - started
         self._batch_time.update(run_s)
         if self._on_batch is not None:

@@ -22,18 +22,31 @@ pytestmark = pytest.mark.e2e
 CHECKS_EXCLUDED = "positive_data_acceptance"
 
 
-def test_fuzzed_requests_get_no_server_error_and_match_the_schema(tiny_model_dir: Path) -> None:
+def test_fuzzed_requests_get_no_server_error_and_match_the_schema(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     max_examples = os.environ.get("DETR_FUZZ_MAX_EXAMPLES", "8")
     server = RunningServer(["--model", str(tiny_model_dir), "--torch-threads", "1"])
     try:
         cmd = [
-            str(Path(sys.executable).parent / "schemathesis"), "run",
-            server.url + "/openapi.json", "--checks", "all",
-            "--exclude-checks", CHECKS_EXCLUDED, "--max-examples", max_examples,
-            "--seed", "20261127", "--workers", "1", "--request-timeout", "30",
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            server.url + "/openapi.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            CHECKS_EXCLUDED,
+            "--max-examples",
+            max_examples,
+            "--seed",
+            "20261127",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "30",
             "--no-color",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     finally:
         server.stop()
     out = proc.stdout + proc.stderr

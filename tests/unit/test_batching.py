@@ -219,3 +219,61 @@ async def test_batch_stats_report_size_and_queue_wait() -> None:
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         Batcher(lambda items: items, max_batch_size=0, max_delay_s=0, max_queue_size=1)
+
+
+class OverlapProbe:
+    """Counts how many batches run at the same moment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.15)
+        with self.lock:
+            self.running -= 1
+        return items
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+async def test_concurrent_batches_overlap_only_when_allowed(concurrent: int) -> None:
+    probe = OverlapProbe()
+    batcher = Batcher(
+        probe,
+        max_batch_size=2,
+        max_delay_s=0,
+        max_queue_size=16,
+        executor=ThreadPoolExecutor(concurrent),
+        max_concurrent_batches=concurrent,
+    )
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit([i], deadline()) for i in range(6)))
+    assert results == [[i] for i in range(6)]
+    assert probe.peak == concurrent
+    await batcher.stop(2)
+
+
+async def test_in_flight_counts_items_of_every_running_batch() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = Batcher(
+        model,
+        max_batch_size=2,
+        max_delay_s=0,
+        max_queue_size=16,
+        executor=ThreadPoolExecutor(2),
+        max_concurrent_batches=2,
+    )
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit([i], deadline())) for i in range(4)]
+    await asyncio.sleep(0.1)
+    assert batcher.in_flight == 4 and batcher.queue_depth == 0
+    assert batcher.running_for_s > 0
+    model.gate.set()
+    await asyncio.gather(*tasks)
+    assert batcher.in_flight == 0 and batcher.running_for_s == 0
+    await batcher.stop(1)
