@@ -119,9 +119,12 @@ def _exposed_metric_names() -> set[str]:
         "histogram": ("_bucket", "_sum", "_count", "_created"),
         "info": ("_info",),
     }
+    metrics = Metrics()
+    # The runtime registers the device-memory collector once a model is loaded.
+    metrics.observe_device_memory(lambda: [("cpu", "rss", 1.0)])
     return {
         family.name + suffix
-        for family in Metrics().registry.collect()
+        for family in metrics.registry.collect()
         for suffix in suffixes[family.type]
     }
 
