@@ -52,10 +52,27 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.request_latency.labels(path).observe(time.perf_counter() - started)
+            self.metrics.request_latency.labels(path).observe(elapsed)
+            # One line per request, at the boundary: failures always, successes at debug.
+            level = (
+                logging.WARNING
+                if status >= 500
+                else logging.INFO
+                if status >= 400
+                else logging.DEBUG
+            )
+            logger.log(
+                level,
+                "%s %s -> %d in %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed * 1e3,
+            )
             request_id_var.reset(token)
 
 
