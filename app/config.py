@@ -13,10 +13,13 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.buckets import DEFAULT_BUCKETS, parse_buckets
+
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "rtdetr-shapes"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_CUDA_INDEX_RE = re.compile(r"^(cuda:)?(\d+)$")
 
 
 class Settings(BaseSettings):
@@ -43,8 +46,47 @@ class Settings(BaseSettings):
         description="Replace the models' multi-scale deformable attention with detr-serve's op.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    devices: str = Field(
+        default="",
+        description="Comma-separated CUDA devices to serve on, one engine each (e.g. 0,1); "
+        "batches go to the least busy. Empty: --device alone.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="Inference precision; auto is float32 on CPU, float16 on CUDA."
+        default="auto",
+        description="Inference precision. auto: float32 on the CPU; on CUDA the first of float16 "
+        "and bfloat16 whose detections match float32's on the warm-up batch (else float32).",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="Capture a CUDA graph per batch bucket at start-up and replay it (torch "
+        "backend on CUDA; ignored with a log line elsewhere; eager if a capture fails).",
+    )
+    batch_buckets: str = Field(
+        default=DEFAULT_BUCKETS,
+        description="Batch sizes warmed up and captured as CUDA graphs, clipped to "
+        "max_batch_size (always a bucket). With CUDA graphs a batch is padded to the next bucket.",
+    )
+    torch_compile: bool = Field(
+        default=False,
+        description="Compile the model with torch.compile (inductor) before capturing the CUDA "
+        "graphs: fused kernels, but about a minute of start-up per bucket when not cached.",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="Directory where torch.compile and Triton keep compiled kernels "
+        "(TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) so that restarts reuse them.",
+    )
+    image_decoder: Literal["auto", "pillow", "nvjpeg"] = Field(
+        default="auto",
+        description="JPEG decoding. auto: batched on the GPU with nvjpeg when torchvision and "
+        "CUDA are there, else Pillow. Other formats and EXIF-rotated JPEGs always use Pillow.",
+    )
+    batches_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Batches each device holds at once; 2 decodes and pre-processes the next "
+        "batch while the current one runs (default: 2 on CUDA, 1 on the CPU).",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
@@ -115,6 +157,25 @@ class Settings(BaseSettings):
             raise ValueError("use one of auto, cpu, cuda or cuda:N (e.g. cuda:0)")
         return value
 
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+        indices = []
+        for part in parts:
+            match = _CUDA_INDEX_RE.match(part)
+            if match is None:
+                raise ValueError(f"{part!r} is not a CUDA device: write indices, e.g. 0,1")
+            indices.append(int(match.group(2)))
+        if len(set(indices)) != len(indices):
+            raise ValueError("a device is listed twice")
+        return ",".join(f"cuda:{i}" for i in indices)
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        return ",".join(str(s) for s in parse_buckets(value))
+
     @field_validator("model")
     @classmethod
     def _check_model_dir(cls, value: Path) -> Path:
@@ -140,7 +201,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
             )
+        if self.devices and not self.device.startswith(("auto", "cuda")):
+            raise ValueError(
+                f"--devices lists CUDA devices but --device is {self.device}: "
+                "leave --device at auto (or cuda) with --devices"
+            )
         return self
+
+    @property
+    def device_list(self) -> list[str]:
+        """The devices to serve on, one engine each."""
+        return self.devices.split(",") if self.devices else [self.device]
 
     @property
     def cors_origin_list(self) -> list[str]:

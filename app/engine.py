@@ -1,15 +1,22 @@
-"""The engine: pre-process a batch of decoded images, run the backend, post-process.
+"""The engine: decode, pre-process, run the backend, post-process, on batches.
 
-It is the batcher's handler: one call per batch, on the device's worker thread.
+It is the batcher's handler: one call per batch, on a worker thread. A batch goes through three
+stages, each behind a lock of its own, so that two batches can be in flight on one device: while
+batch k runs on the device (compute), batch k+1 is decoded and pre-processed (prepare) and
+batch k-1's detections come back to the host (finish). On CUDA each stage runs on a stream of
+its own, so the overlap happens on the GPU too, not only between Python threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +25,18 @@ from transformers import AutoConfig
 
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
-from app.processing import Postprocessor, PostprocessSpec, Preprocessor, PreprocessSpec, select
+from app.buckets import BatchBuckets, pad_rows
+from app.device_jpeg import DeviceJpegDecoder, to_device_chw
+from app.errors import ApiError
+from app.images import EncodedJpeg, decode_image
+from app.processing import (
+    BatchDetections,
+    Postprocessor,
+    PostprocessSpec,
+    Preprocessor,
+    PreprocessSpec,
+    select,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +47,26 @@ class DeviceOutOfMemoryError(RuntimeError):
 
 @dataclass(frozen=True)
 class DetectionTask:
-    """One image waiting for the model, with the options of its request."""
+    """One image waiting for the model, with the options of its request: decoded pixels, or a
+    JPEG left encoded for the device decoder (then `pixels` is None)."""
 
-    pixels: np.ndarray  # uint8 [H, W, 3]
+    pixels: np.ndarray | None  # uint8 [H, W, 3]
     threshold: float
     max_detections: int
     class_ids: frozenset[int] | None = None
+    jpeg: EncodedJpeg | None = None
+
+    def __post_init__(self) -> None:
+        if (self.pixels is None) == (self.jpeg is None):
+            raise ValueError("a DetectionTask holds either pixels or a JPEG, not both or neither")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        if self.jpeg is not None:
+            return self.jpeg.height, self.jpeg.width
+        assert self.pixels is not None
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,10 @@ class ImageDetections:
     postprocess_s: float
 
 
+# What the engine answers for one image: its detections, or the error of that image alone.
+ImageResult = ImageDetections | DeviceOutOfMemoryError | ApiError
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -57,6 +93,44 @@ class ModelInfo:
     architecture: str
 
 
+@dataclass
+class PreparedBatch:
+    """A batch after the prepare stage: the model's input on the device, ready at `ready`."""
+
+    size: int  # images handed over, failed ones included
+    rows: list[int]  # positions (in the batch handed over) of the images that reach the model
+    failures: dict[int, ApiError]  # images that could not be decoded
+    tasks: list[DetectionTask]  # the tasks at `rows`
+    pixel_values: torch.Tensor | None
+    pixel_mask: torch.Tensor | None
+    started: float
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
+class ComputedBatch:
+    logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Stage:
+    """One stage of the pipeline: a lock (one batch at a time) and, on CUDA, a stream."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stream: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        with self.lock:
+            if self.stream is None:
+                yield
+            else:
+                with torch.cuda.stream(self.stream):
+                    yield
+
+
 class Engine:
     def __init__(
         self,
@@ -64,42 +138,75 @@ class Engine:
         preprocessor: Preprocessor,
         postprocessor: Postprocessor,
         info: ModelInfo,
+        *,
+        buckets: BatchBuckets | None = None,
+        jpeg_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         self.backend = backend
         self.preprocessor = preprocessor
         self.postprocessor = postprocessor
         self.info = info
         self.num_classes = len(info.labels)
+        self.buckets = buckets  # None: every batch runs at its own size
+        self.jpeg_decoder = jpeg_decoder  # None: JPEGs arrive decoded by Pillow
+        device = backend.device
+        self._stages = [_Stage() for _ in range(3)]
+        if device.type == "cuda":
+            for stage in self._stages:
+                stage.stream = torch.cuda.Stream(device)
+        self._prepare_stage, self._compute_stage, self._finish_stage = self._stages
 
     @classmethod
     def load(
-        cls, model_dir: Path, *, name: str, device: str = "auto", dtype: str = "auto"
+        cls,
+        model_dir: Path,
+        *,
+        name: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        backend: str = "torch",
+        msda_kernel: bool = True,
     ) -> Engine:
+        """backend: "torch" (eager transformers model; msda_kernel swaps its deformable
+        attention for detr-serve's op) or "onnx" (MODEL_DIR/model.onnx in onnxruntime)."""
         config = AutoConfig.from_pretrained(model_dir)
-        backend = TorchBackend.load(model_dir, device=device, dtype=dtype)
+        runner: Backend
+        if backend == "onnx":
+            from app.backends.onnx_backend import OnnxBackend
+
+            runner = OnnxBackend.load(model_dir, device=device, dtype=dtype)
+        elif backend == "torch":
+            runner = TorchBackend.load(
+                model_dir, device=device, dtype=dtype, msda_kernel=msda_kernel
+            )
+        else:
+            raise ValueError(f"backend {backend!r} is not one of torch, onnx")
         labels = {int(k): str(v) for k, v in config.id2label.items()}
         info = ModelInfo(
             name=name,
-            backend=backend.name,
-            device=str(backend.device),
-            dtype=str(backend.dtype).removeprefix("torch."),
+            backend=runner.name,
+            device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."),
             labels=labels,
             architecture=_architecture(model_dir),
         )
         return cls(
-            backend,
-            Preprocessor(PreprocessSpec.from_dir(model_dir), backend.device, backend.dtype),
+            runner,
+            Preprocessor(PreprocessSpec.from_dir(model_dir), runner.device, runner.dtype),
             Postprocessor(PostprocessSpec.from_config(config)),
             info,
         )
 
-    def run_batch(
-        self, tasks: Sequence[DetectionTask]
-    ) -> list[ImageDetections | DeviceOutOfMemoryError]:
+    # -- the batcher's handler ----------------------------------------------------------------
+    def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageResult]:
         """Detect in a batch. On device out-of-memory the batch is split in halves and retried;
-        an image that does not fit even alone gets a DeviceOutOfMemoryError of its own."""
+        an image that does not fit even alone gets a DeviceOutOfMemoryError of its own, and an
+        image that cannot be decoded its InvalidImageError."""
         try:
-            return list(self._run(tasks))
+            prepared = self.prepare(tasks)
+            if prepared.pixel_values is None:
+                return self._assemble(prepared, [])
+            return self.finish(prepared, self.compute(prepared))
         except torch.OutOfMemoryError:
             if self.backend.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -110,35 +217,150 @@ class Engine:
             logger.warning("out of device memory on a batch of %d; retrying in halves", len(tasks))
             return self.run_batch(tasks[:half]) + self.run_batch(tasks[half:])
 
-    def _run(self, tasks: Sequence[DetectionTask]) -> list[ImageDetections]:
-        started = time.perf_counter()
+    # -- the three stages ---------------------------------------------------------------------
+    def prepare(self, tasks: Sequence[DetectionTask]) -> PreparedBatch:
+        """Decode (JPEGs on the device), copy to the device, resize and normalise."""
+        with self._prepare_stage.enter():
+            started = time.perf_counter()
+            images, failures = self._decode(tasks)
+            rows = [i for i in range(len(tasks)) if i not in failures]
+            prepared = PreparedBatch(
+                size=len(tasks),
+                rows=rows,
+                failures=failures,
+                tasks=[tasks[i] for i in rows],
+                pixel_values=None,
+                pixel_mask=None,
+                started=started,
+            )
+            if rows:
+                prepared.pixel_values, prepared.pixel_mask = self.preprocessor(
+                    [images[i] for i in rows]
+                )
+                prepared.ready = self._record(self._prepare_stage)
+            return prepared
+
+    def compute(self, prepared: PreparedBatch) -> ComputedBatch:
+        """The forward pass, padded to the batch's bucket; on CUDA this only enqueues it."""
+        pixel_values, pixel_mask = prepared.pixel_values, prepared.pixel_mask
+        assert pixel_values is not None
+        with self._compute_stage.enter():
+            self._wait(self._compute_stage, prepared.ready, pixel_values, pixel_mask)
+            n = pixel_values.shape[0]
+            rows = self.buckets.bucket_for(n) if self.buckets is not None else n
+            if rows != n:
+                pixel_values = pad_rows(pixel_values, rows)
+                # Padding rows count as all-valid pixels: a fully masked image is not a case
+                # every model handles, and these rows are dropped anyway.
+                pixel_mask = None if pixel_mask is None else pad_rows(pixel_mask, rows, 1)
+            raw = self.backend.infer(pixel_values, pixel_mask)
+            if raw.logits.shape[0] != rows:
+                raise RuntimeError(f"the model returned {raw.logits.shape[0]} rows for {rows}")
+            return ComputedBatch(
+                raw.logits[:n], raw.pred_boxes[:n], self._record(self._compute_stage)
+            )
+
+    def finish(self, prepared: PreparedBatch, computed: ComputedBatch) -> list[ImageResult]:
+        """Post-process on the device, one copy to the host, then each image's selection."""
+        with self._finish_stage.enter():
+            if computed.ready is not None:
+                # The forward pass ends here, not when it was enqueued.
+                computed.ready.synchronize()
+            inferred = time.perf_counter()
+            self._wait(self._finish_stage, computed.ready, computed.logits, computed.pred_boxes)
+            tasks = prepared.tasks
+            device = computed.logits.device
+            dets = self.postprocessor(
+                computed.logits,
+                computed.pred_boxes,
+                torch.tensor([t.size for t in tasks]).to(device),
+                self._class_masks(tasks, computed.logits.shape[-1], device),
+            )
+            results = []
+            for i, task in enumerate(tasks):
+                scores, labels, boxes = select(dets, i, task.threshold, task.max_detections)
+                # transformers leaves boxes unclipped; clients expect them inside the image.
+                height, width = task.size
+                np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+                np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+                results.append((scores, labels, boxes))
+            done = time.perf_counter()
+            detections = [
+                ImageDetections(s, lab, b, len(tasks), inferred - prepared.started, done - inferred)
+                for s, lab, b in results
+            ]
+            return self._assemble(prepared, detections)
+
+    def normalized_detections(self, tasks: Sequence[DetectionTask]) -> BatchDetections:
+        """Every top-k candidate of each image, boxes in [0, 1] coordinates: what the precision
+        check at start-up compares between dtypes."""
+        prepared = self.prepare(tasks)
+        if prepared.pixel_values is None:
+            raise ValueError("none of the images could be decoded")
+        computed = self.compute(prepared)
+        with self._finish_stage.enter():
+            self._wait(self._finish_stage, computed.ready, computed.logits, computed.pred_boxes)
+            device = computed.logits.device
+            ones = torch.ones((len(prepared.tasks), 2), device=device)
+            return self.postprocessor(computed.logits, computed.pred_boxes, ones)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _decode(
+        self, tasks: Sequence[DetectionTask]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, ApiError]]:
         device = self.backend.device
-        images = [torch.from_numpy(t.pixels).permute(2, 0, 1) for t in tasks]
-        orig_sizes = torch.tensor([[t.pixels.shape[0], t.pixels.shape[1]] for t in tasks])
-        pixel_values, pixel_mask = self.preprocessor(images)
-        raw = self.backend.infer(pixel_values, pixel_mask)
-        if raw.logits.shape[0] != len(tasks):
-            raise RuntimeError(f"the model returned {raw.logits.shape[0]} rows for {len(tasks)}")
-        inferred = time.perf_counter()
-        dets = self.postprocessor(
-            raw.logits.float(),
-            raw.pred_boxes.float(),
-            orig_sizes.to(device),
-            self._class_masks(tasks, raw.logits.shape[-1], device),
-        )
-        results = []
+        images: dict[int, torch.Tensor] = {}
+        failures: dict[int, ApiError] = {}
+        jpeg_rows: list[int] = []
+        jpegs: list[EncodedJpeg] = []
         for i, task in enumerate(tasks):
-            scores, labels, boxes = select(dets, i, task.threshold, task.max_detections)
-            # transformers leaves boxes unclipped; clients expect them inside the image.
-            height, width = task.pixels.shape[:2]
-            np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
-            np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
-            results.append((scores, labels, boxes))
-        done = time.perf_counter()
-        return [
-            ImageDetections(s, lab, b, len(tasks), inferred - started, done - inferred)
-            for s, lab, b in results
-        ]
+            if task.jpeg is not None:
+                jpeg_rows.append(i)
+                jpegs.append(task.jpeg)
+            elif task.pixels is not None:
+                images[i] = to_device_chw(task.pixels, device)
+        if jpegs:
+            decoded = (
+                self.jpeg_decoder.decode(jpegs)
+                if self.jpeg_decoder is not None
+                else [_decode_on_cpu(j, device) for j in jpegs]
+            )
+            for i, image in zip(jpeg_rows, decoded, strict=True):
+                if isinstance(image, ApiError):
+                    failures[i] = image
+                else:
+                    images[i] = image
+        return images, failures
+
+    @staticmethod
+    def _record(stage: _Stage) -> torch.cuda.Event | None:
+        if stage.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stage.stream)
+        return event
+
+    @staticmethod
+    def _wait(stage: _Stage, ready: torch.cuda.Event | None, *tensors: torch.Tensor | None) -> None:
+        """Make `stage` wait for the work that produced `tensors` on another stream, and tell
+        the caching allocator that they are used here (else it could hand their memory out
+        again while this stream still reads it)."""
+        if stage.stream is None or ready is None:
+            return
+        stage.stream.wait_event(ready)
+        for tensor in tensors:
+            if tensor is not None:
+                tensor.record_stream(stage.stream)
+
+    @staticmethod
+    def _assemble(prepared: PreparedBatch, detections: list[ImageDetections]) -> list[ImageResult]:
+        results: list[ImageResult | None] = [None] * prepared.size
+        for row, det in zip(prepared.rows, detections, strict=True):
+            results[row] = det
+        for row, error in prepared.failures.items():
+            results[row] = error
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     def _class_masks(
         self, tasks: Sequence[DetectionTask], num_logits: int, device: torch.device
@@ -171,13 +393,38 @@ class Engine:
         return [(str(device), "rss", float(rss))]
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
-        """Run dummy batches so the first requests do not pay for lazy initialisation."""
+        """Run dummy batches of each size through every stage, so that the first requests pay
+        for no lazy initialisation (allocator, kernels, autotuning, the JPEG decoder)."""
         rng = np.random.default_rng(0)
-        for size in batch_sizes:
-            pixels = rng.integers(0, 255, size=(480, 640, 3), dtype=np.uint8)
+        pixels = rng.integers(0, 255, size=(480, 640, 3), dtype=np.uint8)
+        jpeg = None
+        if self.jpeg_decoder is not None:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+            jpeg = EncodedJpeg(buf.getvalue(), 480, 640, 0)
+        for step, size in enumerate(batch_sizes, 1):
             started = time.perf_counter()
             self.run_batch([DetectionTask(pixels, 0.5, 10)] * size)
-            logger.info("warm-up batch %d: %.1f ms", size, (time.perf_counter() - started) * 1e3)
+            if jpeg is not None:
+                self.run_batch([DetectionTask(None, 0.5, 10, jpeg=jpeg)] * size)
+            logger.info(
+                "warm-up %d/%d on %s: batch %d in %.1f ms",
+                step,
+                len(batch_sizes),
+                self.backend.device,
+                size,
+                (time.perf_counter() - started) * 1e3,
+            )
+
+
+def _decode_on_cpu(jpeg: EncodedJpeg, device: torch.device) -> torch.Tensor | ApiError:
+    try:
+        pixels = decode_image(jpeg.data, max_pixels=jpeg.pixel_count, index=jpeg.index).pixels
+    except ApiError as exc:
+        return exc
+    return to_device_chw(pixels, device)
 
 
 def _architecture(model_dir: Path) -> str:

@@ -1,5 +1,8 @@
 """Decode image bytes with Pillow, with guards: known formats only, pixel count checked from
-the header before the full decode, EXIF orientation applied, every mode converted to RGB."""
+the header before the full decode, EXIF orientation applied, every mode converted to RGB.
+
+Where JPEGs are decoded on the GPU, `probe_plain_jpeg` runs the same guards on the header alone
+and hands the bytes on (see app/device_jpeg.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,57 @@ class DecodedImage:
     @property
     def width(self) -> int:
         return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG whose header passed the guards, left encoded for a batched decode on the device."""
+
+    data: bytes
+    height: int
+    width: int
+    index: int  # its position in the request, for error messages
+
+    @property
+    def pixel_count(self) -> int:
+        return self.height * self.width
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
+
+
+def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg | None:
+    """The JPEG as an EncodedJpeg when the device decoder gives the same pixels as Pillow: a
+    three-channel (YCbCr or RGB) JPEG with no EXIF rotation. None for anything else (other formats,
+    greyscale or CMYK JPEGs, rotated ones, unreadable headers): decode_image takes those, with
+    its own errors. Raises ImageTooLargeError from the header, like decode_image."""
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=["JPEG"])
+        with img:
+            width, height = img.size
+            if width < 1 or height < 1 or img.mode != "RGB" or img.format != "JPEG":
+                return None
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"the image is larger than {max_pixels} pixels", image_index=index
+        ) from None
+    except Exception:  # a header Pillow cannot read: decode_image says what is wrong
+        return None
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image has {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels}",
+            image_index=index,
+        )
+    if orientation not in (None, 1):
+        return None
+    return EncodedJpeg(data, height, width, index)
 
 
 def decode_image(data: bytes, *, max_pixels: int, index: int) -> DecodedImage:

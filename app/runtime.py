@@ -13,7 +13,9 @@ from typing import Literal
 
 from app.batching import Batcher, BatchStats
 from app.config import Settings
-from app.engine import DetectionTask, Engine, ImageDetections
+from app.engine import DetectionTask, Engine, ImageDetections, ImageResult
+from app.engine_pool import EnginePool
+from app.engine_setup import build_engines
 from app.fetch import Fetcher, FetchPolicy
 from app.metrics import Metrics
 from app.service import DetectionService
@@ -28,11 +30,12 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self._state: State = "loading"
-        self.engine = engine
+        self.engine = engine  # the first device's engine (tests may inject one, loaded)
+        self.pool: EnginePool[DetectionTask, ImageResult] | None = None
         self.service: DetectionService | None = None
         self.load_error: BaseException | None = None
-        # One worker per device: the forward passes of one device never overlap.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One worker per batch in flight, made once the engines say how many that is.
+        self._executor: ThreadPoolExecutor | None = None
         self._batcher: Batcher[DetectionTask, ImageDetections] | None = None
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -58,25 +61,34 @@ class Runtime:
 
     async def _load(self) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
         try:
             if self.engine is None:
-                self.engine = await loop.run_in_executor(self._executor, self._load_engine)
-            engine = self.engine
-            sizes = sorted({1, s.max_batch_size})
-            await loop.run_in_executor(self._executor, engine.warmup, sizes)
+                engines = await asyncio.to_thread(build_engines, s)
+            else:
+                engines = [self.engine]
+                sizes = sorted({1, s.max_batch_size})
+                await asyncio.to_thread(self.engine.warmup, sizes)
         except Exception as exc:
             self._state = "failed"
             self.load_error = exc
             logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
             return
+        self.engine = engines[0]
+        on_cuda = self.engine.backend.device.type == "cuda"
+        per_engine = s.batches_in_flight or (2 if on_cuda else 1)
+        pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
+        self.pool = pool
+        self._executor = ThreadPoolExecutor(
+            max_workers=pool.max_concurrent_batches, thread_name_prefix="inference"
+        )
         batcher: Batcher[DetectionTask, ImageDetections] = Batcher(
-            engine.run_batch,
+            pool.run_batch,
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_batch_delay_ms / 1e3,
             max_queue_size=s.max_queue_size,
             executor=self._executor,
             on_batch=self._record_batch,
+            max_concurrent_batches=pool.max_concurrent_batches,
         )
         batcher.start()
         self._batcher = batcher
@@ -90,7 +102,7 @@ class Runtime:
                 max_concurrent=s.max_concurrent_downloads,
             )
         )
-        info = engine.info
+        info = pool.info
         self.metrics.model_info.info(
             {
                 "model": info.name,
@@ -101,27 +113,23 @@ class Runtime:
             }
         )
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
-        self.metrics.observe_device_memory(engine.memory_usage)
-        self.service = DetectionService(s, info, batcher, self._fetcher, self.metrics)
+        self.metrics.observe_device_memory(pool.memory_usage)
+        self.service = DetectionService(
+            s,
+            info,
+            batcher,
+            self._fetcher,
+            self.metrics,
+            jpeg_on_device=any(e.jpeg_decoder is not None for e in engines),
+        )
         self._state = "ready"
         logger.info(
-            "ready: %s on %s (%s), max batch %d",
+            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",
             info.name,
             info.device,
             info.dtype,
             s.max_batch_size,
-        )
-
-    def _load_engine(self) -> Engine:
-        import torch
-
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        return Engine.load(
-            self.settings.model,
-            name=self.settings.served_model_name,
-            device=self.settings.device,
-            dtype=self.settings.dtype,
+            per_engine,
         )
 
     def _record_batch(self, stats: BatchStats) -> None:
@@ -138,5 +146,6 @@ class Runtime:
             await self._batcher.stop(self.settings.drain_timeout_s)
         if self._fetcher is not None:
             await self._fetcher.aclose()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")

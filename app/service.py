@@ -1,6 +1,8 @@
 """One detection request's path: bytes (upload, base64, URL) -> decode -> batcher -> results.
 
-Everything a client could get wrong is checked here, before any image reaches the model.
+Everything a client could get wrong is checked here, before any image reaches the model. Where
+the engines decode JPEGs on the GPU, a plain JPEG only has its header checked here and travels
+on encoded; everything else is decoded with Pillow on a worker thread.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from anyio import to_thread
 
 from app.batching import (
@@ -34,7 +37,7 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import DecodedImage, decode_image
+from app.images import EncodedJpeg, decode_image, probe_plain_jpeg
 from app.metrics import Metrics
 from app.schemas import Detection, DetectOptions, DetectResponse, ImageResult, Timings
 
@@ -50,11 +53,25 @@ class ImageSource:
     url: str | None = None
 
 
+# Headers of larger files are read on a worker thread: Pillow walks every marker before the
+# frame header, and a hostile file can hold many (each up to 64 KB).
+_INLINE_PROBE_BYTES = 1 << 20
+
+
 @dataclass
 class _Prepared:
-    image: DecodedImage
+    image: np.ndarray | EncodedJpeg  # uint8 [H, W, 3] pixels, or a JPEG for the device
+    height: int
+    width: int
     fetch_s: float
     decode_s: float
+
+    def task(
+        self, threshold: float, max_det: int, class_ids: frozenset[int] | None
+    ) -> DetectionTask:
+        if isinstance(self.image, EncodedJpeg):
+            return DetectionTask(None, threshold, max_det, class_ids, jpeg=self.image)
+        return DetectionTask(self.image, threshold, max_det, class_ids)
 
 
 class DetectionService:
@@ -65,8 +82,11 @@ class DetectionService:
         batcher: Batcher[DetectionTask, ImageDetections],
         fetcher: Fetcher,
         metrics: Metrics,
+        *,
+        jpeg_on_device: bool = False,
     ) -> None:
         self.settings = settings
+        self.jpeg_on_device = jpeg_on_device
         self.info = info
         self.batcher = batcher
         self.fetcher = fetcher
@@ -95,7 +115,7 @@ class DetectionService:
         except ApiError as exc:
             self.metrics.image_errors.labels(exc.error_type).inc()
             raise
-        tasks = [DetectionTask(p.image.pixels, threshold, max_det, class_ids) for p in prepared]
+        tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
         queued = time.monotonic()
         outputs = await self._submit(tasks, deadline)
         return self._response(prepared, outputs, queued)
@@ -136,14 +156,29 @@ class DetectionService:
                 image_index=index,
             )
         fetched = time.perf_counter()
-        image = await to_thread.run_sync(
-            lambda: decode_image(data, max_pixels=self.settings.max_image_pixels, index=index)
-        )
+        max_pixels = self.settings.max_image_pixels
+        jpeg = None
+        if self.jpeg_on_device:
+            if len(data) <= _INLINE_PROBE_BYTES:
+                jpeg = probe_plain_jpeg(data, max_pixels=max_pixels, index=index)
+            else:
+                jpeg = await to_thread.run_sync(
+                    lambda: probe_plain_jpeg(data, max_pixels=max_pixels, index=index)
+                )
+        prepared: _Prepared
+        if jpeg is not None:
+            prepared = _Prepared(jpeg, jpeg.height, jpeg.width, 0.0, 0.0)
+        else:
+            image = await to_thread.run_sync(
+                lambda: decode_image(data, max_pixels=max_pixels, index=index)
+            )
+            prepared = _Prepared(image.pixels, image.height, image.width, 0.0, 0.0)
         decoded = time.perf_counter()
+        prepared.fetch_s, prepared.decode_s = fetched - started, decoded - fetched
         self.metrics.stage_latency.labels("decode").observe(decoded - fetched)
         if source.url is not None:
             self.metrics.stage_latency.labels("fetch").observe(fetched - started)
-        return _Prepared(image, fetched - started, decoded - fetched)
+        return prepared
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
@@ -158,6 +193,9 @@ class DetectionService:
             raise DeadlineError(str(exc)) from None
         except (BatchFailedError, DeviceOutOfMemoryError) as exc:
             raise InferenceError(str(exc)) from None
+        except ApiError as exc:  # an image the device decoder and Pillow both refused
+            self.metrics.image_errors.labels(exc.error_type).inc()
+            raise
 
     def _response(
         self, prepared: list[_Prepared], outputs: list[ImageDetections], queued: float
@@ -182,8 +220,8 @@ class DetectionService:
             self.metrics.detections.inc(len(detections))
             results.append(
                 ImageResult(
-                    width=p.image.width,
-                    height=p.image.height,
+                    width=p.width,
+                    height=p.height,
                     detections=detections,
                     timings=Timings(
                         fetch_ms=round(p.fetch_s * 1e3, 3),

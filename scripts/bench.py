@@ -2,6 +2,7 @@
 
     python scripts/bench.py                       # default model, CPU, Locust as load tool
     python scripts/bench.py --model DIR --max-batch 16 --duration 20
+    python scripts/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
 
 1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
    images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
@@ -9,6 +10,11 @@
    JPEGs at 1, 8 and 32 concurrent clients, with batching on (max batch size = --max-batch)
    and off (max batch size 1); images/s and p50/p95/p99 latency.
 It prints a table and the two ratios the project tracks, and writes JSON with --out.
+
+With --device cuda the run is scripts/bench_cuda.py's: RT-DETR-R18 and -R50 sized models at 640
+(random weights, or --models DIR,...), raw forward passes with and without CUDA graphs at batch
+1..64, then HTTP at 1, 16, 64 and 256 clients against detr-serve and against a naive per-request
+endpoint (scripts/naive_server.py), with the GPU targets checked.
 """
 
 from __future__ import annotations
@@ -190,15 +196,29 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--delay-ms", type=float, default=5.0)
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load step")
-    parser.add_argument("--raw-seconds", type=float, default=3.0)
+    parser.add_argument("--max-batch", type=int, default=None, help="default: 8; 64 on CUDA")
+    parser.add_argument("--delay-ms", type=float, default=None, help="default: 5; 0 on CUDA")
+    parser.add_argument("--clients", default=None, help="default: 1,8,32; 1,16,64,256 on CUDA")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per load step")
+    parser.add_argument("--raw-seconds", type=float, default=None)
     parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    cuda = parser.add_argument_group("--device cuda only")
+    cuda.add_argument("--models", default="r18,r50", help="presets (r18, r50) or checkpoint dirs")
+    cuda.add_argument("--skip-naive", action="store_true", help="no naive-endpoint baseline")
+    cuda.add_argument("--torch-compile", action="store_true", help="raw pass with inductor too")
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        from scripts.bench_cuda import main_cuda
+
+        main_cuda(args)
+        return
+    args.max_batch = args.max_batch or 8
+    args.delay_ms = 5.0 if args.delay_ms is None else args.delay_ms
+    args.clients = args.clients or "1,8,32"
+    args.duration = args.duration or 20.0
+    args.raw_seconds = args.raw_seconds or 3.0
 
     jpeg = sample_jpeg(args.image)
     workdir = Path(tempfile.mkdtemp(prefix="detr-bench-"))

@@ -48,9 +48,25 @@ def soak(url: str, rate: float, users: int, seconds: float, image: Path, out: Pa
         "DETR_LOAD_RESULTS": str(out),
     }
     cmd = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--host", url,
-        "--stop-timeout", "60", "--only-summary", "--loglevel", "WARNING",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{int(seconds)}s",
+        "--host",
+        url,
+        "--stop-timeout",
+        "60",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
     ]
     subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return dict(json.loads(out.read_text()))
@@ -83,25 +99,34 @@ def main() -> None:
         url, pid = args.url, None
     else:
         server = RunningServer(
-            ["--model", str(args.model), "--max-queue-size", str(args.queue),
-             "--log-level", "warning"]
+            [
+                "--model",
+                str(args.model),
+                "--max-queue-size",
+                str(args.queue),
+                "--log-level",
+                "warning",
+            ]
         )
         url, pid = server.url, server.proc.pid
     try:
         capacity = run_locust(url, 8, args.calibrate_s, image, workdir)["img_s"]
         target = capacity * args.overload
-        print(f"capacity {capacity:.1f} req/s; soaking at {target:.1f} req/s for "
-              f"{args.minutes:g} min", flush=True)
+        print(
+            f"capacity {capacity:.1f} req/s; soaking at {target:.1f} req/s for "
+            f"{args.minutes:g} min",
+            flush=True,
+        )
         rss_start = rss_mb(pid) if pid else float("nan")
-        report = soak(url, target, args.users, args.minutes * 60, image,
-                      workdir / "soak.json")
+        report = soak(url, target, args.users, args.minutes * 60, image, workdir / "soak.json")
         rss_end = rss_mb(pid) if pid else float("nan")
     finally:
         if server is not None:
             time.sleep(1)
             server.stop()
-    report.update(capacity_req_s=capacity, target_req_s=target, rss_start_mb=rss_start,
-                  rss_end_mb=rss_end)
+    report.update(
+        capacity_req_s=capacity, target_req_s=target, rss_start_mb=rss_start, rss_end_mb=rss_end
+    )
     print(json.dumps(report, indent=2))
     problems = []
     if report["accepted"] != report["answered"]:

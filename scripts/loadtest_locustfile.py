@@ -32,8 +32,11 @@ class OverloadUser(FastHttpUser):
     def detect(self) -> None:
         global retry_after_missing
         with self.client.post(
-            "/v1/detect", data=_BODY, headers={"Content-Type": "application/json"},
-            name="/v1/detect", catch_response=True,
+            "/v1/detect",
+            data=_BODY,
+            headers={"Content-Type": "application/json"},
+            name="/v1/detect",
+            catch_response=True,
         ) as response:
             status = response.status_code
             statuses[status] += 1

@@ -21,14 +21,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def detr_serve_command() -> list[str]:
+    """The installed console script, or the module where the package is only on the path (a GPU
+    machine that got the source tree and carried wheels, no `pip install`)."""
+    script = Path(sys.executable).parent / "detr-serve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+
+
 class RunningServer:
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, ready_timeout_s: float = 120.0
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        ready_timeout_s: float = 120.0,
+        command: list[str] | None = None,
     ) -> None:
+        """`command` (default: detr-serve) is started with `--host 127.0.0.1 --port P` + args."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        script = Path(sys.executable).parent / "detr-serve"
-        cmd = [str(script), "--host", "127.0.0.1", "--port", str(self.port), *args]
+        prefix = command or detr_serve_command()
+        cmd = [*prefix, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"detr-serve-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(

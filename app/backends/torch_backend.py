@@ -39,11 +39,23 @@ class TorchBackend:
         self.dtype = dtype
 
     @classmethod
-    def load(cls, model_dir: Path, device: str = "auto", dtype: str = "auto") -> TorchBackend:
+    def load(
+        cls,
+        model_dir: Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        msda_kernel: bool = False,
+    ) -> TorchBackend:
+        """msda_kernel: run deformable attention with detr-serve's op (app/ops) instead of
+        transformers' grid_sample code; same outputs, faster."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model = AutoModelForObjectDetection.from_pretrained(model_dir, dtype=dt)
         model.to(dev).eval()
+        if msda_kernel:
+            from app.ops.patch import install_msda
+
+            install_msda(model)
         logger.info("loaded %s (%s) on %s in %s", model_dir, type(model).__name__, dev, dt)
         return cls(model, dev, dt)
 

@@ -16,9 +16,7 @@ async def test_api_key_is_required_except_on_health_and_metrics(client_factory) 
     assert r.headers["www-authenticate"] == "Bearer"
     wrong = await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-    ok = await client.post(
-        "/v1/detect", json=body, headers={"Authorization": "Bearer s3cret-key"}
-    )
+    ok = await client.post("/v1/detect", json=body, headers={"Authorization": "Bearer s3cret-key"})
     assert ok.status_code == 200, ok.text
     assert (await client.get("/v1/models")).status_code == 401
     for path in ("/healthz", "/readyz", "/metrics"):

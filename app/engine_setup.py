@@ -1,0 +1,141 @@
+"""Start-up: one loaded, tuned and warmed engine per device, from the settings.
+
+On CUDA, with the torch backend: dtype auto is checked against float32 (app/precision.py), a
+CUDA graph is captured per batch bucket (app/backends/cuda_graphs.py) and batches are padded to
+their bucket, JPEGs are decoded on the GPU (app/device_jpeg.py). Elsewhere each of these is
+skipped with a log line saying why. Every bucket is warmed before /readyz turns 200.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from app.backends.cuda_graphs import CudaGraphBackend
+from app.backends.torch_backend import TorchBackend, resolve_device
+from app.buckets import BatchBuckets
+from app.config import Settings
+from app.device_jpeg import choose_jpeg_decoder
+from app.engine import DetectionTask, Engine
+from app.precision import choose_precision
+from app.processing import FixedSize, PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+
+def build_engines(settings: Settings) -> list[Engine]:
+    """One engine per device of the settings, in order. Devices start one after the other:
+    start-up time grows with their number (see README, GPU fast path)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.compile_cache_dir is not None:
+        use_compile_cache(settings.compile_cache_dir)
+    return [build_engine(settings, device) for device in settings.device_list]
+
+
+def use_compile_cache(directory: os.PathLike[str] | str) -> None:
+    """Point inductor's and Triton's on-disk caches at `directory` (they read these variables
+    when they first compile, which is after this)."""
+    root = os.fspath(directory)
+    os.makedirs(root, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(root, "triton")
+
+
+def build_engine(settings: Settings, device: str) -> Engine:
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    s = settings
+
+    def load(dtype: str) -> Engine:
+        return Engine.load(
+            s.model,
+            name=s.served_model_name,
+            device=device,
+            dtype=dtype,
+            backend=s.backend,
+            msda_kernel=s.msda_kernel,
+        )
+
+    if dev.type == "cuda" and s.backend == "torch" and s.dtype == "auto":
+        engine = choose_precision(load, check_tasks(min(4, s.max_batch_size)))
+        torch.cuda.empty_cache()  # the float32 model used for the check is gone
+    else:
+        engine = load(s.dtype)
+
+    buckets = BatchBuckets.from_setting(s.batch_buckets, s.max_batch_size)
+    if s.cuda_graphs:
+        graphs = capture_graphs(engine, buckets, compile_model=s.torch_compile)
+        if graphs is not None:
+            engine.backend = graphs
+            buckets = buckets.with_padding(True)
+    elif s.torch_compile:
+        logger.info("torch_compile is ignored: it applies under CUDA graphs (--cuda-graphs)")
+    engine.buckets = buckets
+    engine.jpeg_decoder = choose_jpeg_decoder(s.image_decoder, engine.backend.device)
+    engine.warmup(warmup_sizes(buckets, engine.backend.device))
+    logger.info(
+        "engine on %s ready in %.1f s: %s, buckets %s%s, JPEG decoding %s",
+        engine.backend.device,
+        time.perf_counter() - started,
+        engine.info.dtype,
+        ",".join(map(str, buckets.sizes)),
+        " (padded, CUDA graphs)" if buckets.pad else "",
+        "nvjpeg" if engine.jpeg_decoder is not None else "Pillow",
+    )
+    return engine
+
+
+def capture_graphs(
+    engine: Engine, buckets: BatchBuckets, *, compile_model: bool = False
+) -> CudaGraphBackend | None:
+    """The engine's backend wrapped with a graph per bucket, or None (with the reason logged)
+    where graphs do not apply or capture failed."""
+    device = engine.backend.device
+    if device.type != "cuda":
+        logger.info("cuda_graphs is ignored on %s: CUDA graphs need a CUDA device", device)
+        return None
+    if not isinstance(engine.backend, TorchBackend):
+        logger.info("cuda_graphs is ignored with the %s backend", engine.backend.name)
+        return None
+    size = fixed_input_size(engine.preprocessor.spec)
+    if size is None:
+        logger.info(
+            "cuda_graphs is ignored: the model's input size varies with the image "
+            "(its preprocessor_config.json has no fixed size)"
+        )
+        return None
+    torch.backends.cudnn.benchmark = True  # fixed shapes: autotuning pays once per bucket
+    graphs = CudaGraphBackend(engine.backend, compile_model=compile_model)
+    captured = graphs.capture(buckets.sizes, *size, with_mask=engine.preprocessor.spec.do_pad)
+    return graphs if captured else None
+
+
+def fixed_input_size(spec: PreprocessSpec) -> tuple[int, int] | None:
+    """(height, width) of every pixel_values the preprocessor makes, when it is one size."""
+    if spec.do_pad and spec.pad_size is not None:
+        return spec.pad_size
+    if isinstance(spec.resize, FixedSize):
+        return spec.resize.height, spec.resize.width
+    return None
+
+
+def warmup_sizes(buckets: BatchBuckets, device: torch.device) -> list[int]:
+    """Every bucket on CUDA (kernels, autotuning and memory differ by shape); on the CPU, where
+    nothing is tuned per shape, the smallest and the largest batch."""
+    if device.type == "cuda":
+        return list(buckets.sizes)
+    return sorted({buckets.sizes[0], buckets.sizes[-1]})
+
+
+def check_tasks(n: int) -> list[DetectionTask]:
+    """The batch the precision check runs: n different 640x480 noise images."""
+    rng = np.random.default_rng(1)
+    return [
+        DetectionTask(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), 0.0, 100)
+        for _ in range(n)
+    ]

@@ -1,0 +1,74 @@
+"""Start-up on the CPU: the GPU-only steps are skipped with a log line, buckets and warm-up sizes
+follow the settings, and misconfigurations fail with a message."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.backends.base import RawOutputs
+from app.backends.cuda_graphs import CudaGraphBackend
+from app.buckets import BatchBuckets
+from app.config import Settings
+from app.engine_setup import build_engine, fixed_input_size, use_compile_cache, warmup_sizes
+from app.processing import FixedSize, PreprocessSpec, ShortestEdge
+
+
+def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
+    tiny_model_dir: Path, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = Settings(model=tiny_model_dir, device="cpu", max_batch_size=4, cuda_graphs=True)
+    engine = build_engine(settings, "cpu")
+    assert "cuda_graphs is ignored on cpu" in caplog.text
+    assert "JPEGs are decoded with Pillow on the CPU" in caplog.text
+    assert engine.buckets == BatchBuckets((1, 2, 4), pad=False)
+    assert engine.jpeg_decoder is None and engine.info.dtype == "float32"
+    assert "warm-up 2/2 on cpu: batch 4" in caplog.text
+
+
+def test_nvjpeg_asked_for_on_the_cpu_stops_the_start_up(tiny_model_dir: Path) -> None:
+    settings = Settings(model=tiny_model_dir, device="cpu", image_decoder="nvjpeg")
+    with pytest.raises(RuntimeError, match="nvjpeg cannot be honoured"):
+        build_engine(settings, "cpu")
+
+
+def test_every_bucket_is_warmed_on_cuda_and_the_ends_on_the_cpu() -> None:
+    buckets = BatchBuckets((1, 2, 4, 8))
+    assert warmup_sizes(buckets, torch.device("cuda")) == [1, 2, 4, 8]
+    assert warmup_sizes(buckets, torch.device("cpu")) == [1, 8]
+
+
+def test_graphs_apply_only_to_models_with_one_input_size() -> None:
+    assert fixed_input_size(PreprocessSpec(FixedSize(640, 640))) == (640, 640)
+    padded = PreprocessSpec(ShortestEdge(800, 1333), do_pad=True, pad_size=(1333, 1333))
+    assert fixed_input_size(padded) == (1333, 1333)
+    assert fixed_input_size(PreprocessSpec(ShortestEdge(800, 1333), do_pad=True)) is None
+
+
+def test_compile_caches_go_under_the_configured_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    use_compile_cache(tmp_path / "cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+
+
+class EchoBackend:
+    name, device, dtype = "echo", torch.device("cpu"), torch.float32
+
+    def infer(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
+        return RawOutputs(pixel_values[:, :1, 0, :3], pixel_values[:, :1, 0, :4])
+
+
+def test_graph_backend_runs_shapes_without_a_graph_eagerly_and_refuses_the_cpu() -> None:
+    graphs = CudaGraphBackend(EchoBackend())
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(graphs.infer(x, None).logits, x[:, :1, 0, :3])
+    assert graphs.captured_batch_sizes == []
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        graphs.capture([1, 2], 4, 4, with_mask=False)
