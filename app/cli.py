@@ -6,6 +6,7 @@ Flags are generated from the Settings fields so the two never drift apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from typing import Any, Literal, Union, get_args, get_origin
@@ -72,6 +73,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
+    # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the cores
+    # are free for decoding and HTTP between forward passes (measured: +18% end-to-end
+    # throughput on 2 cores). Set OMP_WAIT_POLICY=ACTIVE to have them spin.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from app.logging_setup import configure_logging

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
     )
+    decode_threads: int | None = Field(
+        default=None, ge=1, description="Images decoded at once on the CPU (default: the cores)."
+    )
     max_batch_size: int = Field(default=8, ge=1, le=1024, description="Images per forward pass.")
     max_batch_delay_ms: float = Field(
         default=5.0, ge=0, le=10_000, description="How long a batch waits to fill up."

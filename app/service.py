@@ -8,6 +8,7 @@ on encoded; everything else is decoded with Pillow on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import binascii
 import logging
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 
 from app.batching import (
     Batcher,
@@ -91,6 +92,9 @@ class DetectionService:
         self.batcher = batcher
         self.fetcher = fetcher
         self.metrics = metrics
+        # Decoding competes with the model for the same cores: more decode threads than cores
+        # only adds switching (and stalls torch's parallel regions).
+        self._decode_slots = CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
 
     async def detect(
@@ -170,7 +174,8 @@ class DetectionService:
             prepared = _Prepared(jpeg, jpeg.height, jpeg.width, 0.0, 0.0)
         else:
             image = await to_thread.run_sync(
-                lambda: decode_image(data, max_pixels=max_pixels, index=index)
+                lambda: decode_image(data, max_pixels=max_pixels, index=index),
+                limiter=self._decode_slots,
             )
             prepared = _Prepared(image.pixels, image.height, image.width, 0.0, 0.0)
         decoded = time.perf_counter()
