@@ -32,6 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The raw figures are taken under the thread policy the server runs with (app/cli.py sets the
+# same default before torch loads): OpenMP workers that spin between ops are faster alone
+# (38 vs 54 ms at batch 1 here) but starve decoding and HTTP in a server (15 vs 30 img/s at
+# 32 clients). OMP_WAIT_POLICY=ACTIVE python scripts/bench.py --skip-http shows the spinning raw.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
 from scripts.serverproc import RunningServer  # noqa: E402
@@ -225,7 +230,11 @@ def main() -> None:
     image = args.image or workdir / "image.jpg"
     if args.image is None:
         image.write_bytes(jpeg)
-    print(f"model {args.model} on {args.device}; image {len(jpeg)} bytes", flush=True)
+    print(
+        f"model {args.model} on {args.device}; image {len(jpeg)} bytes; "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
+        flush=True,
+    )
     print("raw engine throughput:", flush=True)
     raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
     report: dict = {"model": str(args.model), "device": args.device, "raw": raw}
