@@ -8,10 +8,10 @@ on encoded; everything else is decoded with Pillow on a worker thread.
 from __future__ import annotations
 
 import asyncio
-import os
 import base64
 import binascii
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,15 +114,26 @@ class DetectionService:
         )
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
-        try:
-            prepared = await asyncio.gather(*(self._prepare(i, s) for i, s in enumerate(sources)))
-        except ApiError as exc:
-            self.metrics.image_errors.labels(exc.error_type).inc()
-            raise
+        prepared = await self._prepare_all(sources)
         tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
         queued = time.monotonic()
         outputs = await self._submit(tasks, deadline)
         return self._response(prepared, outputs, queued)
+
+    async def _prepare_all(self, sources: Sequence[ImageSource]) -> list[_Prepared]:
+        """Fetch and decode every image concurrently; the first bad image cancels the rest
+        (no download goes on for a request that is already answered 4xx)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                jobs = [group.create_task(self._prepare(i, s)) for i, s in enumerate(sources)]
+        except ExceptionGroup as failed:
+            errors = [e for e in failed.exceptions if isinstance(e, ApiError)]
+            if len(errors) != len(failed.exceptions):
+                raise
+            first = min(errors, key=lambda e: -1 if e.image_index is None else e.image_index)
+            self.metrics.image_errors.labels(first.error_type).inc()
+            raise first from None
+        return [job.result() for job in jobs]
 
     def resolve_classes(self, classes: list[str | int] | None) -> frozenset[int] | None:
         if classes is None:
