@@ -71,12 +71,28 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise SystemExit(2) from None
 
 
+def _cap_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena; with decode and inference
+    threads the heap then grows by fragmentation (soak test: RSS +38% in 3 minutes at 2x load,
+    +12% with 2 arenas). Same effect as MALLOC_ARENA_MAX=2, which wins when it is set."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    m_arena_max = -8  # from glibc's malloc.h
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
+    except (OSError, AttributeError):
+        pass  # not glibc (e.g. musl): nothing to tune
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
     # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the cores
     # are free for decoding and HTTP between forward passes (measured: +18% end-to-end
     # throughput on 2 cores). Set OMP_WAIT_POLICY=ACTIVE to have them spin.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _cap_malloc_arenas()
     import uvicorn
 
     from app.logging_setup import configure_logging
