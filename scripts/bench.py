@@ -109,33 +109,24 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
     return rows
 
 
+def run_locust_headless(
+    locustfile: Path, url: str, users: int, seconds: float, env: dict[str, str], *extra: str
+) -> None:
+    """Locust, headless, on loopback: `users` users started at once for `seconds`."""
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
+        "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--host", url,
+        "--only-summary", "--loglevel", "WARNING", *extra,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=False, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
 def run_locust(url: str, users: int, seconds: float, image: Path, workdir: Path) -> dict:
     prefix = workdir / f"locust-{users}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(ROOT / "scripts" / "locustfile.py"),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{int(seconds)}s",
-        "--host",
-        url,
-        "--csv",
-        str(prefix),
-        "--only-summary",
-        "--stop-timeout",
-        "30",
-        "--loglevel",
-        "WARNING",
-    ]
-    env = {**os.environ, "DETR_BENCH_IMAGE": str(image)}
-    subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    run_locust_headless(
+        ROOT / "scripts" / "locustfile.py", url, users, seconds,
+        {"DETR_BENCH_IMAGE": str(image)}, "--csv", str(prefix), "--stop-timeout", "30",
+    )  # fmt: skip
     with open(f"{prefix}_stats.csv") as fh:
         row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
 

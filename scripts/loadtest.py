@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
-from scripts.bench import run_locust, sample_jpeg  # noqa: E402
+from scripts.bench import run_locust, run_locust_headless, sample_jpeg  # noqa: E402
 from scripts.serverproc import RunningServer  # noqa: E402
 
 LOCUSTFILE = ROOT / "scripts" / "loadtest_locustfile.py"
@@ -42,33 +40,11 @@ def rss_mb(pid: int) -> float:
 
 def soak(url: str, rate: float, users: int, seconds: float, image: Path, out: Path) -> dict:
     env = {
-        **os.environ,
         "DETR_BENCH_IMAGE": str(image),
         "DETR_LOAD_RATE_PER_USER": str(rate / users),
         "DETR_LOAD_RESULTS": str(out),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{int(seconds)}s",
-        "--host",
-        url,
-        "--stop-timeout",
-        "60",
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-    ]
-    subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    run_locust_headless(LOCUSTFILE, url, users, seconds, env, "--stop-timeout", "60")
     return dict(json.loads(out.read_text()))
 
 
