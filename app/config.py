@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.buckets import DEFAULT_BUCKETS, parse_buckets
+from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "rtdetr-shapes"

@@ -2,7 +2,7 @@
 the header before the full decode, EXIF orientation applied, every mode converted to RGB.
 
 Where JPEGs are decoded on the GPU, `probe_plain_jpeg` runs the same guards on the header alone
-and hands the bytes on (see app/device_jpeg.py)."""
+and hands the bytes on (see app/engine/device_jpeg.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import detect, health, kserve, models
 from app.config import Settings
-from app.engine import Engine
+from app.engine.pipeline import Engine
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.runtime import Runtime

@@ -13,9 +13,9 @@ from typing import Literal
 
 from app.batching import Batcher, BatchStats
 from app.config import Settings
-from app.engine import DetectionTask, Engine, ImageDetections, ImageResult
-from app.engine_pool import EnginePool
-from app.engine_setup import build_engines
+from app.engine.build import build_engines
+from app.engine.pipeline import DetectionTask, Engine, ImageDetections, ImageResult
+from app.engine.pool import EnginePool
 from app.fetch import Fetcher, FetchPolicy
 from app.metrics import Metrics
 from app.service import DetectionService

@@ -70,7 +70,7 @@ def batch_sizes(max_batch: int) -> list[int]:
 def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: bytes) -> list[dict]:
     import torch
 
-    from app.engine import DetectionTask, Engine
+    from app.engine.pipeline import DetectionTask, Engine
     from app.images import decode_image
 
     engine = Engine.load(model, name=model.name, device=device)

@@ -81,7 +81,7 @@ def _bench_raw(
 ) -> dict:
     from app.backends.cuda_graphs import CudaGraphBackend
     from app.config import Settings
-    from app.engine_setup import build_engine
+    from app.engine.build import build_engine
     from app.images import decode_image, probe_plain_jpeg
 
     settings = Settings(
@@ -135,7 +135,7 @@ def _raw_row(
 ) -> dict[str, Any]:
     import torch
 
-    from app.engine import DetectionTask
+    from app.engine.pipeline import DetectionTask
 
     image = torch.from_numpy(pixels).permute(2, 0, 1)
     pv, mask = engine.preprocessor([image] * bs)

@@ -244,6 +244,73 @@ def evaluate(
     return coco_map(coco_gt, detections) | recall_precision(samples, detections)
 
 
+# The default model's acceptance bar (issue 3): through HTTP, on 500 held-out images.
+BAR_MAP50, BAR_MAP, BAR_SERVING_DIFFERENCE = 0.90, 0.65, 0.005
+CARD_BEGIN, CARD_END = "<!-- evaluate.py: begin -->", "<!-- evaluate.py: end -->"
+
+
+def bar_verdicts(columns: dict[str, dict[str, float]]) -> list[tuple[str, bool]]:
+    """Each part of the bar that these columns can judge, with whether it is met."""
+    served = columns.get("http") or columns.get("direct") or {}
+    verdicts = []
+    if served:
+        verdicts.append((f"mAP50 >= {BAR_MAP50:.2f}", served["mAP50"] >= BAR_MAP50))
+        verdicts.append((f"mAP >= {BAR_MAP:.2f}", served["mAP"] >= BAR_MAP))
+    if "http" in columns and "direct" in columns:
+        worst = max(abs(columns["http"][k] - columns["direct"][k]) for k in METRIC_NAMES)
+        verdicts.append(
+            (
+                f"|http - direct| <= {BAR_SERVING_DIFFERENCE} on every COCO metric "
+                f"(largest {worst:.4f})",
+                worst <= BAR_SERVING_DIFFERENCE,
+            )
+        )
+    return verdicts
+
+
+def card_section(report: dict, columns: dict[str, dict[str, float]], command: str) -> str:
+    """The model card's evaluation section: figures, the command, the bar."""
+    names = list(next(iter(columns.values())))
+    header = ["metric", *columns] + (["difference"] if len(columns) == 2 else [])
+    lines = [
+        CARD_BEGIN,
+        "## Evaluation",
+        "",
+        f"`{command}` ({report['date']}): {report['count']} held-out images "
+        f"(seed {report['seed']}, {report['objects']} objects), threshold {report['threshold']:g}, "
+        f"{report['max_detections']} detections per image; `direct` runs the folder with "
+        "transformers' own processor and model, `http` posts the same JPEG bytes to detr-serve"
+        + (f" ({report['transport']})." if "http" in columns else "."),
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+    ]
+    for n in names:
+        values = [c[n] for c in columns.values()]
+        cells = [f"{v:.4f}" for v in values]
+        if len(values) == 2:
+            cells.append(f"{values[1] - values[0]:+.4f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Bar for the default model:", ""]
+    lines += [f"- {what}: {'met' if ok else 'NOT met'}" for what, ok in bar_verdicts(columns)]
+    lines.append(CARD_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_card_section(card: Path, section: str) -> None:
+    """Replace the card's evaluation section, or put it before "## Reproduce" (else at the end)."""
+    text = card.read_text()
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(CARD_END, 1)[1]
+    elif "\n## Reproduce" in text:
+        head, tail = text.split("\n## Reproduce", 1)
+        text = head + "\n" + section + "\n## Reproduce" + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text)
+
+
 def _print_table(columns: dict[str, dict[str, float]]) -> None:
     names = list(next(iter(columns.values())))
     header = ["metric", *columns]
@@ -282,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in direct mode")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--card",
+        type=Path,
+        help="write the figures into this model card's evaluation section "
+        "(e.g. models/rtdetr-shapes/README.md)",
+    )
     args = parser.parse_args(argv)
     if args.no_direct and not args.url:
         parser.error("--no-direct needs --url")
@@ -294,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "seed": args.seed,
         "count": args.count,
+        "objects": len(coco_gt["annotations"]),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "transport": args.transport,
         "threshold": args.threshold,
         "max_detections": args.max_detections,
     }
@@ -320,8 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("direct_seconds", "http_seconds"):
         if k in report:
             print(f"{k}: {report[k]:.1f} s ({report[k] / len(samples) * 1000:.0f} ms/image)")
+    verdicts = bar_verdicts(columns)
+    for what, ok in verdicts:
+        print(f"bar: {what}: {'met' if ok else 'NOT met'}")
     if args.json_out:
         args.json_out.write_text(json.dumps(report | columns, indent=2))
+    if args.card:
+        command = "python scripts/evaluate.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if a
+        )
+        write_card_section(args.card, card_section(report, columns, command))
+        print(f"wrote the evaluation section of {args.card}")
     return 0
 
 

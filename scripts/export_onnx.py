@@ -33,10 +33,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from app.engine.processing import FixedSize, PreprocessSpec  # noqa: E402
 from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE  # noqa: E402
 from app.ops.onnx_function import add_msda_function  # noqa: E402
 from app.ops.patch import install_msda  # noqa: E402
-from app.processing import FixedSize, PreprocessSpec  # noqa: E402
 
 DEFAULT_OPSET = 20
 WEIGHTS_FILE = "model.safetensors"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.engine import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import DetectionTask, Engine, ImageDetections
 from app.main import create_app
 
 

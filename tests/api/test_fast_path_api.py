@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.device_jpeg import DeviceJpegDecoder
-from app.engine import Engine
+from app.engine.device_jpeg import DeviceJpegDecoder
+from app.engine.pipeline import Engine
 from app.main import create_app
 from tests.api.conftest import assert_error, make_settings
 from tests.conftest import shapes_image

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from app.backends.cuda_graphs import CudaGraphBackend
-from app.buckets import BatchBuckets
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
-from app.device_jpeg import DeviceJpegDecoder, nvjpeg_unavailable_reason
-from app.engine import DetectionTask, Engine, ImageDetections
-from app.engine_setup import build_engine
+from app.engine.buckets import BatchBuckets
+from app.engine.build import build_engine
+from app.engine.device_jpeg import DeviceJpegDecoder, nvjpeg_unavailable_reason
+from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.precision import detections_agree
 from app.images import decode_image, probe_plain_jpeg
-from app.precision import detections_agree
 
 pytestmark = [
     pytest.mark.cuda,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.buckets import BatchBuckets, pad_rows, parse_buckets
+from app.engine.buckets import BatchBuckets, pad_rows, parse_buckets
 
 
 def test_buckets_are_sorted_deduplicated_and_clipped_with_max_batch_size_always_included() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.device_jpeg import DeviceJpegDecoder, choose_jpeg_decoder, nvjpeg_unavailable_reason
+from app.engine.device_jpeg import DeviceJpegDecoder, choose_jpeg_decoder, nvjpeg_unavailable_reason
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.images import EncodedJpeg, decode_image, probe_plain_jpeg
 from tests.conftest import shapes_image

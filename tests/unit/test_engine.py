@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.backends.base import RawOutputs
-from app.engine import DetectionTask, DeviceOutOfMemoryError, Engine
+from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, Engine
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from app.backends.base import RawOutputs
-from app.buckets import BatchBuckets
-from app.engine import DetectionTask, Engine, ImageDetections, ModelInfo
+from app.engine.buckets import BatchBuckets
+from app.engine.pipeline import DetectionTask, Engine, ImageDetections, ModelInfo
+from app.engine.processing import Postprocessor, PostprocessSpec
 from app.errors import InvalidImageError
 from app.images import EncodedJpeg
-from app.processing import Postprocessor, PostprocessSpec
 from tests.conftest import shapes_image
 
 QUERIES, CLASSES = 6, 3

@@ -144,3 +144,64 @@ def test_http_mode_posts_every_image_and_reads_the_contract(dataset, fake_server
         == ["multipart/form-data" if transport == "multipart" else "application/json"] * 2
     )
     assert evaluate.evaluate(samples, coco, detections)["mAP"] == pytest.approx(1.0)
+
+
+def _columns(http_map50: float, http_map: float, shift: float = 0.0) -> dict[str, dict]:
+    direct = dict.fromkeys(evaluate.METRIC_NAMES, 0.7) | {"mAP50": http_map50, "mAP": http_map}
+    http = {k: v + shift for k, v in direct.items()}
+    return {"direct": direct, "http": http}
+
+
+def test_bar_verdicts_judge_the_served_figures_and_the_serving_difference():
+    met = dict(evaluate.bar_verdicts(_columns(0.93, 0.70)))
+    assert list(met.values()) == [True, True, True]
+    assert any("largest 0.0000" in what for what in met)
+    assert [ok for _, ok in evaluate.bar_verdicts(_columns(0.89, 0.70))] == [False, True, True]
+    assert [ok for _, ok in evaluate.bar_verdicts(_columns(0.93, 0.64))] == [True, False, True]
+    # The served model beating the direct one by more than the tolerance also fails the bar.
+    assert [ok for _, ok in evaluate.bar_verdicts(_columns(0.93, 0.70, shift=0.01))][2] is False
+    # Direct mode alone is judged on its own figures, with no serving difference to check.
+    only_direct = {"direct": _columns(0.95, 0.7)["direct"]}
+    assert [ok for _, ok in evaluate.bar_verdicts(only_direct)] == [True, True]
+
+
+def _report() -> dict:
+    return {
+        "count": 4,
+        "seed": 5,
+        "objects": 9,
+        "threshold": 0.01,
+        "max_detections": 100,
+        "date": "2026-01-01",
+        "transport": "multipart",
+    }
+
+
+def test_card_section_goes_before_reproduce_and_is_replaced_in_place(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# m\n\n## Metrics\n\nx\n\n## Reproduce\n\n```\ntrain\n```\n")
+    first = evaluate.card_section(_report(), _columns(0.80, 0.60), "python scripts/evaluate.py a")
+    evaluate.write_card_section(card, first)
+    text = card.read_text()
+    assert text.index("## Evaluation") < text.index("## Reproduce")
+    assert "| mAP50 | 0.8000 | 0.8000 | +0.0000 |" in text
+    assert "- mAP50 >= 0.90: NOT met" in text and "4 held-out images" in text
+
+    second = evaluate.card_section(_report(), _columns(0.95, 0.70), "python scripts/evaluate.py b")
+    evaluate.write_card_section(card, second)
+    text = card.read_text()
+    assert text.count("## Evaluation") == 1 and text.count("## Reproduce") == 1
+    assert "evaluate.py b" in text and "evaluate.py a" not in text
+    assert "NOT met" not in text and "- mAP >= 0.65: met" in text
+    assert text.endswith("```\ntrain\n```\n")
+
+
+def test_card_section_is_appended_to_a_card_without_reproduce(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# someone else's model\n")
+    evaluate.write_card_section(
+        card, evaluate.card_section(_report(), {"direct": _columns(1, 1)["direct"]}, "cmd")
+    )
+    text = card.read_text()
+    assert text.startswith("# someone else's model\n\n" + evaluate.CARD_BEGIN)
+    assert "| metric | direct |" in text

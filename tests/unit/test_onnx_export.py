@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.processing import PreprocessSpec, ShortestEdge
 from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE, ms_deform_attn_reference
-from app.processing import PreprocessSpec, ShortestEdge
 from tests.conftest import build_tiny_checkpoint
 from tests.unit.test_msda_op import spread_weights
 

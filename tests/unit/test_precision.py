@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
-from app.precision import Tolerance, choose_precision, detections_agree
-from app.processing import BatchDetections
+from app.engine.precision import Tolerance, choose_precision, detections_agree
+from app.engine.processing import BatchDetections
 
 
 def detections(seed: int = 0, images: int = 2, k: int = 30) -> BatchDetections:
@@ -84,7 +84,7 @@ def test_float16_is_kept_when_it_agrees_with_float32() -> None:
 def test_a_disagreeing_float16_falls_back_to_bfloat16_then_float32_with_a_log(caplog) -> None:
     ref, loaded = detections(), []
     bad = perturbed(ref, 0.0, 0.2)
-    caplog.set_level(logging.INFO, logger="app.precision")
+    caplog.set_level(logging.INFO, logger="app.engine.precision")
     outputs = {"float32": ref, "float16": bad, "bfloat16": perturbed(ref, 0.02, 0.01)}
     assert choose_precision(loader(outputs, loaded), tasks=[]).dtype == "bfloat16"
     assert "float16 disagrees with float32" in caplog.text

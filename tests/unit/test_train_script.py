@@ -17,7 +17,7 @@ DEFAULT_MODEL = REPO / "models" / "rtdetr-shapes"
 
 def _run(run_dir: Path, export_dir: Path, *extra: str) -> None:
     args = ["--preset", "tiny", "--run-dir", str(run_dir), "--export-dir", str(export_dir)]
-    assert train.main([*args, "--threads", "1", "--no-progress", *extra]) == 0
+    assert train.main([*args, "--threads", "1", "--workers", "0", "--no-progress", *extra]) == 0
 
 
 def test_tiny_run_exports_a_model_transformers_can_load(tmp_path):
@@ -49,13 +49,38 @@ def test_tiny_run_exports_a_model_transformers_can_load(tmp_path):
     assert history[-1]["step"] == 2 and "mAP50" in history[-1]
 
 
+def test_export_only_rewrites_the_folder_from_the_checkpoint(tmp_path):
+    _run(tmp_path / "run", tmp_path / "model", "--steps", "2")
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "README.md"):
+        (tmp_path / "model" / name).unlink()
+
+    _run(tmp_path / "run", tmp_path / "model", "--export-only")
+
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "training steps: 2 of 2" in card
+    # The card says where the time went, per machine the run has used.
+    assert "h on CPU" in card and "1 thread(s), 0 data worker(s)" in card
+    history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1, "exporting is not a checkpoint"
+
+
+def test_export_only_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path / "empty", tmp_path / "model", "--export-only")
+    assert exc.value.code == 2
+    assert not (tmp_path / "model").exists()
+
+
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     _run(tmp_path / "a", tmp_path / "ma", "--steps", "3")
     # --max-minutes 0 stops after the first step's checkpoint, as if the run had been killed.
     _run(tmp_path / "b", tmp_path / "mb", "--steps", "3", "--max-minutes", "0")
     interrupted = torch.load(tmp_path / "b" / train.STATE_FILE, weights_only=False)
     assert interrupted["step"] == 1
-    _run(tmp_path / "b", tmp_path / "mb", "--steps", "3")
+    # The resumed half generates its images in a worker process: same images, same run.
+    _run(tmp_path / "b", tmp_path / "mb", "--steps", "3", "--workers", "1")
 
     a = torch.load(tmp_path / "a" / train.STATE_FILE, weights_only=False)
     b = torch.load(tmp_path / "b" / train.STATE_FILE, weights_only=False)

@@ -1,8 +1,8 @@
 """Start-up: one loaded, tuned and warmed engine per device, from the settings.
 
-On CUDA, with the torch backend: dtype auto is checked against float32 (app/precision.py), a
+On CUDA, with the torch backend: dtype auto is checked against float32 (app/engine/precision.py), a
 CUDA graph is captured per batch bucket (app/backends/cuda_graphs.py) and batches are padded to
-their bucket, JPEGs are decoded on the GPU (app/device_jpeg.py). Elsewhere each of these is
+their bucket, JPEGs are decoded on the GPU (app/engine/device_jpeg.py). Elsewhere each of these is
 skipped with a log line saying why. Every bucket is warmed before /readyz turns 200.
 """
 
@@ -17,12 +17,12 @@ import torch
 
 from app.backends.cuda_graphs import CudaGraphBackend
 from app.backends.torch_backend import TorchBackend, resolve_device
-from app.buckets import BatchBuckets
 from app.config import Settings
-from app.device_jpeg import choose_jpeg_decoder
-from app.engine import DetectionTask, Engine
-from app.precision import choose_precision
-from app.processing import FixedSize, PreprocessSpec
+from app.engine.buckets import BatchBuckets
+from app.engine.device_jpeg import choose_jpeg_decoder
+from app.engine.pipeline import DetectionTask, Engine
+from app.engine.precision import choose_precision
+from app.engine.processing import FixedSize, PreprocessSpec
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-from app.engine import ModelInfo
+from app.engine.pipeline import ModelInfo
 
 T = TypeVar("T")
 R = TypeVar("R")

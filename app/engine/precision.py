@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.engine import DetectionTask, Engine
-from app.processing import BatchDetections
+from app.engine.pipeline import DetectionTask, Engine
+from app.engine.processing import BatchDetections
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,9 @@ from transformers import AutoConfig
 
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
-from app.buckets import BatchBuckets, pad_rows
-from app.device_jpeg import DeviceJpegDecoder, to_device_chw
-from app.errors import ApiError
-from app.images import EncodedJpeg, decode_image
-from app.processing import (
+from app.engine.buckets import BatchBuckets, pad_rows
+from app.engine.device_jpeg import DeviceJpegDecoder, to_device_chw
+from app.engine.processing import (
     BatchDetections,
     Postprocessor,
     PostprocessSpec,
@@ -37,6 +35,8 @@ from app.processing import (
     PreprocessSpec,
     select,
 )
+from app.errors import ApiError
+from app.images import EncodedJpeg, decode_image
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,13 @@
+"""The model side of a batch: everything between the batcher and the backend.
+
+    pipeline.py     Engine: prepare (decode, pre-process) -> compute (backend) -> finish
+                    (post-process), each stage with its own lock; out-of-memory splitting
+    processing.py   batched torch pre/post-processing that reproduces transformers' processors
+    build.py        start-up per device: precision, CUDA graphs, device decode, warm-up
+    pool.py         one engine per device; each batch to the least busy engine
+    buckets.py      batch-size buckets (padding a batch to a captured graph's size)
+    precision.py    dtype auto on CUDA: fp16 only if it agrees with fp32
+    device_jpeg.py  nvjpeg batched decode with a Pillow fallback
+
+Nothing here knows HTTP; app/runtime.py builds the engines and app/service.py feeds them.
+"""
