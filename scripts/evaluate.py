@@ -268,10 +268,25 @@ def bar_verdicts(columns: dict[str, dict[str, float]]) -> list[tuple[str, bool]]
     return verdicts
 
 
+def bar_lines(columns: dict[str, dict[str, float]]) -> list[str]:
+    return [f"{what}: {'met' if ok else 'NOT met'}" for what, ok in bar_verdicts(columns)]
+
+
+def _table(
+    columns: dict[str, dict[str, float]],
+) -> tuple[list[str], list[tuple[str, list[float], float | None]]]:
+    """Header and rows (metric, one value per column, second minus first where there are two)."""
+    header = ["metric", *columns] + (["difference"] if len(columns) == 2 else [])
+    rows = []
+    for name in next(iter(columns.values())):
+        values = [c[name] for c in columns.values()]
+        rows.append((name, values, values[1] - values[0] if len(values) == 2 else None))
+    return header, rows
+
+
 def card_section(report: dict, columns: dict[str, dict[str, float]], command: str) -> str:
     """The model card's evaluation section: figures, the command, the bar."""
-    names = list(next(iter(columns.values())))
-    header = ["metric", *columns] + (["difference"] if len(columns) == 2 else [])
+    header, rows = _table(columns)
     lines = [
         CARD_BEGIN,
         "## Evaluation",
@@ -285,14 +300,13 @@ def card_section(report: dict, columns: dict[str, dict[str, float]], command: st
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
     ]
-    for n in names:
-        values = [c[n] for c in columns.values()]
+    for name, values, difference in rows:
         cells = [f"{v:.4f}" for v in values]
-        if len(values) == 2:
-            cells.append(f"{values[1] - values[0]:+.4f}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if difference is not None:
+            cells.append(f"{difference:+.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Bar for the default model:", ""]
-    lines += [f"- {what}: {'met' if ok else 'NOT met'}" for what, ok in bar_verdicts(columns)]
+    lines += [f"- {line}" for line in bar_lines(columns)]
     lines.append(CARD_END)
     return "\n".join(lines) + "\n"
 
@@ -312,16 +326,12 @@ def write_card_section(card: Path, section: str) -> None:
 
 
 def _print_table(columns: dict[str, dict[str, float]]) -> None:
-    names = list(next(iter(columns.values())))
-    header = ["metric", *columns]
-    if len(columns) == 2:
-        header.append("difference")
+    header, rows = _table(columns)
     print(" | ".join(f"{h:>14}" for h in header))
-    for n in names:
-        values = [c[n] for c in columns.values()]
-        row = [f"{n:>14}", *(f"{v:>14.4f}" for v in values)]
-        if len(values) == 2:
-            row.append(f"{values[1] - values[0]:>+14.4f}")
+    for name, values, difference in rows:
+        row = [f"{name:>14}", *(f"{v:>14.4f}" for v in values)]
+        if difference is not None:
+            row.append(f"{difference:>+14.4f}")
         print(" | ".join(row))
 
 
@@ -396,9 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("direct_seconds", "http_seconds"):
         if k in report:
             print(f"{k}: {report[k]:.1f} s ({report[k] / len(samples) * 1000:.0f} ms/image)")
-    verdicts = bar_verdicts(columns)
-    for what, ok in verdicts:
-        print(f"bar: {what}: {'met' if ok else 'NOT met'}")
+    for line in bar_lines(columns):
+        print(f"bar: {line}")
     if args.json_out:
         args.json_out.write_text(json.dumps(report | columns, indent=2))
     if args.card:
