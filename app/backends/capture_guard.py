@@ -127,7 +127,7 @@ def checks_skipped(model: torch.nn.Module) -> Iterator[int]:
             continue
         previous = module.__dict__.get("forward")  # an instance patch (app/ops) to restore
         replacement = rebind_global(func, _CHECK_NAME, _skip_check)
-        module.forward = types.MethodType(replacement, module)  # type: ignore[method-assign]
+        module.forward = types.MethodType(replacement, module)
         patched.append((module, previous))
     try:
         yield len(patched)
@@ -136,4 +136,4 @@ def checks_skipped(model: torch.nn.Module) -> Iterator[int]:
             if previous is None:
                 del module.forward
             else:
-                module.forward = previous  # type: ignore[method-assign]
+                module.forward = previous

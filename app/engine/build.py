@@ -66,8 +66,14 @@ def build_engine(settings: Settings, device: str) -> Engine:
         )
 
     if dev.type == "cuda" and s.backend == "torch" and s.dtype == "auto":
-        engine = choose_precision(load, check_tasks(), _check_size(s.model))
-        torch.cuda.empty_cache()  # the float32 model used for the check is gone
+        try:
+            tasks = check_tasks()
+        except FileNotFoundError as exc:  # an installation without the repository's examples/
+            logger.warning("dtype auto: %s; serving in float32", exc)
+            engine = load("float32")
+        else:
+            engine = choose_precision(load, tasks, _check_size(s.model))
+            torch.cuda.empty_cache()  # the float32 model used for the check is gone
     else:
         engine = load(s.dtype)
 

@@ -127,7 +127,9 @@ def check_images() -> list[np.ndarray]:
         raise FileNotFoundError(
             f"no example images in {EXAMPLES_DIR} for the dtype check: set --dtype explicitly"
         )
-    return [decode_image(p.read_bytes(), max_pixels=10**8, index=i).pixels for i, p in enumerate(paths)]
+    return [
+        decode_image(p.read_bytes(), max_pixels=10**8, index=i).pixels for i, p in enumerate(paths)
+    ]
 
 
 def check_tasks(n: int | None = None) -> list[DetectionTask]:

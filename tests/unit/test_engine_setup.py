@@ -24,9 +24,16 @@ def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
     caplog.set_level(logging.INFO)
     settings = Settings(model=tiny_model_dir, device="cpu", max_batch_size=4, cuda_graphs=True)
     engine = build_engine(settings, "cpu")
-    assert "cuda_graphs is ignored on cpu" in caplog.text
+    assert "cuda_graphs is ignored: CUDA graphs need a CUDA device, not cpu" in caplog.text
     assert "JPEGs are decoded with Pillow on the CPU" in caplog.text
     assert engine.buckets == BatchBuckets((1, 2, 4), pad=False)
+    # Every bucket says it runs eagerly, and why (for /v1/models and the metrics).
+    assert [(b.batch_size, b.cuda_graph) for b in engine.info.buckets] == [
+        (1, False),
+        (2, False),
+        (4, False),
+    ]
+    assert all(b.reason == "CUDA graphs need a CUDA device, not cpu" for b in engine.info.buckets)
     assert engine.jpeg_decoder is None and engine.info.dtype == "float32"
     assert "warm-up 2/2 on cpu: batch 4" in caplog.text
 
