@@ -70,6 +70,19 @@ def test_without_skipping_the_checks_v2_and_dfine_read_the_host_at_their_check(k
     assert all("aten.item" in r or "_local_scalar_dense" in r for r in guard.host_reads)
 
 
+@pytest.mark.parametrize("kind", ["rt_detr_v2", "d_fine"])
+def test_on_a_device_that_cannot_answer_host_reads_the_forward_needs_the_skipped_checks(
+    kind: str,
+) -> None:
+    # The meta device, like a capturing stream, has no values to hand to the host.
+    model = _build(kind).to("meta")
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    with pytest.raises(RuntimeError, match="item"), torch.inference_mode():
+        model(pixel_values=x)
+    with torch.inference_mode(), checks_skipped(model):
+        assert model(pixel_values=x).logits.shape == (2, 10, 3)
+
+
 def test_only_zero_dim_cpu_sources_into_the_device_are_converted() -> None:
     device_tensor = torch.zeros(3, 2, dtype=torch.long)
     other = torch.zeros(2)
