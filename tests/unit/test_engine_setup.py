@@ -79,3 +79,20 @@ def test_graph_backend_runs_shapes_without_a_graph_eagerly_and_refuses_the_cpu()
     assert graphs.captured_batch_sizes == []
     with pytest.raises(ValueError, match="need a CUDA device"):
         graphs.capture([1, 2], 4, 4, with_mask=False)
+
+
+def test_the_jpeg_decoder_is_chosen_knowing_how_many_devices_serve(
+    tiny_model_dir: Path, monkeypatch
+) -> None:
+    import app.engine.build as build
+
+    asked: list[int] = []
+
+    def choose(setting, device, devices_in_use=1):
+        asked.append(devices_in_use)
+        return None
+
+    monkeypatch.setattr(build, "choose_jpeg_decoder", choose)
+    settings = Settings(model=tiny_model_dir, devices="0,1", max_batch_size=2)
+    build_engine(settings, "cpu")  # one of the two engines, here on the CPU
+    assert asked == [2]
