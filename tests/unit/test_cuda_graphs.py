@@ -60,6 +60,50 @@ def test_spatial_shape_writes_become_fills_and_checks_stop_reading_the_host(
     assert [m.__dict__.get("forward") for m in model.modules()] == forwards
 
 
+class HostTensors(TorchDispatchMode):
+    """Counts tensors made from Python data or by a factory without a device: on CUDA those are
+    host tensors, and copying one to the device inside a capture fails."""
+
+    FACTORIES = {
+        torch.ops.aten.empty.memory_format,
+        torch.ops.aten.full.default,
+        torch.ops.aten.ones.default,
+        torch.ops.aten.zeros.default,
+        torch.ops.aten.arange.default,
+        torch.ops.aten.arange.start,
+        torch.ops.aten.arange.start_step,
+        torch.ops.aten.scalar_tensor.default,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_python = 0
+        self.without_device = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.lift_fresh.default:
+            self.from_python += 1
+        elif func in self.FACTORIES and kwargs.get("device") is None:
+            self.without_device += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_only_host_tensors_of_a_forward_are_the_ones_turned_into_fills(kind: str) -> None:
+    model = _build(kind)
+    install_msda(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model(pixel_values=x)  # the first pass fills transformers' anchor cache
+    host, guard = HostTensors(), HostScalarWrites(CPU)
+    # guard inside: it sees the copies first, host the ops they become
+    with torch.inference_mode(), checks_skipped(model), host, guard:
+        model(pixel_values=x)
+    assert host.without_device == 0
+    assert host.from_python == guard.converted == 6
+
+
 @pytest.mark.parametrize("kind", ["rt_detr_v2", "d_fine"])
 def test_without_skipping_the_checks_v2_and_dfine_read_the_host_at_their_check(kind: str) -> None:
     model = _build(kind)
