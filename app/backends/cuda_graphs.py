@@ -1,12 +1,13 @@
 """CUDA graphs around any torch Backend: one graph per batch-size bucket, captured at start-up,
 replayed with static input and output buffers.
 
-An eager forward pass of an RT-DETR at batch 1 is bound by Python kernel launches (~17 ms on an
-H100, for ~2 ms of GPU work); a graph replays the same kernels with one launch. Shapes without a
+An eager forward pass of an RT-DETR at batch 1 is bound by Python kernel launches (the design's
+H100 anchor, measured outside this code: ~17 ms for ~2 ms of GPU work); a graph replays the same
+kernels with one launch. Shapes without a
 graph run eagerly, and so does every shape when a capture fails or its replay disagrees with
 the eager pass. Which buckets replay a graph, and why the others do not, is kept per bucket
-(`bucket_states`) for /v1/models and the metrics: a silent fallback to eager would cost ten
-times the latency with nothing to show for it.
+(`bucket_states`) for /v1/models and the metrics: a silent fallback to eager would cost most of
+the speed with nothing to show for it.
 
 Warm-up and capture run on one side stream per backend (so per device), under
 app/backends/capture_guard.py, which makes transformers' RT-DETR, RT-DETRv2 and D-FINE code
@@ -216,8 +217,7 @@ class CudaGraphBackend:
                 except Exception as exc:
                     reason = f"capture failed at batch {size}: {describe(exc)}"
                     logger.error(
-                        "CUDA graphs on %s: %s. Every batch size is served EAGERLY "
-                        "(about ten times slower at small batches)",
+                        "CUDA graphs on %s: %s. Every batch size is served EAGERLY",
                         self.device,
                         reason,
                         exc_info=exc,
