@@ -3,9 +3,8 @@ replayed with static input and output buffers.
 
 An eager forward pass of an RT-DETR at batch 1 is bound by Python kernel launches (the design's
 H100 anchor, measured outside this code: ~17 ms for ~2 ms of GPU work); a graph replays the same
-kernels with one launch. Shapes without a
-graph run eagerly, and so does every shape when a capture fails or its replay disagrees with
-the eager pass. Which buckets replay a graph, and why the others do not, is kept per bucket
+kernels with one launch. Shapes without a graph run eagerly, and so does every shape when a
+capture fails or its replay disagrees with the eager pass. Which buckets replay a graph, and why the others do not, is kept per bucket
 (`bucket_states`) for /v1/models and the metrics: a silent fallback to eager would cost most of
 the speed with nothing to show for it.
 
