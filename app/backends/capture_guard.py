@@ -64,15 +64,35 @@ _NOT_THE_CALLER = ("/torch/", "/transformers/utils/", "/transformers/integration
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> bool:
-    if tensor.device.type != device.type:
+    return _same(tensor.device, device)
+
+
+def _same(device: torch.device | str, watched: torch.device) -> bool:
+    """Whether `device` is the watched one (a watched device without index matches them all)."""
+    device = torch.device(device)
+    if device.type != watched.type:
         return False
-    return device.index is None or tensor.device.index in (None, device.index)
+    return watched.index is None or device.index in (None, watched.index)
+
+
+def _copy_target(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The device a copy or conversion writes to, None if `func` is neither or keeps the device."""
+    if func is aten.copy_.default:
+        return args[0].device
+    if func is aten._to_copy.default or func is aten.to.dtype_layout:
+        return kwargs.get("device")
+    if func is aten.to.device:
+        return args[1]
+    if func is aten.to.other:
+        return args[1].device
+    return None
 
 
 class HostScalarWrites(TorchDispatchMode):
     """While active: ``copy_`` into a tensor on `device` from a 0-dim CPU tensor becomes a
-    ``fill_`` with that value (no host memory, no synchronisation), and host reads of values on
-    `device` are recorded in `host_reads` (op and model line).
+    ``fill_`` with that value (no host memory, no synchronisation); host reads of values on
+    `device`, and copies of other host tensors to it, are recorded in `host_reads` (op and model
+    line): a capture cannot hold them.
 
     `device` is the device whose tensors count as "on the device": a CUDA device in service; the
     CPU in tests, which run the same conversion on the CPU build of torch.
@@ -99,6 +119,14 @@ class HostScalarWrites(TorchDispatchMode):
                 # fill_ broadcasts and casts the value as copy_ would; the value is read from
                 # host memory here, once, and recorded in the kernel's arguments.
                 return aten.fill_.Scalar(dst, src.item())
+        target = _copy_target(func, args, kwargs)
+        if target is not None:
+            src = args[0] if func is not aten.copy_.default else args[1]
+            # On the CPU (tests) every tensor is a host tensor: only a real device is watched.
+            if self.device.type != "cpu" and src.device.type == "cpu":
+                if _same(target, self.device):
+                    shape = "x".join(map(str, src.shape)) or "0-dim"
+                    self.host_reads.append(f"a host-to-device copy ({shape}) at {_where()}")
         elif func in _HOST_READS:
             tensor = args[0]
             if isinstance(tensor, torch.Tensor) and _on(tensor, self.device):

@@ -330,3 +330,35 @@ def test_captured_buckets_replay_and_other_shapes_run_eagerly_and_are_counted(
     graphs.infer(torch.randn(3, 3, 64, 64), None)  # no graph for 3: eager, counted
     after = (graphs.graph_batches, graphs.eager_batches, runtime.replays)
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+
+
+def test_host_to_device_copies_are_named_as_uncapturable() -> None:
+    # The meta device stands in for a GPU: on it, host tensors are other tensors.
+    guard = HostScalarWrites(torch.device("meta"))
+    with guard:
+        on_device = torch.empty(3, device="meta")
+        on_device.copy_(torch.ones(3))  # a pageable host-to-device copy
+        torch.arange(4).to("meta")
+        torch.ones(2).to(device="meta", dtype=torch.float16)
+        on_device.to(torch.float16)  # on the device already: fine
+    assert len(guard.host_reads) == 3
+    assert guard.host_reads[0].startswith("a host-to-device copy (3) at test_cuda_graphs.py:")
+    assert "(4)" in guard.host_reads[1] and "(2)" in guard.host_reads[2]
+
+
+def test_host_reads_of_the_first_warm_up_passes_only_do_not_block_capture() -> None:
+    runtime = RecordingRuntime()
+
+    class LazyBackend(StreamRecordingBackend):
+        calls = 0
+
+        def infer(self, pixel_values, pixel_mask):
+            type(self).calls += 1
+            if type(self).calls == 1:
+                float(pixel_values.sum().item())  # a one-off set-up read, as lazy code does
+            return super().infer(pixel_values, pixel_mask)
+
+    graphs = CudaGraphBackend(LazyBackend(runtime, CPU, read_host=False), runtime=runtime)
+    # 3 warm-up passes; the read happened in the first only, so the graph is captured.
+    assert graphs.capture([2], 8, 8, with_mask=False), graphs.bucket_states()
+    assert len(runtime.captured_on) == 1
