@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
         description="Inference precision. auto: float32 on the CPU; on CUDA the first of float16 "
-        "and bfloat16 whose detections match float32's on the warm-up batch (else float32).",
+        "and bfloat16 whose detections match float32's on the example images (else float32).",
     )
     cuda_graphs: bool = Field(
         default=True,
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     torch_compile: bool = Field(
         default=False,
         description="Compile the model with torch.compile (inductor) before capturing the CUDA "
-        "graphs: fused kernels, but about a minute of start-up per bucket when not cached.",
+        "graphs: fused kernels, for a compilation per bucket at start-up.",
     )
     compile_cache_dir: Path | None = Field(
         default=None,
@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     image_decoder: Literal["auto", "pillow", "nvjpeg"] = Field(
         default="auto",
         description="JPEG decoding. auto: batched on the GPU with nvjpeg when torchvision and "
-        "CUDA are there, else Pillow. Other formats and EXIF-rotated JPEGs always use Pillow.",
+        "CUDA are there and one device is served, else Pillow. Other formats and EXIF-rotated "
+        "JPEGs always use Pillow.",
     )
     batches_in_flight: int | None = Field(
         default=None,

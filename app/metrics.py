@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -87,9 +87,21 @@ class Metrics:
             "detr_serve_inflight_images", "Images inside the running forward pass.", registry=r
         )
         self.model_info = Info("detr_serve_model", "The served model.", registry=r)
+        self.cuda_graph_buckets = Gauge(
+            "detr_serve_cuda_graph_in_use",
+            "1 where batches of this size replay a CUDA graph on this device, 0 where they run "
+            "eagerly (the reason is in /v1/models and the start-up log).",
+            ["device", "batch_size"],
+            registry=r,
+        )
 
     def observe_device_memory(self, probe: MemoryProbe) -> None:
         self.registry.register(_DeviceMemoryCollector(probe))
+
+    def observe_buckets(self, buckets: Iterable[tuple[str, int, bool]]) -> None:
+        """(device, batch size, whether a CUDA graph serves it) per bucket."""
+        for device, batch_size, graph in buckets:
+            self.cuda_graph_buckets.labels(device, str(batch_size)).set(1 if graph else 0)
 
     def observe_queue(self, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

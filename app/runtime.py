@@ -112,6 +112,7 @@ class Runtime:
                 "architecture": info.architecture,
             }
         )
+        self.metrics.observe_buckets((b.device, b.batch_size, b.cuda_graph) for b in info.buckets)
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.metrics.observe_device_memory(pool.memory_usage)
         self.service = DetectionService(

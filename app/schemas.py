@@ -104,6 +104,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class BucketCard(BaseModel):
+    """How batches of one size run on one device."""
+
+    device: str
+    batch_size: int
+    cuda_graph: bool = Field(description="true: a captured CUDA graph is replayed")
+    reason: str = Field("", description="why this bucket runs eagerly; empty for a graph")
+
+
 class ModelCard(BaseModel):
     name: str
     backend: str
@@ -112,6 +121,10 @@ class ModelCard(BaseModel):
     architecture: str
     labels: dict[int, str]
     max_batch_size: int
+    buckets: list[BucketCard] = Field(
+        default_factory=list,
+        description="per device and batch-size bucket: CUDA graph or eager, and why",
+    )
 
 
 class ModelList(BaseModel):

@@ -204,7 +204,21 @@ def main() -> None:
     cuda.add_argument("--models", default="r18,r50", help="presets (r18, r50) or checkpoint dirs")
     cuda.add_argument("--skip-naive", action="store_true", help="no naive-endpoint baseline")
     cuda.add_argument("--torch-compile", action="store_true", help="raw pass with inductor too")
+    cuda.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="the precision measured, passed to every engine and server (default float16: "
+        "the figures say what they measured, not what dtype auto picked that day)",
+    )
+    cuda.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the CUDA benchmark's code on the CPU at tiny sizes: checks the wiring only",
+    )
     args = parser.parse_args()
+    if args.dry_run and not args.device.startswith("cuda"):
+        parser.error("--dry-run goes with --device cuda (it replaces the device by the CPU)")
     if args.device.startswith("cuda"):
         from scripts.bench_cuda import main_cuda
 

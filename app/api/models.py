@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import ServiceDep
-from app.schemas import ErrorResponse, ModelCard, ModelList
+from app.schemas import BucketCard, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
@@ -28,6 +28,15 @@ async def list_models(service: ServiceDep) -> ModelList:
                 architecture=info.architecture,
                 labels=info.labels,
                 max_batch_size=service.batcher.max_batch_size,
+                buckets=[
+                    BucketCard(
+                        device=b.device,
+                        batch_size=b.batch_size,
+                        cuda_graph=b.cuda_graph,
+                        reason=b.reason,
+                    )
+                    for b in info.buckets
+                ],
             )
         ]
     )

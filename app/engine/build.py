@@ -8,11 +8,12 @@ skipped with a log line saying why. Every bucket is warmed before /readyz turns 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from app.backends.cuda_graphs import CudaGraphBackend
@@ -20,11 +21,14 @@ from app.backends.torch_backend import TorchBackend, resolve_device
 from app.config import Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.device_jpeg import choose_jpeg_decoder
-from app.engine.pipeline import DetectionTask, Engine
-from app.engine.precision import choose_precision
+from app.engine.pipeline import BucketMode, Engine
+from app.engine.precision import check_tasks, choose_precision
 from app.engine.processing import FixedSize, PreprocessSpec
 
 logger = logging.getLogger(__name__)
+
+# Where a model's input size varies with the image: the size RT-DETRs are trained at.
+_FALLBACK_CHECK_SIZE = (640, 640)
 
 
 def build_engines(settings: Settings) -> list[Engine]:
@@ -62,21 +66,39 @@ def build_engine(settings: Settings, device: str) -> Engine:
         )
 
     if dev.type == "cuda" and s.backend == "torch" and s.dtype == "auto":
-        engine = choose_precision(load, check_tasks(min(4, s.max_batch_size)))
-        torch.cuda.empty_cache()  # the float32 model used for the check is gone
+        try:
+            tasks = check_tasks()
+        except FileNotFoundError as exc:  # an installation without the repository's examples/
+            logger.warning("dtype auto: %s; serving in float32", exc)
+            engine = load("float32")
+        else:
+            engine = choose_precision(load, tasks, _check_size(s.model))
+            torch.cuda.empty_cache()  # the float32 model used for the check is gone
     else:
         engine = load(s.dtype)
 
     buckets = BatchBuckets.from_setting(s.batch_buckets, s.max_batch_size)
+    graphs: CudaGraphBackend | None = None
     if s.cuda_graphs:
-        graphs = capture_graphs(engine, buckets, compile_model=s.torch_compile)
-        if graphs is not None:
-            engine.backend = graphs
-            buckets = buckets.with_padding(True)
-    elif s.torch_compile:
-        logger.info("torch_compile is ignored: it applies under CUDA graphs (--cuda-graphs)")
+        graphs, why_not = capture_graphs(engine, buckets, compile_model=s.torch_compile)
+    else:
+        why_not = "cuda_graphs is off"
+        if s.torch_compile:
+            logger.info("torch_compile is ignored: it applies under CUDA graphs (--cuda-graphs)")
+    if graphs is not None:
+        engine.backend = graphs
+        buckets = buckets.with_padding(True)
+        modes = tuple(
+            BucketMode(str(dev), b.batch_size, b.cuda_graph, b.reason)
+            for b in graphs.bucket_states()
+        )
+    else:
+        modes = tuple(BucketMode(str(dev), size, False, why_not) for size in buckets.sizes)
+    engine.info = dataclasses.replace(engine.info, buckets=modes)
     engine.buckets = buckets
-    engine.jpeg_decoder = choose_jpeg_decoder(s.image_decoder, engine.backend.device)
+    engine.jpeg_decoder = choose_jpeg_decoder(
+        s.image_decoder, engine.backend.device, devices_in_use=len(s.device_list)
+    )
     engine.warmup(warmup_sizes(buckets, engine.backend.device))
     logger.info(
         "engine on %s ready in %.1f s: %s, buckets %s%s, JPEG decoding %s",
@@ -84,35 +106,45 @@ def build_engine(settings: Settings, device: str) -> Engine:
         time.perf_counter() - started,
         engine.info.dtype,
         ",".join(map(str, buckets.sizes)),
-        " (padded, CUDA graphs)" if buckets.pad else "",
+        " (padded, CUDA graphs)" if buckets.pad else f" (eager: {why_not})",
         "nvjpeg" if engine.jpeg_decoder is not None else "Pillow",
     )
     return engine
 
 
+def _check_size(model_dir: Path) -> tuple[int, int]:
+    """(height, width) the precision check's pixel tolerances refer to: the model's input."""
+    return fixed_input_size(PreprocessSpec.from_dir(model_dir)) or _FALLBACK_CHECK_SIZE
+
+
 def capture_graphs(
     engine: Engine, buckets: BatchBuckets, *, compile_model: bool = False
-) -> CudaGraphBackend | None:
-    """The engine's backend wrapped with a graph per bucket, or None (with the reason logged)
+) -> tuple[CudaGraphBackend | None, str]:
+    """The engine's backend wrapped with a graph per bucket, or None and the reason (logged)
     where graphs do not apply or capture failed."""
     device = engine.backend.device
     if device.type != "cuda":
-        logger.info("cuda_graphs is ignored on %s: CUDA graphs need a CUDA device", device)
-        return None
+        why = f"CUDA graphs need a CUDA device, not {device}"
+        logger.info("cuda_graphs is ignored: %s", why)
+        return None, why
     if not isinstance(engine.backend, TorchBackend):
-        logger.info("cuda_graphs is ignored with the %s backend", engine.backend.name)
-        return None
+        why = f"CUDA graphs apply to the torch backend, not {engine.backend.name}"
+        logger.info("cuda_graphs is ignored: %s", why)
+        return None, why
     size = fixed_input_size(engine.preprocessor.spec)
     if size is None:
-        logger.info(
-            "cuda_graphs is ignored: the model's input size varies with the image "
-            "(its preprocessor_config.json has no fixed size)"
+        why = (
+            "the model's input size varies with the image (its preprocessor_config.json has "
+            "no fixed size)"
         )
-        return None
+        logger.info("cuda_graphs is ignored: %s", why)
+        return None, why
     torch.backends.cudnn.benchmark = True  # fixed shapes: autotuning pays once per bucket
     graphs = CudaGraphBackend(engine.backend, compile_model=compile_model)
-    captured = graphs.capture(buckets.sizes, *size, with_mask=engine.preprocessor.spec.do_pad)
-    return graphs if captured else None
+    if graphs.capture(buckets.sizes, *size, with_mask=engine.preprocessor.spec.do_pad):
+        return graphs, ""
+    reason = graphs.bucket_states()[0].reason
+    return None, reason
 
 
 def fixed_input_size(spec: PreprocessSpec) -> tuple[int, int] | None:
@@ -130,12 +162,3 @@ def warmup_sizes(buckets: BatchBuckets, device: torch.device) -> list[int]:
     if device.type == "cuda":
         return list(buckets.sizes)
     return sorted({buckets.sizes[0], buckets.sizes[-1]})
-
-
-def check_tasks(n: int) -> list[DetectionTask]:
-    """The batch the precision check runs: n different 640x480 noise images."""
-    rng = np.random.default_rng(1)
-    return [
-        DetectionTask(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), 0.0, 100)
-        for _ in range(n)
-    ]

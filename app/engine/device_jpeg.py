@@ -3,6 +3,17 @@ as the fallback for every image nvjpeg refuses.
 
 Pillow decodes a 640x480 JPEG at ~320 images/s per CPU core; nvjpeg decodes batches at ~15,000
 images/s on an H100 (docs/DESIGN anchors), so at GPU throughput the CPU would be the bottleneck.
+
+Two hazards of torchvision's decoder shape this module:
+- nvjpeg's hardware decoder writes its outputs without waiting for the work already queued on
+  the stream they were allocated on (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The
+  caching allocator hands the previous batch's freed buffers to the next decode while that
+  batch's resize kernels are still queued, and the decode overwrites them: detections would go
+  to the wrong request. So the current stream is drained (a host wait) before every decode; an
+  event wait on the GPU would not do, as the hardware engine ignores stream order.
+- torchvision keeps one global decoder and rebuilds it, leaking the old one, whenever the device
+  changes; engines of several GPUs alternate, so every batch would rebuild it. With more than one
+  device JPEGs are decoded by Pillow instead (`choose_jpeg_decoder`).
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -39,12 +50,20 @@ def nvjpeg_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def choose_jpeg_decoder(setting: DecoderSetting, device: torch.device) -> DeviceJpegDecoder | None:
+def choose_jpeg_decoder(
+    setting: DecoderSetting, device: torch.device, devices_in_use: int = 1
+) -> DeviceJpegDecoder | None:
     """The device decoder when the setting and the installation allow it, else None (Pillow on
-    the request path). `nvjpeg` that cannot be honoured is an error, `auto` a log line."""
+    the request path). `nvjpeg` that cannot be honoured is an error, `auto` a log line.
+    `devices_in_use`: the devices this process serves on; nvjpeg only serves one (see above)."""
     if setting == "pillow":
         return None
     reason = nvjpeg_unavailable_reason(device)
+    if reason is None and devices_in_use > 1:
+        reason = (
+            f"{devices_in_use} devices are in use, and torchvision's one global nvjpeg decoder "
+            "is rebuilt (and the old one leaked) each time the device changes"
+        )
     if reason is None:
         logger.info("JPEGs are decoded on %s with nvjpeg, in batches", device)
         return DeviceJpegDecoder(device)
@@ -61,10 +80,32 @@ def _torchvision_decode(data: list[torch.Tensor], device: torch.device) -> list[
     return list(out) if isinstance(out, list | tuple) else [out]
 
 
+class StreamLike(Protocol):
+    def synchronize(self) -> None: ...
+
+
+class _NoStream:
+    """The CPU (tests' stand-in decoders): no stream, nothing to wait for."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _current_cuda_stream(device: torch.device) -> StreamLike:
+    return torch.cuda.current_stream(device) if device.type == "cuda" else _NoStream()
+
+
 class DeviceJpegDecoder:
-    def __init__(self, device: torch.device, decode_batch: DecodeBatch | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        decode_batch: DecodeBatch | None = None,
+        current_stream: Callable[[torch.device], StreamLike] | None = None,
+    ) -> None:
         self.device = device
         self._decode_batch = decode_batch or _torchvision_decode
+        # The stream the decoded tensors are allocated on (the prepare stage's); tests pass fakes.
+        self._current_stream = current_stream or _current_cuda_stream
 
     def decode(self, jpegs: Sequence[EncodedJpeg]) -> list[torch.Tensor | ApiError]:
         """One uint8 RGB [3, H, W] tensor on the device per JPEG, in order, or the error of a
@@ -73,6 +114,9 @@ class DeviceJpegDecoder:
             return []
         # bytearray: torch.frombuffer wants a writable buffer; the copy is a few tens of KB.
         encoded = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
+        # Drain the stream the outputs are allocated on: the previous batch's kernels must have
+        # read the memory the decoder may be handed (see the module docstring).
+        self._current_stream(self.device).synchronize()
         decoded: list[torch.Tensor | None]
         try:
             decoded = list(self._decode_batch(encoded, self.device))

@@ -84,6 +84,16 @@ ImageResult = ImageDetections | DeviceOutOfMemoryError | ApiError
 
 
 @dataclass(frozen=True)
+class BucketMode:
+    """How batches of one bucket run on one device: a replayed CUDA graph, or eagerly and why."""
+
+    device: str
+    batch_size: int
+    cuda_graph: bool
+    reason: str = ""  # why eager; empty for a graph
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     backend: str
@@ -91,6 +101,7 @@ class ModelInfo:
     dtype: str
     labels: dict[int, str]
     architecture: str
+    buckets: tuple[BucketMode, ...] = ()  # filled in at start-up (app/engine/build.py)
 
 
 @dataclass

@@ -43,7 +43,8 @@ class EnginePool(Generic[T, R]):
         self._free = threading.Condition()
         first = self.engines[0].info
         devices = ",".join(e.info.device for e in self.engines)
-        self.info = dataclasses.replace(first, device=devices)
+        buckets = tuple(b for e in self.engines for b in e.info.buckets)
+        self.info = dataclasses.replace(first, device=devices, buckets=buckets)
 
     @property
     def max_concurrent_batches(self) -> int:

@@ -138,3 +138,49 @@ def test_a_device_result_of_the_wrong_size_is_replaced_by_pillows() -> None:
     (image,) = DeviceJpegDecoder(CPU, transposed).decode([jpeg])
     expected = decode_image(jpeg.data, max_pixels=10**6, index=0).pixels
     assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))  # type: ignore[arg-type]
+
+
+def test_with_several_devices_nvjpeg_is_off_under_auto_and_refused_when_asked(monkeypatch) -> None:
+    fake_torchvision(monkeypatch)
+    assert isinstance(choose_jpeg_decoder("auto", CUDA, devices_in_use=1), DeviceJpegDecoder)
+    assert choose_jpeg_decoder("auto", torch.device("cuda:1"), devices_in_use=2) is None
+    with pytest.raises(RuntimeError, match="2 devices are in use"):
+        choose_jpeg_decoder("nvjpeg", CUDA, devices_in_use=2)
+
+
+class QueuedStream:
+    """A CUDA stream as the caching allocator sees it: kernels queued and not yet run. A buffer
+    freed by one of them is handed out again at once, while that kernel may still read it."""
+
+    def __init__(self) -> None:
+        self.queued: list[str] = []
+        self.drained = 0
+
+    def enqueue(self, kernel: str) -> None:
+        self.queued.append(kernel)
+
+    def synchronize(self) -> None:
+        self.queued.clear()
+        self.drained += 1
+
+
+def test_nvjpeg_starts_writing_only_after_the_previous_batchs_kernels_ran() -> None:
+    stream = QueuedStream()
+    still_queued_at_decode: list[list[str]] = []
+    calls: list[int] = []
+    pillow = pillow_batch(calls)
+
+    def nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        # nvjpeg's hardware engine writes at once, whatever the stream still has queued.
+        still_queued_at_decode.append(list(stream.queued))
+        out = pillow(data, device)
+        stream.enqueue(f"resize of batch {len(still_queued_at_decode)}")
+        return out
+
+    decoder = DeviceJpegDecoder(CUDA, nvjpeg, current_stream=lambda device: stream)
+    batches = [[EncodedJpeg(shapes_image(64, 48, seed=k), 48, 64, 0)] for k in range(3)]
+    stream.enqueue("resize of batch 0")  # a batch prepared before the decoder's first call
+    for batch in batches:
+        assert isinstance(decoder.decode(batch)[0], torch.Tensor)
+    assert still_queued_at_decode == [[], [], []]
+    assert stream.drained == 3 and calls == [1, 1, 1]

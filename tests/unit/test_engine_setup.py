@@ -24,9 +24,16 @@ def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
     caplog.set_level(logging.INFO)
     settings = Settings(model=tiny_model_dir, device="cpu", max_batch_size=4, cuda_graphs=True)
     engine = build_engine(settings, "cpu")
-    assert "cuda_graphs is ignored on cpu" in caplog.text
+    assert "cuda_graphs is ignored: CUDA graphs need a CUDA device, not cpu" in caplog.text
     assert "JPEGs are decoded with Pillow on the CPU" in caplog.text
     assert engine.buckets == BatchBuckets((1, 2, 4), pad=False)
+    # Every bucket says it runs eagerly, and why (for /v1/models and the metrics).
+    assert [(b.batch_size, b.cuda_graph) for b in engine.info.buckets] == [
+        (1, False),
+        (2, False),
+        (4, False),
+    ]
+    assert all(b.reason == "CUDA graphs need a CUDA device, not cpu" for b in engine.info.buckets)
     assert engine.jpeg_decoder is None and engine.info.dtype == "float32"
     assert "warm-up 2/2 on cpu: batch 4" in caplog.text
 
@@ -72,3 +79,20 @@ def test_graph_backend_runs_shapes_without_a_graph_eagerly_and_refuses_the_cpu()
     assert graphs.captured_batch_sizes == []
     with pytest.raises(ValueError, match="need a CUDA device"):
         graphs.capture([1, 2], 4, 4, with_mask=False)
+
+
+def test_the_jpeg_decoder_is_chosen_knowing_how_many_devices_serve(
+    tiny_model_dir: Path, monkeypatch
+) -> None:
+    import app.engine.build as build
+
+    asked: list[int] = []
+
+    def choose(setting, device, devices_in_use=1):
+        asked.append(devices_in_use)
+        return None
+
+    monkeypatch.setattr(build, "choose_jpeg_decoder", choose)
+    settings = Settings(model=tiny_model_dir, devices="0,1", max_batch_size=2)
+    build_engine(settings, "cpu")  # one of the two engines, here on the CPU
+    assert asked == [2]
