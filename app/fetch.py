@@ -14,12 +14,15 @@ import ipaddress
 import logging
 import re
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import httpx
 
 from app.errors import (
+    ApiError,
     FetchError,
     ImageTooLargeError,
     InvalidUrlError,
@@ -57,6 +60,14 @@ _IPV4_IN_LOW_32_BITS = (
 # Local-use NAT64 (RFC 8215): the operator picks the prefix length (/48 to /96), so where the
 # IPv4 address sits cannot be known here; it only ever leads into a local network.
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+# A small kernel receive buffer per download socket. The event loop drains a readable socket
+# into the stream's queue before the byte cap sees any of it (libuv reads up to 32 times per
+# wake-up), so with the kernel's autotuned buffer (up to tcp_rmem's 6 MiB) each download held
+# megabytes the cap did not count. 512 KiB (the kernel doubles it) still carries 10-20 MB/s at
+# a 50 ms round trip.
+_SOCKET_OPTIONS = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 512 * 1024)]
 
 
 @dataclass(frozen=True)
@@ -126,18 +137,34 @@ class Fetcher:
         self._ssl = httpx.create_ssl_context()  # loading the CA bundle once, not per download
         self._timeouts = httpx.Timeout(policy.timeout_s, connect=policy.connect_timeout_s)
         self._slots = asyncio.Semaphore(policy.max_concurrent)
-        # Bytes held by downloads in progress, all requests together (one event loop: no lock).
-        # Without it, 32 download slots times the 32 MiB cap is 1 GiB held for bodies that are
-        # then refused.
+        # Bytes of downloaded bodies alive, in progress or waiting for their decode, all
+        # requests together. Without it, 32 download slots times the 32 MiB cap is 1 GiB held,
+        # and 8 requests of 16 mid-size bodies pile up behind the decode threads. A body is
+        # released when its last reference goes (_Body.__del__, on whichever thread): a lock.
         self._buffered = 0
+        self._buffer_lock = threading.Lock()
 
     async def aclose(self) -> None:
         if self._shared_transport is not None:
             await self._shared_transport.aclose()
 
     async def fetch(self, url: str, *, index: int) -> bytes:
+        try:
+            return await self._fetch_in_slot(url, index)
+        except (ApiError, asyncio.CancelledError) as exc:
+            # A refused or cancelled download's traceback and chained exception keep each of
+            # its frames alive (the body read so far, the connection, the bytes the event loop
+            # queued for it) in a cycle through the request's task, until a full collection:
+            # hundreds of MB under a flood of refusals. The client's answer needs none of it.
+            exc.__traceback__ = None
+            exc.__context__ = None
+            raise
+
+    async def _fetch_in_slot(self, url: str, index: int) -> bytes:
         async with self._slots:
-            transport = self._shared_transport or httpx.AsyncHTTPTransport(verify=self._ssl)
+            transport = self._shared_transport or httpx.AsyncHTTPTransport(
+                verify=self._ssl, socket_options=_SOCKET_OPTIONS
+            )
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
                     return await self._fetch_following_redirects(url, index, transport)
@@ -310,6 +337,7 @@ class Fetcher:
             )
         chunks: list[bytes] = []
         size = 0
+        body: _Body | None = None
         try:
             async for chunk in response.aiter_raw():
                 size += len(chunk)
@@ -318,15 +346,17 @@ class Fetcher:
                         f"the URL's body is over the limit of {self.policy.max_bytes} bytes",
                         image_index=index,
                     )
-                if self._buffered + len(chunk) > self.policy.max_buffered_bytes:
+                if not self._reserve(len(chunk)):
                     raise QueueFullApiError(
                         "downloads in progress already hold the server's download buffer of "
                         f"{self.policy.max_buffered_bytes} bytes; retry later",
                         image_index=index,
                         headers={"Retry-After": "1"},
                     )
-                self._buffered += len(chunk)
                 chunks.append(chunk)
+            # The reservation passes to the body and ends when the body is freed.
+            body = _Body(b"".join(chunks), self._release)
+            return body
         except httpx.TimeoutException:
             raise FetchError("the URL's server stopped sending", image_index=index) from None
         except httpx.HTTPError as exc:
@@ -335,9 +365,36 @@ class Fetcher:
                 "the URL's body broke off or is not valid HTTP", image_index=index
             ) from None
         finally:
-            # Released once the body is whole: from here the request's own limits hold it.
-            self._buffered -= sum(len(c) for c in chunks)
-        return b"".join(chunks)
+            # A traceback keeps this frame, and so the pieces read, alive until the cyclic GC
+            # finds it (the request's task holds the exception that holds the frame).
+            if body is None:
+                self._release(sum(len(c) for c in chunks))
+            chunks.clear()
+
+    def _reserve(self, size: int) -> bool:
+        with self._buffer_lock:
+            if self._buffered + size > self.policy.max_buffered_bytes:
+                return False
+            self._buffered += size
+            return True
+
+    def _release(self, size: int) -> None:
+        with self._buffer_lock:
+            self._buffered -= size
+
+
+class _Body(bytes):
+    """Downloaded bytes that give their share of the download buffer back when freed."""
+
+    _release: Callable[[int], None]
+
+    def __new__(cls, data: bytes, release: Callable[[int], None]) -> _Body:
+        body = super().__new__(cls, data)
+        body._release = release
+        return body
+
+    def __del__(self) -> None:
+        self._release(len(self))
 
 
 def _short(value: object, limit: int = 100) -> str:

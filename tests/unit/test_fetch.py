@@ -371,16 +371,42 @@ async def test_downloads_in_progress_share_one_buffer(monkeypatch) -> None:
         return httpx.Response(200, content=_stream(bytes(300)))
 
     fetcher = _mock_fetcher(monkeypatch, handler, max_bytes=2000, max_buffered_bytes=1000)
-    held = asyncio.create_task(fetcher.fetch("http://a.example.test/held.jpg", index=0))
+
+    async def held_download() -> int:
+        return len(await fetcher.fetch("http://a.example.test/held.jpg", index=0))
+
+    held = asyncio.create_task(held_download())
     while fetcher._buffered < 800:
         await asyncio.sleep(0.001)
     with pytest.raises(QueueFullApiError, match="image 1: downloads in progress") as busy:
         await fetcher.fetch("http://a.example.test/other.jpg", index=1)
     assert busy.value.status_code == 429 and busy.value.headers["Retry-After"] == "1"
     release.set()
-    assert len(await held) == 900
+    assert await held == 900
+    assert fetcher._buffered == 0, "the held body was freed, its share was not given back"
+    other = await fetcher.fetch("http://a.example.test/other.jpg", index=1)
+    assert other == bytes(300)
+    assert fetcher._buffered == 300, "a body keeps its share while it is alive (decoding)"
+    del other
     assert fetcher._buffered == 0
-    assert len(await fetcher.fetch("http://a.example.test/other.jpg", index=1)) == 300
+    await fetcher.aclose()
+
+
+async def test_a_refused_body_gives_its_share_of_the_buffer_back(monkeypatch) -> None:
+    async def two_pieces():
+        yield bytes(800)
+        yield bytes(800)  # passes the 1000-byte cap: refused with 800 bytes reserved
+
+    fetcher = _mock_fetcher(
+        monkeypatch,
+        lambda r: httpx.Response(200, content=two_pieces()),
+        max_bytes=1000,
+        max_buffered_bytes=10_000,
+    )
+    for _ in range(20):  # 20 x 800 would pass the buffer if anything stayed reserved
+        with pytest.raises(ImageTooLargeError):
+            await fetcher.fetch("http://a.example.test/big.jpg", index=0)
+    assert fetcher._buffered == 0
     await fetcher.aclose()
 
 
