@@ -62,14 +62,6 @@ _IPV4_IN_LOW_32_BITS = (
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
-# A small kernel receive buffer per download socket. The event loop drains a readable socket
-# into the stream's queue before the byte cap sees any of it (libuv reads up to 32 times per
-# wake-up), so with the kernel's autotuned buffer (up to tcp_rmem's 6 MiB) each download held
-# megabytes the cap did not count. 512 KiB (the kernel doubles it) still carries 10-20 MB/s at
-# a 50 ms round trip.
-_SOCKET_OPTIONS = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 512 * 1024)]
-
-
 @dataclass(frozen=True)
 class FetchPolicy:
     allow_private: bool = False
@@ -122,7 +114,7 @@ def _is_ip_literal(host: str) -> bool:
 
 
 class Fetcher:
-    """Downloads image bytes for the API; one per app, sharing a connection pool."""
+    """Downloads image bytes for the API; one per app, sharing the limits of all downloads."""
 
     def __init__(self, policy: FetchPolicy, transport: httpx.AsyncBaseTransport | None = None):
         self.policy = policy
@@ -162,9 +154,7 @@ class Fetcher:
 
     async def _fetch_in_slot(self, url: str, index: int) -> bytes:
         async with self._slots:
-            transport = self._shared_transport or httpx.AsyncHTTPTransport(
-                verify=self._ssl, socket_options=_SOCKET_OPTIONS
-            )
+            transport = self._shared_transport or httpx.AsyncHTTPTransport(verify=self._ssl)
             try:
                 async with asyncio.timeout(self.policy.timeout_s):
                     return await self._fetch_following_redirects(url, index, transport)
