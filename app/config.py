@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     max_redirects: int = Field(
         default=3, ge=0, le=10, description="Redirects an image URL may take."
     )
+    max_download_buffer_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Bytes that image downloads in progress may hold, all requests together; "
+        "a download that would pass it is answered 429 with Retry-After.",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         description="When set, every endpoint but health and metrics needs "

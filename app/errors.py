@@ -61,6 +61,11 @@ class UrlRefusedError(ApiError):
     error_type = "url_refused"
 
 
+class InvalidUrlError(ApiError):
+    status_code = 400
+    error_type = "invalid_url"
+
+
 class QueueFullApiError(ApiError):
     status_code = 429
     error_type = "queue_full"

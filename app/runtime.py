@@ -100,6 +100,7 @@ class Runtime:
                 timeout_s=s.url_timeout_s,
                 max_redirects=s.max_redirects,
                 max_concurrent=s.max_concurrent_downloads,
+                max_buffered_bytes=s.max_download_buffer_bytes,
             )
         )
         info = pool.info

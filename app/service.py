@@ -123,6 +123,7 @@ class DetectionService:
     async def _prepare_all(self, sources: Sequence[ImageSource]) -> list[_Prepared]:
         """Fetch and decode every image concurrently; the first bad image cancels the rest
         (no download goes on for a request that is already answered 4xx)."""
+        jobs: list[asyncio.Task[_Prepared]] = []
         try:
             async with asyncio.TaskGroup() as group:
                 jobs = [group.create_task(self._prepare(i, s)) for i, s in enumerate(sources)]
@@ -132,6 +133,12 @@ class DetectionService:
                 raise
             first = min(errors, key=lambda e: -1 if e.image_index is None else e.image_index)
             self.metrics.image_errors.labels(first.error_type).inc()
+            # Each error's traceback holds its image's frame and bytes (a downloaded body keeps
+            # its share of the download buffer while alive), in a cycle through this frame and
+            # the tasks: freed only by a full collection otherwise. The answer needs neither.
+            for error in errors:
+                error.__traceback__ = None
+            jobs.clear()
             raise first from None
         return [job.result() for job in jobs]
 
