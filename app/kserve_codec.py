@@ -154,9 +154,13 @@ class InferRequest:
 # --- request ----------------------------------------------------------------------------
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHeader, bytes]:
-    """The JSON inference header and the binary section after it (empty when there is none)."""
+def split_body(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[InferRequestHeader, bytes | bytearray | memoryview]:
+    """The JSON inference header and the binary section after it (empty when there is none;
+    a view, not a copy: the binary section can be most of a 32 MB body)."""
     size = parse_count(header_length, HEADER_LENGTH)
+    binary: bytes | bytearray | memoryview
     if size is None:
         head, binary = body, b""
     else:
@@ -164,7 +168,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHead
             raise InvalidRequestError(
                 f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
             )
-        head, binary = body[:size], body[size:]
+        head, binary = body[:size], memoryview(body)[size:]
     where = "" if size is None else f" (the first {len(head)} bytes)"
     what = f"the inference request header{where}"
     check_value_count(head, what)
@@ -189,7 +193,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHead
         ) from None
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_images: int) -> InferRequest:
+def parse_infer_request(
+    body: bytes | bytearray, header_length: str | None, max_images: int
+) -> InferRequest:
     """The request, refused as soon as a count passes `max_images` (the shape is checked
     before the binary section is split, and the split stops at the shape's count)."""
     header, binary = split_body(body, header_length)
@@ -242,7 +248,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_images: int)
     )
 
 
-def deserialize_bytes(buffer: bytes, count: int) -> list[bytes]:
+def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int) -> list[bytes]:
     """BYTES elements of the binary extension: each a 4-byte little-endian length, then bytes."""
     items: list[bytes] = []
     offset = 0
@@ -264,7 +270,7 @@ def deserialize_bytes(buffer: bytes, count: int) -> list[bytes]:
                 f"input {INPUT_NAME!r}: element {len(items)} declares {size} bytes but only "
                 f"{len(buffer) - offset} remain"
             )
-        items.append(buffer[offset : offset + size])
+        items.append(bytes(buffer[offset : offset + size]))
         offset += size
     if len(items) != count:
         raise InvalidRequestError(

@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import ServiceDep
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
-from app.request_body import parse_json, run_sized
+from app.request_body import collect, parse_json, run_sized
 from app.schemas import DetectOptions, DetectResponse, ErrorResponse, detect_request_model
 from app.service import ImageSource
 
@@ -91,7 +91,7 @@ async def detect(request: Request, service: ServiceDep) -> DetectResponse:
 
 
 async def _from_json(request: Request, max_images: int) -> tuple[list[ImageSource], DetectOptions]:
-    body = await request.body()
+    body = await collect(request.stream())
     # Counted before it is parsed, parsed before it is validated, validated up to the image
     # limit only (see app/request_body.py): a dense body costs milliseconds, not seconds.
     value = await run_sized(len(body), lambda: parse_json(body, "the body"))

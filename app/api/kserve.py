@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import kserve_codec as codec
 from app.api.deps import RuntimeDep, ServiceDep
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
-from app.request_body import inflate, run_sized
+from app.request_body import collect, inflate, run_sized
 from app.runtime import Runtime
 from app.service import DetectionService, ImageSource
 
@@ -259,13 +259,14 @@ async def _infer(
 ) -> Response:
     codec.check_model(service.info.name, name, version)
     settings = service.settings
-    body = await request.body()
+    raw = await collect(request.stream())
+    body: bytes | bytearray = raw
     encoding = request.headers.get("content-encoding")
     if encoding is not None:
         # zlib releases the GIL while it inflates: on a thread the event loop runs meanwhile.
         body = await to_thread.run_sync(
             lambda: inflate(
-                body,
+                raw,
                 encoding,
                 max_bytes=min(settings.max_inflated_bytes, settings.max_upload_bytes),
                 max_ratio=settings.max_inflation_ratio,
