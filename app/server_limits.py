@@ -109,6 +109,8 @@ class HeaderGuardProtocol(HttpToolsProtocol):
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         ).encode()
         self._discarding = True
+        # Out of the count of max_connections now: it is only being drained until it closes.
+        self.connections.discard(self)
         self.transport.write(head + body)
         if self.transport.can_write_eof():
             self.transport.write_eof()

@@ -534,3 +534,35 @@ def test_ordinary_gzip_v2_request_still_works(hostile_server) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["name"] == "num_detections"
+
+
+# --- the connection cap, on a server with small limits ------------------------------------------
+
+
+def test_connections_past_the_cap_get_503_until_the_header_timeout_frees_them(
+    tiny_model_dir,
+) -> None:
+    from scripts.serverproc import RunningServer
+
+    srv = RunningServer(
+        ["--model", str(tiny_model_dir), "--max-connections", "8", "--header-timeout-s", "1.5"],
+        env={"DETR_SERVE_TORCH_THREADS": "1"},
+    )
+    held = []
+    try:
+        for _ in range(10):
+            held.append(socket.create_connection(("127.0.0.1", srv.port)))
+        time.sleep(0.2)
+        refused = httpx.get(srv.url + "/healthz", timeout=5)
+        assert refused.status_code == 503, refused.text
+        # The silent connections are closed at the header timeout: capacity comes back.
+        started = time.perf_counter()
+        for sock in held:
+            sock.settimeout(5)
+            assert b"408" in sock.recv(4096)
+        assert time.perf_counter() - started <= 1.5 + SLOW_MARGIN_S
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()
