@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from app.logging_setup import configure_logging
     from app.main import create_app
+    from app.server_limits import uvicorn_limits
 
     configure_logging(settings.log_level, settings.json_logs)
     uvicorn.run(
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        **uvicorn_limits(settings),
     )
 
 

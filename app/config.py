@@ -109,6 +109,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body, and largest image."
     )
+    max_inflated_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest inflated size of a gzip/deflate request body (v2); never more "
+        "than max_upload_bytes. Inflation stops there: 413.",
+    )
+    max_inflation_ratio: float = Field(
+        default=20.0,
+        ge=1.0,
+        le=1000.0,
+        description="A compressed request body may inflate to this many times its size "
+        "(beyond its first MiB); more is a compression bomb: 413.",
+    )
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest width*height accepted, read from the header."
     )
@@ -144,8 +158,39 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="When set, every endpoint but health and metrics needs "
+        description="When set, every endpoint but health, metrics and docs needs "
         "'Authorization: Bearer <key>'.",
+    )
+    protect_metrics: bool = Field(
+        default=False,
+        description="With api_key set, /metrics needs the key too (Prometheus: "
+        "authorization.credentials in the scrape config).",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers of one request; more: 431 and the "
+        "connection is closed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Time a connection has to send a request's headers (from the connection "
+        "or the previous response); past it: 408 and the connection is closed.",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="An idle keep-alive connection is closed after this."
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Open connections (and requests in flight) at once; past it requests are "
+        "answered 503 (uvicorn's limit_concurrency).",
+    )
+    backlog: int = Field(
+        default=2048, ge=1, le=65535, description="Connections the kernel queues before accept."
     )
     cors_origins: str = Field(
         default="", description="Comma-separated origins allowed by CORS (empty: CORS off; *: any)."

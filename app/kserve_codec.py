@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import ApiError, InvalidRequestError
+from app.request_body import check_value_count, loads, parse_count
 from app.schemas import DetectOptions, DetectResponse
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -131,8 +131,9 @@ class InferRequestHeader(_Strict):
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None
+    # Bounds on what a client can make the server validate; the model takes one input.
+    inputs: list[RequestInput] = Field(max_length=8)
+    outputs: list[RequestOutput] | None = Field(default=None, max_length=8)
 
 
 @dataclass(frozen=True)
@@ -153,60 +154,33 @@ class InferRequest:
 # --- request ----------------------------------------------------------------------------
 
 
-def decode_content(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
-    """Undo a request's Content-Encoding (tritonclient's request_compression_algorithm),
-    refusing bodies that inflate past max_bytes."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise InvalidRequestError(
-            f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none"
-        )
-    # wbits: 16 + MAX_WBITS reads a gzip wrapper, MAX_WBITS a zlib one ("deflate" in HTTP).
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as exc:
-        raise InvalidRequestError(f"the {encoding} body cannot be decompressed: {exc}") from None
-    if len(out) > max_bytes:
-        raise InvalidRequestError(
-            f"the decompressed body is over the limit of {max_bytes} bytes"
-        ) from None
-    if not inflater.eof:
-        raise InvalidRequestError(f"the {encoding} body is truncated")
-    return out
-
-
-def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHeader, bytes]:
-    """The JSON inference header and the binary section after it (empty when there is none)."""
-    if header_length is None:
+def split_body(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[InferRequestHeader, bytes | bytearray | memoryview]:
+    """The JSON inference header and the binary section after it (empty when there is none;
+    a view, not a copy: the binary section can be most of a 32 MB body)."""
+    size = parse_count(header_length, HEADER_LENGTH)
+    binary: bytes | bytearray | memoryview
+    if size is None:
         head, binary = body, b""
     else:
-        text = header_length.strip()
-        if not text.isdigit():
-            raise InvalidRequestError(
-                f"{HEADER_LENGTH} must be a byte count, got {header_length!r}"
-            )
-        size = int(text)
         if not 0 < size <= len(body):
             raise InvalidRequestError(
                 f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
             )
-        head, binary = body[:size], body[size:]
+        head, binary = body[:size], memoryview(body)[size:]
+    where = "" if size is None else f" (the first {len(head)} bytes)"
+    what = f"the inference request header{where}"
+    check_value_count(head, what)
     try:
-        parsed = json.loads(head.decode("utf-8"))
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError(
             "the inference request JSON is not valid UTF-8; BYTES sent as JSON must be UTF-8 "
             "text: send images with the binary tensor data extension (tritonclient: "
             "set_data_from_numpy(..., binary_data=True))"
         ) from None
-    except json.JSONDecodeError as exc:
-        where = "" if header_length is None else f" (the first {len(head)} bytes)"
-        raise InvalidRequestError(
-            f"the inference request header{where} is not valid JSON: {exc.msg} at byte {exc.pos}"
-        ) from None
+    parsed = loads(text, what)
     if not isinstance(parsed, dict):
         raise InvalidRequestError(
             f"the inference request must be a JSON object, got {type(parsed).__name__}"
@@ -219,7 +193,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[InferRequestHead
         ) from None
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer_request(
+    body: bytes | bytearray, header_length: str | None, max_images: int
+) -> InferRequest:
+    """The request, refused as soon as a count passes `max_images` (the shape is checked
+    before the binary section is split, and the split stops at the shape's count)."""
     header, binary = split_body(body, header_length)
     if len(header.inputs) != 1 or header.inputs[0].name != INPUT_NAME:
         names = ", ".join(repr(i.name) for i in header.inputs) or "none"
@@ -228,6 +206,11 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         )
     tensor = header.inputs[0]
     count = _element_count(tensor)
+    if count > max_images:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r} has {count} elements, over the limit of {max_images} images "
+            "per request"
+        )
     binary_size = _binary_size(tensor)
     if binary_size is None:
         if binary:
@@ -239,7 +222,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidRequestError(
                 f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size"
             )
-        images = _json_bytes(tensor.data, count)
+        images = _json_bytes(tensor.data, count, len(tensor.shape))
     else:
         if header_length is None:
             raise InvalidRequestError(
@@ -265,11 +248,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     )
 
 
-def deserialize_bytes(buffer: bytes, count: int) -> list[bytes]:
+def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int) -> list[bytes]:
     """BYTES elements of the binary extension: each a 4-byte little-endian length, then bytes."""
     items: list[bytes] = []
     offset = 0
     while offset < len(buffer):
+        if len(items) == count:
+            raise InvalidRequestError(
+                f"input {INPUT_NAME!r}: the shape says {count} elements but the binary data "
+                f"holds more ({len(buffer) - offset} bytes remain after element {count - 1})"
+            )
         if len(buffer) - offset < _LENGTH_PREFIX.size:
             raise InvalidRequestError(
                 f"input {INPUT_NAME!r}: element {len(items)} is cut off inside its 4-byte "
@@ -282,7 +270,7 @@ def deserialize_bytes(buffer: bytes, count: int) -> list[bytes]:
                 f"input {INPUT_NAME!r}: element {len(items)} declares {size} bytes but only "
                 f"{len(buffer) - offset} remain"
             )
-        items.append(buffer[offset : offset + size])
+        items.append(bytes(buffer[offset : offset + size]))
         offset += size
     if len(items) != count:
         raise InvalidRequestError(
@@ -323,8 +311,12 @@ def _binary_size(tensor: RequestInput) -> int | None:
     return size
 
 
-def _json_bytes(data: list[Any], count: int) -> list[bytes]:
-    items = list(_flatten(data))
+def _json_bytes(data: list[Any], count: int, rank: int) -> list[bytes]:
+    if len(data) > count:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r}: the shape says {count} elements but 'data' holds more"
+        )
+    items = list(_flatten(data, rank))
     if len(items) != count:
         raise InvalidRequestError(
             f"input {INPUT_NAME!r}: the shape says {count} elements but 'data' holds {len(items)}"
@@ -345,10 +337,15 @@ def _json_bytes(data: list[Any], count: int) -> list[bytes]:
     return out
 
 
-def _flatten(data: list[Any]) -> Iterator[Any]:
+def _flatten(data: list[Any], rank: int) -> Iterator[Any]:
+    """The elements of `data`, nested at most `rank` deep (tritonclient sends them flat)."""
     for item in data:
         if isinstance(item, list):
-            yield from _flatten(item)
+            if rank <= 1:
+                raise InvalidRequestError(
+                    f"input {INPUT_NAME!r}: 'data' nests lists deeper than its shape"
+                )
+            yield from _flatten(item, rank - 1)
         else:
             yield item
 

@@ -5,9 +5,22 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# What could end a log line or drive a terminal: C0 and C1 controls (CR, LF, ESC, NEL), DEL,
+# and Unicode's line and paragraph separators. Messages carry client text (paths, headers).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """`text` on one line: control characters written as escapes (\\n, \\x1b, \\u2028)."""
+    return _UNSAFE.sub(
+        lambda m: _NAMED.get(m.group(), m.group().encode("unicode_escape").decode()), text
+    )
 
 
 class _RequestIdFilter(logging.Filter):
@@ -24,11 +37,19 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
+            "message": escape_control(record.getMessage()),
         }
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(payload)
+
+
+class PlainFormatter(logging.Formatter):
+    """One record, one line: the message is escaped (a traceback after it stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (the stdlib's name)
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
 
 
 def configure_logging(level: str = "info", json_logs: bool = False) -> None:
@@ -38,7 +59,7 @@ def configure_logging(level: str = "info", json_logs: bool = False) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            PlainFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

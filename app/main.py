@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import detect, health, kserve, models
@@ -20,7 +21,7 @@ from app.engine.pipeline import Engine
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.runtime import Runtime
-from app.schemas import DetectRequest
+from app.schemas import detect_request_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         yield
         await runtime.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed package
+    # (served under /docs/static), not from a CDN, so the docs work offline.
+    app = FastAPIOffline(
         title="detr-serve",
         version="0.1.0",
         summary="Deformable-attention object detection (RT-DETR family) over HTTP.",
         lifespan=lifespan,
+        static_url="/docs/static",
     )
     app.state.runtime = runtime
     app.include_router(detect.router)
@@ -50,7 +54,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     # Added last runs first: request context, then CORS, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        app.add_middleware(
+            ApiKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            protect_metrics=settings.protect_metrics,
+        )
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -60,7 +68,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, settings.max_images_per_request)  # type: ignore[method-assign]
     return app
 
 
@@ -90,7 +98,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
     """The generated document, plus DetectRequest, which the detect route reads by hand
     (it accepts JSON and multipart on one path)."""
     if app.openapi_schema:
@@ -99,7 +107,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, summary=app.summary, routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    request_schema = DetectRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_schema = detect_request_model(max_images).model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
     components.update(request_schema.pop("$defs", {}))
     components["DetectRequest"] = request_schema
     app.openapi_schema = schema

@@ -88,7 +88,13 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        # ASCII digits only: str.isdigit says yes to '²', which int() then refuses.
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 20 or int(declared) > self.max_bytes)
+        ):
             await _send_error(
                 send,
                 scope,
@@ -149,32 +155,37 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every path but health, metrics and docs."""
+    """Requires `Authorization: Bearer <key>` on every path but health, docs and (unless
+    `protect_metrics`) metrics. The scheme is case-insensitive (RFC 7235 section 2.1)."""
 
     EXEMPT = frozenset(
         {
             "/healthz",
             "/readyz",
-            "/metrics",
             "/v2/health/live",
             "/v2/health/ready",
             "/docs",
             "/docs/oauth2-redirect",
+            "/redoc",
             "/openapi.json",
         }
     )
+    EXEMPT_PREFIXES = ("/docs/static/",)
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
+        self._exempt = self.EXEMPT if protect_metrics else self.EXEMPT | {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self._exempt or path.startswith(self.EXEMPT_PREFIXES):
             await self.app(scope, receive, send)
             return
-        given = (_header(scope, b"authorization") or "").encode("latin-1")
+        scheme, _, credentials = (_header(scope, b"authorization") or "").partition(" ")
+        given = credentials.strip(" ").encode("latin-1")
         # compare_digest: the time taken does not tell an attacker how much of the key matched.
-        if hmac.compare_digest(given, self._expected):
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, self._expected):
             await self.app(scope, receive, send)
             return
         message = "missing or wrong API key: send 'Authorization: Bearer <key>'"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from functools import cache
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 # An 8x8 red PNG: small enough for the docs, real enough that "Try it out" works.
 EXAMPLE_PNG_BASE64 = (
@@ -62,6 +64,25 @@ class DetectRequest(DetectOptions):
     )
 
     images: list[ImageInput] = Field(min_length=1, description="The images, answered in order.")
+
+
+@cache
+def detect_request_model(max_images: int) -> type[DetectRequest]:
+    """DetectRequest with `images` bounded by the server's max_images_per_request: validation
+    stops at the limit, and the OpenAPI document states it (maxItems)."""
+    model: type[DetectRequest] = create_model(
+        "DetectRequest",
+        __base__=DetectRequest,
+        images=(
+            list[ImageInput],
+            Field(
+                min_length=1,
+                max_length=max_images,
+                description="The images, answered in order.",
+            ),
+        ),
+    )
+    return model
 
 
 class Detection(BaseModel):

@@ -57,6 +57,9 @@ class ImageSource:
 # Headers of larger files are read on a worker thread: Pillow walks every marker before the
 # frame header, and a hostile file can hold many (each up to 64 KB).
 _INLINE_PROBE_BYTES = 1 << 20
+# Larger base64 texts are decoded on a worker thread, in slices (see _b64decode).
+_INLINE_BASE64_CHARS = 1 << 20
+_BASE64_SLICE = 1 << 20  # a multiple of 4
 
 
 @dataclass
@@ -168,7 +171,11 @@ class DetectionService:
         if source.url is not None:
             data = await self.fetcher.fetch(source.url, index=index)
         elif source.base64 is not None:
-            data = _b64decode(source.base64, index)
+            text = source.base64
+            if len(text) <= _INLINE_BASE64_CHARS:
+                data = _b64decode(text, index)
+            else:
+                data = await to_thread.run_sync(lambda: _b64decode(text, index))
         else:
             data = source.raw or b""
         if len(data) > self.settings.max_upload_bytes:
@@ -264,6 +271,24 @@ def _b64decode(text: str, index: int) -> bytes:
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        return _b64decode_slices(text)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # whitespace (line breaks every 76 characters, as MIME writes it) is allowed
+        return _b64decode_slices("".join(text.split()))
     except (binascii.Error, ValueError):
         raise InvalidImageError("'data' is not valid base64", image_index=index) from None
+
+
+def _b64decode_slices(text: str) -> bytes:
+    """base64.b64decode(text, validate=True) one slice at a time: binascii holds the GIL, and
+    between slices a worker thread lets the event loop in (a 32 MB text is ~70 ms in one call).
+    Padding may only end the text, as with the whole-text call."""
+    if len(text) <= _BASE64_SLICE:
+        return base64.b64decode(text, validate=True)
+    if len(text) % 4 or "=" in text[: len(text) - 2]:
+        raise binascii.Error("misplaced padding or incomplete quantum")
+    return b"".join(
+        base64.b64decode(text[i : i + _BASE64_SLICE], validate=True)
+        for i in range(0, len(text), _BASE64_SLICE)
+    )

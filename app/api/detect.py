@@ -10,7 +10,8 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import ServiceDep
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
-from app.schemas import DetectOptions, DetectRequest, DetectResponse, ErrorResponse
+from app.request_body import collect, parse_json, run_sized
+from app.schemas import DetectOptions, DetectResponse, ErrorResponse, detect_request_model
 from app.service import ImageSource
 
 router = APIRouter(tags=["detection"])
@@ -72,8 +73,13 @@ class UnsupportedMediaTypeError(InvalidRequestError):
 )
 async def detect(request: Request, service: ServiceDep) -> DetectResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding[:40]!r} is not accepted here: send the body as it is"
+        )
     if content_type == "application/json":
-        sources, options = await _from_json(request)
+        sources, options = await _from_json(request, service.settings.max_images_per_request)
     elif content_type == "multipart/form-data":
         sources, options = await _from_multipart(request, service.settings.max_images_per_request)
     else:
@@ -84,13 +90,20 @@ async def detect(request: Request, service: ServiceDep) -> DetectResponse:
     return await service.detect(sources, options)
 
 
-async def _from_json(request: Request) -> tuple[list[ImageSource], DetectOptions]:
-    body = await request.body()
+async def _from_json(request: Request, max_images: int) -> tuple[list[ImageSource], DetectOptions]:
+    body = await collect(request.stream())
+    # Counted before it is parsed, parsed before it is validated, validated up to the image
+    # limit only (see app/request_body.py): a dense body costs milliseconds, not seconds.
+    value = await run_sized(len(body), lambda: parse_json(body, "the body"))
     try:
-        parsed = DetectRequest.model_validate_json(body, strict=True)
+        parsed = detect_request_model(max_images).model_validate(value, strict=True)
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise InvalidRequestError("the body is not valid JSON") from None
+        for err in exc.errors():
+            if err["type"] == "too_long" and err["loc"] == ("images",):
+                raise InvalidRequestError(
+                    f"the request holds {err['ctx']['actual_length']} images, over the limit "
+                    f"of {max_images}"
+                ) from None
         raise ValidationFailedError(_describe(exc)) from None
     sources = [ImageSource(url=i.url, base64=i.data) for i in parsed.images]
     return sources, parsed

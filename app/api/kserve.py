@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import kserve_codec as codec
 from app.api.deps import RuntimeDep, ServiceDep
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
+from app.request_body import collect, inflate, run_sized
 from app.runtime import Runtime
 from app.service import DetectionService, ImageSource
 
@@ -256,12 +258,25 @@ async def _infer(
     request: Request, service: DetectionService, name: str, version: str | None
 ) -> Response:
     codec.check_model(service.info.name, name, version)
-    body = codec.decode_content(
-        await request.body(),
-        request.headers.get("content-encoding"),
-        service.settings.max_upload_bytes,
+    settings = service.settings
+    raw = await collect(request.stream())
+    body: bytes | bytearray = raw
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None:
+        # zlib releases the GIL while it inflates: on a thread the event loop runs meanwhile.
+        body = await to_thread.run_sync(
+            lambda: inflate(
+                raw,
+                encoding,
+                max_bytes=min(settings.max_inflated_bytes, settings.max_upload_bytes),
+                max_ratio=settings.max_inflation_ratio,
+            )
+        )
+    length_header = request.headers.get(codec.HEADER_LENGTH)
+    parsed = await run_sized(
+        len(body),
+        lambda: codec.parse_infer_request(body, length_header, settings.max_images_per_request),
     )
-    parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH))
     try:
         result = await service.detect([ImageSource(raw=b) for b in parsed.images], parsed.options)
     except InvalidImageError as exc:

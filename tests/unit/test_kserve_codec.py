@@ -12,8 +12,11 @@ import pytest
 import tritonclient.http as httpclient
 
 from app import kserve_codec as codec
-from app.errors import InvalidRequestError
+from app.errors import InvalidRequestError, PayloadTooLargeError
+from app.request_body import MAX_JSON_VALUES, inflate
 from app.schemas import Detection, DetectResponse, ImageResult, Timings
+
+MAX_IMAGES = 16
 
 TIMINGS = Timings(
     fetch_ms=0, decode_ms=0, queue_ms=0, inference_ms=0, postprocess_ms=0, batch_size=1
@@ -56,7 +59,7 @@ def result(*dets: tuple[int, float, list[float]]) -> ImageResult:
 
 def rejects(body: bytes, header_length: str | None, text: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:
-        codec.parse_infer_request(body, header_length)
+        codec.parse_infer_request(body, header_length, MAX_IMAGES)
     assert caught.value.status_code == 400
     assert text in caught.value.message, caught.value.message
 
@@ -67,7 +70,7 @@ def rejects(body: bytes, header_length: str | None, text: str) -> None:
 def test_binary_request_from_tritonclient_yields_each_image_in_order() -> None:
     images = [b"\xff\xd8first", b"", b"\x89PNG\r\n\x1a\nthird\x00"]
     body, header_length = triton_body(images, parameters={"threshold": 0.25})
-    parsed = codec.parse_infer_request(body, header_length)
+    parsed = codec.parse_infer_request(body, header_length, MAX_IMAGES)
     assert parsed.images == images
     assert parsed.images_from_json is False
     assert parsed.options.threshold == 0.25
@@ -78,21 +81,21 @@ def test_binary_request_from_tritonclient_yields_each_image_in_order() -> None:
 def test_json_request_yields_the_utf8_bytes_of_each_string() -> None:
     body, header_length = triton_body([b"plain", "caf\u00e9".encode()], binary=False)
     assert header_length is None
-    parsed = codec.parse_infer_request(body, header_length)
+    parsed = codec.parse_infer_request(body, header_length, MAX_IMAGES)
     assert parsed.images == [b"plain", "caf\u00e9".encode()]
     assert parsed.images_from_json is True
 
 
 def test_nested_json_data_and_n_by_1_shape_are_accepted() -> None:
     body = json_body({"inputs": [images_input(shape=[2, 1], data=[["a"], ["b"]])]})
-    assert codec.parse_infer_request(body, None).images == [b"a", b"b"]
+    assert codec.parse_infer_request(body, None, MAX_IMAGES).images == [b"a", b"b"]
 
 
 def test_request_parameters_become_detect_options() -> None:
     body, header_length = triton_body(
         [b"x"], parameters={"threshold": 0.4, "max_detections": 7, "classes": "circle, 3"}
     )
-    options = codec.parse_infer_request(body, header_length).options
+    options = codec.parse_infer_request(body, header_length, MAX_IMAGES).options
     assert (options.threshold, options.max_detections) == (0.4, 7)
     assert options.classes == ["circle", "3"]
 
@@ -103,7 +106,7 @@ def test_tritonclient_reserved_parameters_are_accepted() -> None:
     body, size = httpclient.InferenceServerClient.generate_request_body(
         [tensor], priority=2, timeout=1000, request_id="r-1"
     )
-    parsed = codec.parse_infer_request(body, str(size))
+    parsed = codec.parse_infer_request(body, str(size), MAX_IMAGES)
     assert parsed.id == "r-1" and parsed.images == [b"x"]
 
 
@@ -113,7 +116,7 @@ def test_requested_outputs_keep_their_order_and_binary_flag() -> None:
         httpclient.InferRequestedOutput("boxes", binary_data=True),
     ]
     body, header_length = triton_body([b"x"], outputs=outputs)
-    parsed = codec.parse_infer_request(body, header_length)
+    parsed = codec.parse_infer_request(body, header_length, MAX_IMAGES)
     assert parsed.outputs == [
         codec.RequestedOutput("scores", False),
         codec.RequestedOutput("boxes", True),
@@ -131,14 +134,14 @@ def test_binary_data_output_is_the_default_of_outputs_without_their_own_flag() -
             "parameters": {"binary_data_output": True},
         }
     )
-    assert codec.parse_infer_request(body, None).outputs == [
+    assert codec.parse_infer_request(body, None, MAX_IMAGES).outputs == [
         codec.RequestedOutput("labels", True),
         codec.RequestedOutput("scores", False),
     ]
 
 
 def test_plain_json_request_without_outputs_gets_all_of_them_as_json() -> None:
-    parsed = codec.parse_infer_request(json_body({"inputs": [images_input()]}), None)
+    parsed = codec.parse_infer_request(json_body({"inputs": [images_input()]}), None, MAX_IMAGES)
     assert parsed.outputs == [codec.RequestedOutput(n, False) for n in codec.OUTPUTS]
 
 
@@ -307,13 +310,29 @@ def test_bad_requested_outputs_are_refused(outputs: list, text: str) -> None:
 def test_compressed_bodies_are_inflated(encoding: str) -> None:
     body, _ = triton_body([b"x"])
     packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
-    assert codec.decode_content(packed, encoding, max_bytes=10_000) == body
+    assert inflate(packed, encoding, max_bytes=10_000, max_ratio=20) == body
 
 
-def test_compressed_body_inflating_past_the_limit_is_refused() -> None:
-    bomb = gzip.compress(b"\x00" * 1_000_000)
-    with pytest.raises(InvalidRequestError, match="over the limit of 1000 bytes"):
-        codec.decode_content(bomb, "gzip", max_bytes=1000)
+@pytest.mark.parametrize(
+    ("size", "max_bytes", "ratio", "text"),
+    [
+        (3_000_000, 2_000_000, 1000.0, "inflates past the limit of 2000000 bytes"),
+        (3_000_000, 16_000_000, 20.0, "more than 20 times its"),
+        (1_048_577, 16_000_000, 1.0, "over the limit of the inflation ratio"),
+    ],
+    ids=["size-cap", "ratio-cap", "ratio-floor"],
+)
+def test_compressed_body_inflating_past_a_limit_is_a_413(
+    size: int, max_bytes: int, ratio: float, text: str
+) -> None:
+    bomb = gzip.compress(b"\x00" * size)
+    with pytest.raises(PayloadTooLargeError, match=text):
+        inflate(bomb, "gzip", max_bytes=max_bytes, max_ratio=ratio)
+
+
+def test_a_body_just_under_the_ratio_floor_inflates() -> None:
+    body = b"\x00" * (1 << 20)
+    assert inflate(gzip.compress(body), "gzip", max_bytes=1 << 24, max_ratio=1.0) == body
 
 
 @pytest.mark.parametrize(
@@ -322,12 +341,14 @@ def test_compressed_body_inflating_past_the_limit_is_refused() -> None:
         (b"not gzip", "gzip", "the gzip body cannot be decompressed"),
         (gzip.compress(b"x" * 100)[:-12], "gzip", "the gzip body is truncated"),
         (b"x", "br", "unsupported Content-Encoding 'br'"),
+        (b"x", "gzip, gzip", "unsupported Content-Encoding 'gzip, gzip'"),
+        (gzip.compress(b"x") * 2, "gzip", "bytes after its end"),
     ],
-    ids=["garbage", "truncated", "brotli"],
+    ids=["garbage", "truncated", "brotli", "stacked", "concatenated"],
 )
 def test_bad_compressed_bodies_are_refused(body: bytes, encoding: str, text: str) -> None:
     with pytest.raises(InvalidRequestError, match=text):
-        codec.decode_content(body, encoding, max_bytes=10_000)
+        inflate(body, encoding, max_bytes=10_000, max_ratio=20)
 
 
 # --- responses --------------------------------------------------------------------------
@@ -444,3 +465,92 @@ def test_unknown_model_or_version_is_a_404() -> None:
     with pytest.raises(codec.UnknownModelError, match="unknown version '2' of model 'm'") as e:
         codec.check_model("m", "m", "2")
     assert e.value.status_code == 404
+
+
+def _binary_elements(count: int, shape: list[int]) -> tuple[bytes, str]:
+    binary = b"\x00\x00\x00\x00" * count
+    head = json_body(
+        {
+            "inputs": [
+                images_input(shape=shape, data=None, parameters={"binary_data_size": len(binary)})
+            ]
+        }
+    )
+    return head + binary, str(len(head))
+
+
+@pytest.mark.parametrize(
+    ("count", "shape", "text"),
+    [
+        (100_000, [100_000], "has 100000 elements, over the limit of 16 images"),
+        (100_000, [17, 1], "has 17 elements, over the limit of 16 images"),
+        (100_000, [1], "the shape says 1 elements but the binary data holds more"),
+        (100_000, [16], "the shape says 16 elements but the binary data holds more"),
+    ],
+    ids=["shape-over-limit", "2d-shape-over-limit", "split-past-shape-1", "split-past-shape-16"],
+)
+def test_counts_past_a_limit_are_refused_before_the_split(count, shape, text) -> None:
+    body, header_length = _binary_elements(count, shape)
+    rejects(body, header_length, text)
+
+
+def test_the_split_stops_at_the_shapes_count(monkeypatch) -> None:
+    """Only count + 1 length prefixes are read, however many the buffer holds."""
+    reads = []
+    real = codec._LENGTH_PREFIX
+
+    class Counting:
+        size = real.size
+
+        def unpack_from(self, buffer, offset):
+            reads.append(offset)
+            return real.unpack_from(buffer, offset)
+
+    monkeypatch.setattr(codec, "_LENGTH_PREFIX", Counting())
+    with pytest.raises(InvalidRequestError):
+        codec.deserialize_bytes(b"\x00\x00\x00\x00" * 1_000_000, 3)
+    assert len(reads) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "header_length", "text"),
+    [
+        (b'{"inputs":' + b"[" * 50_000 + b"]" * 50_000 + b"}", None, "nests arrays or objects"),
+        (
+            json_body({"inputs": [images_input(data=[[[["a"]]]])]}),
+            None,
+            "'data' nests lists deeper than its shape",
+        ),
+        (
+            json_body({"inputs": [images_input()]})[:-1]
+            + b', "parameters": {"priority": '
+            + b"9" * 5000
+            + b"}}",
+            None,
+            "an integer of 5000 digits",
+        ),
+        (json_body({"inputs": [images_input()]}), "\u00b2", "must be a byte count, got '\u00b2'"),
+        (json_body({"inputs": [images_input()]}), "1" + "0" * 5000, "must be a byte count"),
+        (json_body({"inputs": [images_input()]}), "-5", "must be a byte count"),
+    ],
+    ids=[
+        "deep-json",
+        "deep-data",
+        "huge-int",
+        "superscript-length",
+        "5000-digit-length",
+        "negative",
+    ],
+)
+def test_what_python_refuses_to_parse_is_a_400(body: bytes, header_length, text: str) -> None:
+    rejects(body, header_length, text)
+
+
+def test_a_json_header_over_the_value_limit_is_a_413_before_parsing() -> None:
+    body = json_body({"inputs": [images_input(shape=[1], data=[""] * (MAX_JSON_VALUES + 1))]})
+    with pytest.raises(PayloadTooLargeError, match=f"over the limit of {MAX_JSON_VALUES}"):
+        codec.parse_infer_request(body, None, MAX_IMAGES)
+
+
+def test_more_inputs_than_the_protocol_bound_are_refused() -> None:
+    rejects(json_body({"inputs": [images_input()] * 9}), None, "at most 8 items")
