@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     from app.main import create_app
 
     configure_logging(settings.log_level, settings.json_logs)
+    if settings.engine_process:
+        from app.supervisor import serve
+
+        raise SystemExit(serve(settings))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,9 +25,15 @@ from app.schemas import DetectRequest
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. `engine` lets tests inject an already loaded engine."""
-    runtime = Runtime(settings, engine)
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    engine_sockets: Sequence[str] | None = None,
+) -> FastAPI:
+    """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
+    makes it a front end of the engine process(es) listening there (app/supervisor.py)."""
+    runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,3 +110,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components["DetectRequest"] = request_schema
     app.openapi_schema = schema
     return schema
+
+
+def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
+    """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
+    from app.logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.json_logs)
+    return create_app(settings, engine_sockets=engine_sockets)

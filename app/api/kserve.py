@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import kserve_codec as codec
 from app.api.deps import RuntimeDep, ServiceDep
+from app.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
 from app.runtime import Runtime
 from app.service import DetectionService, ImageSource
@@ -275,7 +276,7 @@ async def _infer(
     content, header_length = codec.encode_infer_response(
         model_name=service.info.name,
         request_id=parsed.id,
-        tensors=codec.detection_tensors(result, k),
+        tensors=v2_tensors(result, k),
         outputs=parsed.outputs,
     )
     if header_length is None:
