@@ -93,16 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     # throughput on 2 cores). Set OMP_WAIT_POLICY=ACTIVE to have them spin.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _cap_malloc_arenas()
-    import uvicorn
-
     from app.logging_setup import configure_logging
-    from app.main import create_app
 
     configure_logging(settings.log_level, settings.json_logs)
     if settings.engine_process:
+        # Imports nothing of the app's HTTP side or torch here: the supervisor must set up
+        # Prometheus' multiprocess directory before prometheus_client is first imported.
         from app.supervisor import serve
 
         raise SystemExit(serve(settings))
+    import uvicorn
+
+    from app.main import create_app
+
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -15,8 +15,8 @@ from typing import Any
 
 from app.batching import Batcher, BatchStats
 from app.config import Settings
-from app.engine.pipeline import DetectionTask, ImageDetections, ImageResult, ModelInfo
 from app.engine.pool import BatchRunner, EnginePool
+from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
 from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)

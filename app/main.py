@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import detect, health, kserve, models
 from app.config import Settings
-from app.engine.pipeline import Engine
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.runtime import Runtime
 from app.schemas import DetectRequest
+
+if TYPE_CHECKING:
+    from app.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.config import Settings
-from app.engine.pipeline import Engine, ModelInfo
 from app.engine.pool import EnginePool
+from app.engine.tasks import ModelInfo
 from app.engine_host import EngineHost
 from app.fetch import Fetcher, FetchPolicy
 from app.ipc.client import RemoteEngine
 from app.metrics import Metrics
 from app.service import DetectionService, EngineClient
+
+if TYPE_CHECKING:
+    from app.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +124,8 @@ class Runtime:
             self.load_error = exc
             logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
             return
-        first = host.engines[0]
-        if isinstance(first, Engine):
-            self.engine = first
+        if self.engine is None and host.engines and hasattr(host.engines[0], "backend"):
+            self.engine = host.engines[0]  # type: ignore[assignment]
         batcher, pool = host.batcher, host.pool
         assert batcher is not None and pool is not None
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)

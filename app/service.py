@@ -27,7 +27,7 @@ from app.batching import (
     ShuttingDownError,
 )
 from app.config import Settings
-from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
+from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import (
     ApiError,
     DeadlineError,

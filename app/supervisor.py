@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -140,6 +141,11 @@ def worker_count(settings: Settings) -> int:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; the exit status (1 when the model could not be loaded)."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "prometheus_client was imported before the supervisor set PROMETHEUS_MULTIPROC_DIR: "
+            "the metrics would not be merged across processes"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="detr-serve-"))
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir()
@@ -173,6 +179,9 @@ def serve(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        # uvicorn kills a worker that does not answer its ping in time; on a busy machine
+        # its default (5 s) also kills workers that are only slow to start.
+        timeout_worker_healthcheck=15,
     )
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from app.config import Settings
-from app.engine.pipeline import DetectionTask, ImageDetections, ImageResult, ModelInfo
+from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
 
 
 class NullEngine:

@@ -28,7 +28,7 @@ from app.batching import (
     QueueFullError,
     ShuttingDownError,
 )
-from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
+from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import ApiError
 from app.ipc.wire import ArenaAllocator, create_arena, read_message, write_message
 from app.logging_setup import request_id_var
@@ -49,20 +49,37 @@ class EngineUnavailableError(BatcherError):
 @dataclass
 class _Pending:
     future: asyncio.Future[list[ImageDetections]]
-    blocks: list[tuple[int, int]]  # (offset, nbytes) in the arena
+    blocks: list[tuple[int, int]]  # (offset, nbytes) in the connection's arena
     images: int
     abandoned: bool = False  # the request gave up waiting; the answer only frees its blocks
 
 
 @dataclass
-class _Link:
-    """The connection to one engine process."""
+class _Conn:
+    """One connection to an engine process, with the arena made for it. The arena's name is
+    unlinked as soon as the engine has mapped it: the memory then lives exactly as long as
+    the two mappings, so a process killed with SIGKILL leaks nothing in /dev/shm."""
 
-    path: str
-    writer: asyncio.StreamWriter | None = None
-    state: str = "loading"  # loading | ready | stuck | draining | restarting
+    writer: asyncio.StreamWriter
+    arena: shared_memory.SharedMemory
+    allocator: ArenaAllocator
     pending: dict[int, _Pending] = field(default_factory=dict)
     outstanding: int = 0  # images sent and not answered yet (for choosing an engine)
+
+    def release(self, pending: _Pending) -> None:
+        for offset, nbytes in pending.blocks:
+            self.allocator.release(offset, nbytes)
+        pending.blocks = []
+        self.outstanding -= pending.images
+
+
+@dataclass
+class _Link:
+    """One engine process, across its restarts."""
+
+    path: str
+    conn: _Conn | None = None
+    state: str = "loading"  # loading | ready | stuck | draining | restarting
 
 
 class RemoteEngine:
@@ -77,8 +94,6 @@ class RemoteEngine:
         self._on_connect = on_connect
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
-        self._arena: shared_memory.SharedMemory | None = None
-        self._allocator = ArenaAllocator(arena_bytes)
         self.info: ModelInfo | None = None
         self.max_batch_size = 1
         self.jpeg_on_device = False
@@ -86,7 +101,8 @@ class RemoteEngine:
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._arena = create_arena(self._arena_bytes)
+        # Fail at start-up, with the message, when /dev/shm cannot hold an arena.
+        create_arena(self._arena_bytes, unlink=True).close()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._keep_connected(link), name=f"engine-link-{i}")
@@ -94,80 +110,82 @@ class RemoteEngine:
         ]
 
     async def stop(self, timeout_s: float) -> None:
-        """Wait (bounded) for answers still due, then disconnect and free the arena."""
+        """Wait (bounded) for answers still due, then disconnect."""
         self._closing = True
         deadline = time.monotonic() + timeout_s
-        while any(link.pending for link in self._links) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and any(
+            link.conn is not None and link.conn.pending for link in self._links
+        ):
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._arena is not None:
-            self._arena.close()
-            self._arena.unlink()
-            self._arena = None
 
     @property
     def state(self) -> str:
-        """ready only when every engine is; else the first link's trouble."""
+        """ready only when every engine is; else the first trouble found."""
         states = [link.state for link in self._links]
         for bad in ("draining", "restarting", "stuck", "loading"):
             if bad in states:
                 return bad
         return "ready"
 
-    @property
-    def queue_capacity_used(self) -> float:
-        return self._allocator.used / self._allocator.size
-
     # -- the connection -----------------------------------------------------------------------
     async def _keep_connected(self, link: _Link) -> None:
         """Connect, read answers until the engine goes, fail what it held, reconnect (the
         supervisor restarts a dead engine at the same socket path)."""
-        assert self._arena is not None
         while not self._closing:
             try:
                 reader, writer = await asyncio.open_unix_connection(link.path)
             except OSError:
                 await asyncio.sleep(_RECONNECT_S)
                 continue
+            arena = create_arena(self._arena_bytes)
+            conn = None
             try:
-                write_message(writer, ("hello", self._arena.name))
+                write_message(writer, ("hello", arena.name))
                 hello = await read_message(reader)
+                arena.unlink()  # the engine has it mapped now (see _Conn)
                 _, info, max_batch_size, jpeg_on_device, state = hello
                 self.info, self.max_batch_size, self.jpeg_on_device = (
                     info,
                     max_batch_size,
                     jpeg_on_device,
                 )
-                link.writer, link.state = writer, state
+                conn = _Conn(writer, arena, ArenaAllocator(self._arena_bytes))
+                link.conn, link.state = conn, state
                 logger.info("connected to the engine at %s (%s)", link.path, state)
                 if self._on_connect is not None:
                     self._on_connect(info, max_batch_size, jpeg_on_device)
                 while True:
-                    self._dispatch(link, await read_message(reader))
+                    self._dispatch(link, conn, await read_message(reader))
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
-                if link.state != "loading" and not self._closing:
+                if conn is not None and not self._closing:
                     logger.error("lost the engine at %s: %s", link.path, exc or type(exc).__name__)
             finally:
-                link.writer = None
-                if link.state != "loading":
+                link.conn = None
+                if conn is not None:
                     link.state = "restarting"
-                self._fail_all(link)
+                    self._fail_all(conn)
+                else:
+                    with contextlib.suppress(OSError):
+                        arena.unlink()
                 writer.close()
+                with contextlib.suppress(BufferError):
+                    arena.close()
             await asyncio.sleep(_RECONNECT_S)
 
-    def _dispatch(self, link: _Link, message: tuple[Any, ...]) -> None:
+    def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "state":
             link.state = message[1]
             return
-        pending = link.pending.pop(message[1], None)
+        pending = conn.pending.pop(message[1], None)
         if pending is None:
             return
-        self._release(link, pending)
+        conn.release(pending)
         if pending.abandoned or pending.future.done():
             return
         if kind == "ok":
@@ -180,34 +198,29 @@ class RemoteEngine:
         else:
             pending.future.set_exception(_error(message[2], message[3]))
 
-    def _release(self, link: _Link, pending: _Pending) -> None:
-        for offset, nbytes in pending.blocks:
-            self._allocator.release(offset, nbytes)
-        pending.blocks = []
-        link.outstanding -= pending.images
-
-    def _fail_all(self, link: _Link) -> None:
-        """The engine is gone: it reads no arena block any more; every request it held fails
-        with 503 (the client may retry once /readyz says 200 again)."""
-        for pending in link.pending.values():
-            self._release(link, pending)
+    @staticmethod
+    def _fail_all(conn: _Conn) -> None:
+        """The engine is gone: every request it held fails with 503 (the client may retry
+        once /readyz says 200 again)."""
+        for pending in conn.pending.values():
+            conn.release(pending)
             if not pending.abandoned and not pending.future.done():
                 pending.future.set_exception(
                     EngineUnavailableError("the engine process stopped while running this request")
                 )
-        link.pending.clear()
-        link.outstanding = 0
+        conn.pending.clear()
 
     # -- intake -------------------------------------------------------------------------------
-    def _pick(self) -> _Link:
-        """The connected engine with the fewest images outstanding."""
-        usable = [link for link in self._links if link.writer is not None]
+    def _pick(self) -> _Conn:
+        """The connection to the ready engine with the fewest images outstanding."""
+        usable = [link for link in self._links if link.conn is not None]
         ready = [link for link in usable if link.state in ("ready", "stuck")]
         if not ready:
             if any(link.state == "draining" for link in usable):
                 raise ShuttingDownError()
             raise EngineUnavailableError("no engine process is ready; retry shortly")
-        return min(ready, key=lambda link: link.outstanding)
+        conns = [link.conn for link in ready if link.conn is not None]
+        return min(conns, key=lambda c: c.outstanding)
 
     async def submit(
         self, tasks: Sequence[DetectionTask], deadline: float
@@ -215,50 +228,50 @@ class RemoteEngine:
         """Same contract as Batcher.submit, plus EngineUnavailableError."""
         if self._closing:
             raise ShuttingDownError()
-        self._pick()  # fail fast, before copying, when no engine is there
-        items, blocks = await self._place(tasks)
-        try:
-            link = self._pick()  # again: the copy may have awaited a thread
-        except BatcherError:
-            for offset, nbytes in blocks:
-                self._allocator.release(offset, nbytes)
-            raise
+        conn = self._pick()
         rid = next(self._ids)
-        loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), blocks, len(tasks))
-        link.pending[rid] = pending
-        link.outstanding += len(tasks)
-        writer = link.writer
-        assert writer is not None
-        write_message(writer, ("submit", rid, request_id_var.get(), deadline, items))
+        pending = _Pending(asyncio.get_running_loop().create_future(), [], len(tasks))
+        conn.pending[rid] = pending  # from here on the blocks are freed whatever happens
+        conn.outstanding += len(tasks)
         try:
-            await writer.drain()
+            items = await self._place(conn, pending, tasks)
+        except BaseException:
+            if conn.pending.pop(rid, None) is not None:
+                conn.release(pending)
+            raise
+        if pending.future.done():  # the engine went away during the copy
+            pending.future.exception()  # retrieved: it is raised below as 503
+            raise EngineUnavailableError("the engine process went away")
+        write_message(conn.writer, ("submit", rid, request_id_var.get(), deadline, items))
+        try:
+            await conn.writer.drain()
             timeout = max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
         except TimeoutError:
-            self._abandon(writer, rid, pending)
+            self._abandon(conn, rid, pending)
             raise DeadlineExceededError() from None
         except asyncio.CancelledError:  # the client went away
-            self._abandon(writer, rid, pending)
+            self._abandon(conn, rid, pending)
             raise
         except ConnectionError:
             raise EngineUnavailableError("the engine process went away") from None
 
-    def _abandon(self, writer: asyncio.StreamWriter, rid: int, pending: _Pending) -> None:
+    @staticmethod
+    def _abandon(conn: _Conn, rid: int, pending: _Pending) -> None:
         pending.abandoned = True
         if not pending.future.done():
             pending.future.cancel()
         with contextlib.suppress(Exception):
-            write_message(writer, ("cancel", rid))
+            write_message(conn.writer, ("cancel", rid))
 
+    @staticmethod
     async def _place(
-        self, tasks: Sequence[DetectionTask]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[int, int]]]:
+        conn: _Conn, pending: _Pending, tasks: Sequence[DetectionTask]
+    ) -> list[tuple[Any, ...]]:
         """Each task as a message item; pixels copied into the arena where they fit."""
-        assert self._arena is not None
-        buf = self._arena.buf
+        buf = conn.arena.buf
+        assert buf is not None
         items: list[tuple[Any, ...]] = []
-        blocks: list[tuple[int, int]] = []
         for task in tasks:
             options = (task.threshold, task.max_detections, task.class_ids)
             if task.pixels is None:
@@ -267,19 +280,19 @@ class RemoteEngine:
             pixels = task.pixels
             height, width = int(pixels.shape[0]), int(pixels.shape[1])
             nbytes = height * width * 3
-            offset = self._allocator.allocate(nbytes)
+            offset = conn.allocator.allocate(nbytes)
             if offset is None:
                 # The arena is full (many large images at once): this one travels inline.
                 items.append(("inline", np.ascontiguousarray(pixels), *options))
                 continue
-            blocks.append((offset, nbytes))
+            pending.blocks.append((offset, nbytes))
             view = np.ndarray((height, width, 3), dtype=np.uint8, buffer=buf, offset=offset)
             if nbytes > _INLINE_COPY_BYTES:
                 await asyncio.to_thread(np.copyto, view, pixels)
             else:
                 np.copyto(view, pixels)
             items.append(("shm", offset, height, width, *options))
-        return items, blocks
+        return items
 
 
 def _error(kind: str, detail: Any) -> Exception:

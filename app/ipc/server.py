@@ -35,7 +35,7 @@ from app.config import Settings
 from app.ipc.wire import attach_arena, read_message, write_message
 
 if TYPE_CHECKING:
-    from app.engine.pipeline import DetectionTask
+    from app.engine.tasks import DetectionTask
     from app.engine_host import EngineHost
     from app.metrics import Metrics
 
@@ -187,7 +187,7 @@ class EngineServer:
             QueueFullError,
             ShuttingDownError,
         )
-        from app.engine.pipeline import DeviceOutOfMemoryError
+        from app.engine.tasks import DeviceOutOfMemoryError
         from app.errors import ApiError
         from app.logging_setup import request_id_var
 
@@ -235,7 +235,7 @@ def _forget(running: dict[int, asyncio.Task[None]], rid: int, _: object) -> None
 
 
 def _task(arena: shared_memory.SharedMemory, item: tuple[Any, ...]) -> DetectionTask:
-    from app.engine.pipeline import DetectionTask
+    from app.engine.tasks import DetectionTask
 
     kind = item[0]
     if kind == "shm":

@@ -92,9 +92,10 @@ class ArenaAllocator:
         return list(self._free)
 
 
-def create_arena(nbytes: int) -> shared_memory.SharedMemory:
+def create_arena(nbytes: int, *, unlink: bool = False) -> shared_memory.SharedMemory:
     """A new shared-memory segment with its pages reserved now: a /dev/shm too small for it
-    (Docker's default is 64 MB) fails here with a message, not later with SIGBUS mid-request."""
+    (Docker's default is 64 MB) fails here with a message, not later with SIGBUS mid-request.
+    `unlink`: remove its name at once (a probe of whether /dev/shm has room)."""
     shm = shared_memory.SharedMemory(create=True, size=nbytes)
     try:
         os.posix_fallocate(shm._fd, 0, nbytes)  # type: ignore[attr-defined]
@@ -106,6 +107,8 @@ def create_arena(nbytes: int) -> shared_memory.SharedMemory:
             "container more (docker run --shm-size=1g; compose shm_size) or lower "
             "--shm-arena-mb"
         ) from exc
+    if unlink:
+        shm.unlink()
     return shm
 
 
