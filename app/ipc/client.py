@@ -173,8 +173,8 @@ class RemoteEngine:
                     with contextlib.suppress(OSError):
                         arena.unlink()
                 writer.close()
-                with contextlib.suppress(BufferError):
-                    arena.close()
+                # Not arena.close(): a copy into it may still run on a thread. The mapping goes
+                # with the last reference (the _Conn, held by that copy's coroutine).
             await asyncio.sleep(_RECONNECT_S)
 
     def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:

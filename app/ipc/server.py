@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import mmap
 import os
 import signal
 import sys
-from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,7 +133,7 @@ class EngineServer:
                 write_message(writer, message)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        arena: shared_memory.SharedMemory | None = None
+        arena: mmap.mmap | None = None
         running: dict[int, asyncio.Task[None]] = {}
         try:
             hello = await read_message(reader)
@@ -166,16 +166,13 @@ class EngineServer:
             for task in running.values():
                 task.cancel()
             writer.close()
-            if arena is not None:
-                # Views into it may live on in a batch that is still running: leave the
-                # mapping to the garbage collector then.
-                with contextlib.suppress(BufferError):
-                    arena.close()
+            # The arena is not closed here: a batch still running may read it. It is unmapped
+            # when the last array on it is gone (see attach_arena).
 
     async def _submit(
         self,
         writer: asyncio.StreamWriter,
-        arena: shared_memory.SharedMemory,
+        arena: mmap.mmap,
         rid: int,
         request_id: str,
         deadline: float,
@@ -234,13 +231,13 @@ def _forget(running: dict[int, asyncio.Task[None]], rid: int, _: object) -> None
     running.pop(rid, None)
 
 
-def _task(arena: shared_memory.SharedMemory, item: tuple[Any, ...]) -> DetectionTask:
+def _task(arena: mmap.mmap, item: tuple[Any, ...]) -> DetectionTask:
     from app.engine.tasks import DetectionTask
 
     kind = item[0]
     if kind == "shm":
         _, offset, height, width, threshold, max_det, class_ids = item
-        pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena.buf, offset=offset)
+        pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena, offset=offset)
         return DetectionTask(pixels, threshold, max_det, class_ids)
     if kind == "inline":
         _, pixels, threshold, max_det, class_ids = item

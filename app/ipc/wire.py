@@ -12,12 +12,14 @@ at most a few hundred detections); pixels never go through pickle on the normal 
 
 from __future__ import annotations
 
+import _posixshmem
 import asyncio
 import bisect
+import mmap
 import os
 import pickle
 import struct
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 _HEADER = struct.Struct("<I")
@@ -112,13 +114,17 @@ def create_arena(nbytes: int, *, unlink: bool = False) -> shared_memory.SharedMe
     return shm
 
 
-def attach_arena(name: str) -> shared_memory.SharedMemory:
-    """Map a front end's arena. The engine only borrows it: on Python < 3.13 attaching also
-    registers the segment with the resource tracker, which would unlink it when the engine
-    exits (the front end owns it and unlinks it itself)."""
-    shm = shared_memory.SharedMemory(name=name)
+def attach_arena(name: str) -> mmap.mmap:
+    """Map a front end's arena, for reading pixels in place.
+
+    A bare mmap, on purpose: numpy arrays made on it keep the mmap object alive, and it is
+    unmapped only when the last of them is gone. SharedMemory.close() (also called by its
+    __del__) would unmap it under a batch still reading it when the front end disconnects,
+    a segfault. And SharedMemory would register the segment with the resource tracker on
+    Python < 3.13, which unlinks it when this process exits, though the front end owns it.
+    """
+    fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDWR, mode=0o600)
     try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 (3.13+ may not track it at all)
-        pass
-    return shm
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
