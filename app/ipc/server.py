@@ -194,7 +194,9 @@ class EngineServer:
         reply: tuple[Any, ...]
         try:
             tasks = [_task(arena, item) for item in items]
-            outputs = await batcher.submit(tasks, deadline)
+            pending = batcher.submit(tasks, deadline)
+            self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
+            outputs = await pending
             reply = (
                 "ok",
                 rid,
@@ -221,6 +223,9 @@ class EngineServer:
         except Exception as exc:
             logger.exception("request failed in the engine")
             reply = ("error", rid, "batch_failed", f"inference failed: {type(exc).__name__}")
+        # Before the answer, so that a scrape after it sees the queue as this answer left it.
+        self.metrics.queue_depth.set(batcher.queue_depth)
+        self.metrics.in_flight.set(batcher.in_flight)
         # Always answer: the front end frees the request's arena blocks on the answer.
         with contextlib.suppress(Exception):
             write_message(writer, reply)

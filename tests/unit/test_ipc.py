@@ -214,3 +214,21 @@ def test_arena_allocator_first_fit_and_merging() -> None:
     arena.release(c, 500)
     assert arena.free_ranges == [(0, 1024)] and arena.used == 0
     assert arena.allocate(1024) == 0
+
+
+async def test_watchdog_in_the_engine_reaches_the_front_end_and_clears(make_pair) -> None:
+    pair = await make_pair(watchdog_s=0.3, max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 1.5
+    slow = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 10)
+    )
+    seen = set()
+    while not slow.done():
+        seen.add(pair.remote.state)
+        await asyncio.sleep(0.02)
+    await slow
+    assert "stuck" in seen
+    deadline = time.monotonic() + 3
+    while pair.remote.state != "ready":
+        assert time.monotonic() < deadline, pair.remote.state
+        await asyncio.sleep(0.02)
