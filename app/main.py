@@ -117,6 +117,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
     """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
     from app.logging_setup import configure_logging
+    from app.supervisor import die_with_parent
 
+    die_with_parent()
     configure_logging(settings.log_level, settings.json_logs)
     return create_app(settings, engine_sockets=engine_sockets)

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -119,6 +120,20 @@ class EngineProcess:
                 process.kill()
                 process.join()
         self._thread.join(timeout_s)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when the supervisor dies, even by
+    SIGKILL; orphaned engines and workers would otherwise hold the port and the model."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from linux/prctl.h
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def engine_settings(settings: Settings) -> list[Settings]:

@@ -64,7 +64,8 @@ def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: in
         return RunningServer(args, ready_timeout_s=300, command=cmd)
     if name == "naive":
         cmd = [*py, str(ROOT / "scripts" / "naive_server.py"), "--device", "cpu"]
-        return RunningServer(["--model", str(model)], ready_timeout_s=300, command=cmd)
+        args = ["--model", str(model)]
+        return RunningServer(args, ready_timeout_s=300, command=cmd)
     if name == "bare":
         cmd = [*py, str(ROOT / "scripts" / "bare_server.py"), "--workers", str(workers or 1)]
         return RunningServer([], ready_timeout_s=120, command=cmd)
@@ -85,6 +86,7 @@ def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
         cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
         cmd += ["--model", str(model), "--max-batch", str(max_batch)]
         cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+        cmd += ["--omp-as-is"]  # OpenMP's default (or what the caller set), as the peers get
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         rows = json.loads(Path(out.name).read_text())["raw"]
     best = max(rows, key=lambda r: r["forward_img_s"])
@@ -244,5 +246,7 @@ def environment() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        # detr-serve sets PASSIVE for itself unless this is set; the peers and the raw pass
+        # run under it as it is (unset: OpenMP's default).
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }

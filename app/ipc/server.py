@@ -52,6 +52,9 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
     # the front ends have drained, so that their in-flight requests can still finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from app.logging_setup import configure_logging
+    from app.supervisor import die_with_parent
+
+    die_with_parent()
 
     configure_logging(settings.log_level, settings.json_logs)
     sys.exit(asyncio.run(_main(settings, socket_path)))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from scripts.serverproc import RunningServer
@@ -154,3 +155,22 @@ def test_killed_front_end_worker_is_replaced(server: RunningServer) -> None:
         assert r.status_code == 200, r.text
         assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     os.kill(replacement, 0)  # alive
+
+
+def test_engine_and_workers_die_with_a_killed_supervisor(server: RunningServer) -> None:
+    children = [c.pid for c in psutil.Process(server.proc.pid).children()]
+    assert len(children) >= 3  # the engine, two workers (and the resource tracker)
+    server.proc.kill()  # SIGKILL: no chance to stop them itself
+    server.proc.wait()
+
+    def gone() -> bool:
+        return all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in children)
+
+    _wait(gone, 30, "the supervisor's children to exit")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

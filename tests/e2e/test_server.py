@@ -86,6 +86,7 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
         results = [f.result() for f in futures]
     # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit.
     assert code in (0, -signal.SIGTERM), srv.log()
+    assert srv.leftovers == [], "engine or front-end processes outlived the supervisor"
     assert [r.status_code for r in results] == [200] * 4
     log = srv.log()
     assert log.index("Shutting down") < log.index("stopped") < log.index("Finished server")
