@@ -86,7 +86,6 @@ def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
         cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
         cmd += ["--model", str(model), "--max-batch", str(max_batch)]
         cmd += ["--raw-seconds", str(seconds), "--out", out.name]
-        cmd += ["--omp-as-is"]  # OpenMP's default (or what the caller set), as the peers get
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         rows = json.loads(Path(out.name).read_text())["raw"]
     best = max(rows, key=lambda r: r["forward_img_s"])
@@ -246,7 +245,7 @@ def environment() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
-        # detr-serve sets PASSIVE for itself unless this is set; the peers and the raw pass
-        # run under it as it is (unset: OpenMP's default).
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        # Every server and the raw pass run under it (scripts/bench.py sets PASSIVE unless
+        # the caller set a policy).
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
