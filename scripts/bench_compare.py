@@ -41,6 +41,14 @@ from scripts.serverproc import RunningServer, detr_serve_command  # noqa: E402
 FORMATS = ("json", "multipart")
 
 
+def _detr_env_remove() -> tuple[str, ...]:
+    """detr-serve runs as shipped: without the PASSIVE scripts/bench.py set for the peers
+    (unless whoever runs the benchmark set a policy: then everyone gets it)."""
+    from scripts.bench import USER_OMP_WAIT_POLICY
+
+    return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
+
+
 def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: int | None):
     py = [sys.executable]
     if name == "detr-serve":
@@ -49,14 +57,16 @@ def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: in
         args += ["--log-level", "warning"]
         if workers:
             args += ["--workers", str(workers)]
-        return RunningServer(args, ready_timeout_s=300)
+        return RunningServer(args, ready_timeout_s=300, env_remove=_detr_env_remove())
     if name == "detr-serve-null":
         args = ["--model", str(model), "--backend", "null", "--max-batch-size", str(max_batch)]
         args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
         args += ["--log-level", "info"]  # the engine's pid is read from the log
         if workers:
             args += ["--workers", str(workers)]
-        return RunningServer(args, ready_timeout_s=300, command=detr_serve_command())
+        return RunningServer(
+            args, ready_timeout_s=300, command=detr_serve_command(), env_remove=_detr_env_remove()
+        )
     if name == "litserve":
         cmd = [*py, str(ROOT / "scripts" / "litserve_server.py"), "--accelerator", "cpu"]
         args = ["--model", str(model), "--max-batch-size", str(max_batch)]
@@ -81,17 +91,32 @@ def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt:
 
 
 def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
-    """The raw pass in a process of its own: best forward-only and engine img/s."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
-        cmd += ["--model", str(model), "--max-batch", str(max_batch)]
-        cmd += ["--raw-seconds", str(seconds), "--out", out.name]
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        rows = json.loads(Path(out.name).read_text())["raw"]
+    """The raw pass in a process of its own, torch's default threads, every batch size up to
+    max_batch, under PASSIVE and under OpenMP's default policy: the best forward-only img/s."""
+    from scripts.bench import USER_OMP_WAIT_POLICY
+
+    policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
+    rows = []
+    for policy in policies:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        else:
+            env["OMP_WAIT_POLICY"] = "default"  # not a policy: libgomp warns, keeps its own
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
+            cmd += ["--model", str(model), "--max-batch", str(max_batch)]
+            cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+            subprocess.run(
+                cmd, check=True, cwd=ROOT, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            rows += [{**r, "omp": policy} for r in json.loads(Path(out.name).read_text())["raw"]]
     best = max(rows, key=lambda r: r["forward_img_s"])
     return {
         "forward_img_s": best["forward_img_s"],
         "batch": best["batch"],
+        "omp": best["omp"],
         "engine_img_s": max(r["engine_img_s"] for r in rows),
     }
 
@@ -114,7 +139,8 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
         print(f"round {r + 1}/{args.rounds}: raw forward pass ...", flush=True)
         raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
         print(
-            f"  raw: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']}, "
+            f"  raw: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
+            f"(OMP {raw['omp']}), "
             f"engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
             flush=True,
         )

@@ -35,8 +35,10 @@ class RunningServer:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 120.0,
         command: list[str] | None = None,
+        env_remove: tuple[str, ...] = (),
     ) -> None:
-        """`command` (default: detr-serve) is started with `--host 127.0.0.1 --port P` + args."""
+        """`command` (default: detr-serve) is started with `--host 127.0.0.1 --port P` + args;
+        it inherits this environment, plus `env`, less the variables in `env_remove`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         prefix = command or detr_serve_command()
@@ -49,7 +51,7 @@ class RunningServer:
             cmd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if k not in env_remove},
             start_new_session=True,
         )
         self.leftovers: list[int] = []  # processes still alive after the server exited
