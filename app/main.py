@@ -40,6 +40,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        await runtime.settle()
         yield
         await runtime.stop()
 

@@ -92,6 +92,16 @@ class Runtime:
             return
         self._loader = asyncio.get_running_loop().create_task(self._load(), name="model-loader")
 
+    async def settle(self, timeout_s: float = 2.0) -> None:
+        """A front end started while its engine is up (a replaced worker) connects before it
+        takes requests: uvicorn accepts on it once the lifespan has started. At first start the
+        engine is still loading (no socket yet): no wait, /healthz must answer meanwhile."""
+        if self.remote is None or not self.remote.engine_listening():
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._state == "loading" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+
     async def wait_ready(self) -> None:
         if self._loader is not None:
             await self._loader

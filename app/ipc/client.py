@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Copies of larger images go to a worker thread so the event loop does not stall on them.
 _INLINE_COPY_BYTES = 4 << 20
-_RECONNECT_S = 0.05
+_RECONNECT_S = 0.02
 # How long past its deadline a request waits for the engine's own 504 before giving up.
 _DEADLINE_GRACE_S = 2.0
 
@@ -122,6 +123,10 @@ class RemoteEngine:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    def engine_listening(self) -> bool:
+        """Whether every engine's socket exists (it may still be a dead engine's)."""
+        return all(os.path.exists(link.path) for link in self._links)
 
     @property
     def state(self) -> str:

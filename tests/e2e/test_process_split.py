@@ -26,10 +26,13 @@ BODY = {"images": [{"data": base64.b64encode(shapes_image()).decode()}]}
 
 
 def _server(model: Path, *extra: str) -> RunningServer:
-    return RunningServer(
+    srv = RunningServer(
         ["--model", str(model), "--workers", "2", "--max-batch-delay-ms", "10", *extra],
         env={"DETR_SERVE_TORCH_THREADS": "1"},
     )
+    # /readyz answered 200 from one worker: wait for the other to connect to the engine too.
+    _wait(lambda: srv.log().count("front end ready") == 2, 30, "both workers")
+    return srv
 
 
 @pytest.fixture
