@@ -25,7 +25,7 @@ def v1_json(result: DetectResult, labels: dict[int, str]) -> bytes:
                 "height": image.height,
                 "detections": [
                     {
-                        "label": labels.get(c) or str(c),
+                        "label": labels.get(c, str(c)),
                         "class_id": c,
                         "score": score,
                         "box": box,
