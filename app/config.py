@@ -37,9 +37,10 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
-    backend: Literal["torch", "onnx"] = Field(
+    backend: Literal["torch", "onnx", "null"] = Field(
         default="torch",
-        description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime.",
+        description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
+        "null: no model, one fixed detection per image (measures the serving path alone).",
     )
     msda_kernel: bool = Field(
         default=True,
@@ -94,6 +95,25 @@ class Settings(BaseSettings):
     )
     decode_threads: int | None = Field(
         default=None, ge=1, description="Images decoded at once on the CPU (default: the cores)."
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="HTTP front-end processes (uvicorn workers) beside the engine process "
+        "(default: from the CPUs this process may use, container limits included).",
+    )
+    engine_process: bool = Field(
+        default=True,
+        description="Run the model in an engine process of its own (one per device), fed by "
+        "the front-end workers; false: one process does everything (debugging).",
+    )
+    shm_arena_mb: int = Field(
+        default=64,
+        ge=4,
+        le=65536,
+        description="Shared memory each front-end worker holds for decoded pixels on their "
+        "way to the engine (/dev/shm; an image that does not fit travels over the socket).",
     )
     max_batch_size: int = Field(default=8, ge=1, le=1024, description="Images per forward pass.")
     max_batch_delay_ms: float = Field(

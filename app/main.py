@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,22 +17,31 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import detect, health, kserve, models
 from app.config import Settings
-from app.engine.pipeline import Engine
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.runtime import Runtime
 from app.schemas import detect_request_model
 
+if TYPE_CHECKING:
+    from app.engine.pipeline import Engine
+
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. `engine` lets tests inject an already loaded engine."""
-    runtime = Runtime(settings, engine)
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    engine_sockets: Sequence[str] | None = None,
+) -> FastAPI:
+    """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
+    makes it a front end of the engine process(es) listening there (app/supervisor.py)."""
+    runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        await runtime.settle()
         yield
         await runtime.stop()
 
@@ -114,3 +123,13 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
     components["DetectRequest"] = request_schema
     app.openapi_schema = schema
     return schema
+
+
+def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
+    """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
+    from app.logging_setup import configure_logging
+    from app.supervisor import die_with_parent
+
+    die_with_parent()
+    configure_logging(settings.log_level, settings.json_logs)
+    return create_app(settings, engine_sockets=engine_sockets)

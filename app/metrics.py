@@ -1,10 +1,27 @@
-"""Prometheus metrics of the service, in a registry of their own (one per app instance)."""
+"""Prometheus metrics of the service, correct across its processes.
+
+With the engine in a process of its own (the default) the supervisor points
+PROMETHEUS_MULTIPROC_DIR at a directory it owns before any process starts: every process writes
+its samples there (prometheus_client's multiprocess mode) and whichever front end answers
+/metrics reads them all, so the view is the same from every worker. In one process (tests, or
+--no-engine-process) each Metrics keeps a registry of its own.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,11 +48,33 @@ _LATENCY_BUCKETS = (
     30.0,
 )
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_DEVICE_MEMORY_HELP = (
+    "Memory held on the model's device: allocated/reserved on CUDA, engine process RSS on CPU."
+)
 STAGES = ("fetch", "decode", "queue", "inference", "postprocess")
+
+
+class _Info(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def architecture(self) -> str: ...
+
+
+def multiprocess_mode() -> bool:
+    """Whether samples go to PROMETHEUS_MULTIPROC_DIR (prometheus_client decides at import)."""
+    return values.ValueClass is not values.MutexValue
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_mode()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -80,22 +119,64 @@ class Metrics:
             registry=r,
         )
         self.detections = Counter("detr_serve_detections_total", "Detections returned.", registry=r)
+        # Written by the engine process(es) only; "livesum" drops a dead engine's last value.
         self.queue_depth = Gauge(
-            "detr_serve_queue_depth", "Images waiting for the model.", registry=r
+            "detr_serve_queue_depth",
+            "Images waiting for the model.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
-            "detr_serve_inflight_images", "Images inside the running forward pass.", registry=r
+            "detr_serve_inflight_images",
+            "Images inside the running forward pass.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.model_info = Info("detr_serve_model", "The served model.", registry=r)
+        # A gauge at 1 rather than an Info: Info has no multiprocess mode. Same exposition.
+        self.model_info = Gauge(
+            "detr_serve_model_info",
+            "The served model.",
+            ["architecture", "backend", "device", "dtype", "model"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        # Set by the engine process(es) once their buckets are warm; "livemax": a dead engine's
+        # graphs are not in use.
         self.cuda_graph_buckets = Gauge(
             "detr_serve_cuda_graph_in_use",
             "1 where batches of this size replay a CUDA graph on this device, 0 where they run "
             "eagerly (the reason is in /v1/models and the start-up log).",
             ["device", "batch_size"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+        self.engine_restarts = Counter(
+            "detr_serve_engine_restarts_total",
+            "Engine processes restarted after they died.",
+            registry=r,
+        )
+        self.device_memory: Gauge | None = None
+        if self.multiprocess:
+            # The engine process sets it (a scrape cannot call into another process).
+            self.device_memory = Gauge(
+                "detr_serve_device_memory_bytes",
+                _DEVICE_MEMORY_HELP,
+                ["device", "kind"],
+                registry=r,
+                multiprocess_mode="livemax",
+            )
+
+    def set_model_info(self, info: _Info) -> None:
+        self.model_info.labels(
+            architecture=info.architecture,
+            backend=info.backend,
+            device=info.device,
+            dtype=info.dtype,
+            model=info.name,
+        ).set(1)
 
     def observe_device_memory(self, probe: MemoryProbe) -> None:
+        """Read at scrape time, in one process (see refresh_engine_gauges otherwise)."""
         self.registry.register(_DeviceMemoryCollector(probe))
 
     def observe_buckets(self, buckets: Iterable[tuple[str, int, bool]]) -> None:
@@ -107,6 +188,22 @@ class Metrics:
         self.queue_depth.set_function(depth)
         self.in_flight.set_function(in_flight)
 
+    def refresh_engine_gauges(self, depth: float, in_flight: float, probe: MemoryProbe) -> None:
+        """The engine process's periodic update of the gauges that scrapes cannot compute."""
+        self.queue_depth.set(depth)
+        self.in_flight.set(in_flight)
+        if self.device_memory is not None:
+            for device, kind, value in probe():
+                self.device_memory.labels(device, kind).set(value)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text a scrape gets: every process's samples in multiprocess mode."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
 
 class _DeviceMemoryCollector(Collector):
     """Reads device memory at scrape time (no polling thread)."""
@@ -116,9 +213,7 @@ class _DeviceMemoryCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "detr_serve_device_memory_bytes",
-            "Memory held on the model's device: allocated/reserved on CUDA, process RSS on CPU.",
-            labels=["device", "kind"],
+            "detr_serve_device_memory_bytes", _DEVICE_MEMORY_HELP, labels=["device", "kind"]
         )
         for device, kind, value in self._probe():
             family.add_metric([device, kind], value)

@@ -1,142 +1,148 @@
-"""The resources the app's lifespan owns: model, batcher, fetcher, worker thread, state.
+"""The resources the app's lifespan owns: the engine client, fetcher, service and state.
 
-The model loads in the background so that /healthz answers at once and /readyz says 503
-until the model is loaded and warmed.
+Two shapes, one interface for app/service.py (an engine client: `submit(tasks, deadline)`):
+  - a front-end worker (the default; `engine_sockets` given): a RemoteEngine that talks to the
+    engine process(es) the supervisor (app/supervisor.py) runs;
+  - one process (`--no-engine-process`, and the in-process API tests, which may inject an
+    engine): the EngineHost's batcher, with the model loaded in the background so that
+    /healthz answers at once and /readyz says 503 until the model is loaded and warmed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-from app.batching import Batcher, BatchStats
 from app.config import Settings
-from app.engine.build import build_engines
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections, ImageResult
 from app.engine.pool import EnginePool
+from app.engine.tasks import ModelInfo
+from app.engine_host import EngineHost
 from app.fetch import Fetcher, FetchPolicy
+from app.ipc.client import RemoteEngine
 from app.metrics import Metrics
-from app.service import DetectionService
+from app.service import DetectionService, EngineClient
+
+if TYPE_CHECKING:
+    from app.engine.pipeline import Engine
 
 logger = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "stuck", "draining", "failed"]
+State = Literal["loading", "ready", "stuck", "draining", "failed", "restarting"]
 
 
 class Runtime:
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        *,
+        engine_sockets: Sequence[str] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self._state: State = "loading"
         self.engine = engine  # the first device's engine (tests may inject one, loaded)
-        self.pool: EnginePool[DetectionTask, ImageResult] | None = None
         self.service: DetectionService | None = None
         self.load_error: BaseException | None = None
-        # One worker per batch in flight, made once the engines say how many that is.
-        self._executor: ThreadPoolExecutor | None = None
-        self._batcher: Batcher[DetectionTask, ImageDetections] | None = None
+        self.host: EngineHost | None = None
+        self.remote: RemoteEngine | None = None
+        if engine_sockets:
+            self.remote = RemoteEngine(
+                engine_sockets, settings.shm_arena_mb << 20, on_connect=self._on_connect
+            )
+        else:
+            self.host = EngineHost(settings, self.metrics, engine)
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
 
     @property
+    def pool(self) -> EnginePool[Any, Any] | None:
+        return self.host.pool if self.host is not None else None
+
+    @property
     def state(self) -> State:
-        """loading -> ready -> draining; "stuck" while a forward pass outlives the watchdog."""
-        batcher = self._batcher
-        if (
-            self._state == "ready"
-            and batcher is not None
-            and batcher.running_for_s > self.settings.watchdog_s
-        ):
+        """loading -> ready -> draining; "stuck" while a forward pass outlives the watchdog;
+        "restarting" while the engine process is being replaced."""
+        if self._state != "ready":
+            return self._state
+        if self.remote is not None:
+            remote_state = self.remote.state
+            if remote_state == "loading":  # connected once: it is a restart
+                return "restarting"
+            return remote_state  # type: ignore[return-value]
+        if self.host is not None and self.host.stuck():
             return "stuck"
         return self._state
 
     def start(self) -> None:
+        self._fetcher = Fetcher(
+            FetchPolicy(
+                allow_private=self.settings.allow_private_urls,
+                allowed_hosts=self.settings.allowed_url_host_set,
+                max_bytes=self.settings.max_upload_bytes,
+                timeout_s=self.settings.url_timeout_s,
+                max_redirects=self.settings.max_redirects,
+                max_concurrent=self.settings.max_concurrent_downloads,
+                max_buffered_bytes=self.settings.max_download_buffer_bytes,
+            )
+        )
+        if self.remote is not None:
+            self.remote.start()  # the service appears when the engine says hello
+            return
         self._loader = asyncio.get_running_loop().create_task(self._load(), name="model-loader")
+
+    async def settle(self, timeout_s: float = 2.0) -> None:
+        """A front end started while its engine is up (a replaced worker) connects before it
+        takes requests: uvicorn accepts on it once the lifespan has started. At first start the
+        engine is still loading (no socket yet): no wait, /healthz must answer meanwhile."""
+        if self.remote is None or not self.remote.engine_listening():
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._state == "loading" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
 
     async def wait_ready(self) -> None:
         if self._loader is not None:
             await self._loader
+        while self.remote is not None and self._state == "loading":
+            await asyncio.sleep(0.02)
+
+    def _on_connect(self, info: ModelInfo, max_batch_size: int, jpeg_on_device: bool) -> None:
+        assert self.remote is not None and self._fetcher is not None
+        if self.service is None:
+            self.service = self._make_service(info, self.remote, jpeg_on_device)
+            logger.info("front end ready: %s on %s", info.name, info.device)
+        if self._state == "loading":
+            self._state = "ready"
+
+    def _make_service(
+        self, info: ModelInfo, client: EngineClient, jpeg_on_device: bool
+    ) -> DetectionService:
+        assert self._fetcher is not None
+        return DetectionService(
+            self.settings, info, client, self._fetcher, self.metrics, jpeg_on_device=jpeg_on_device
+        )
 
     async def _load(self) -> None:
-        s = self.settings
+        host = self.host
+        assert host is not None
         try:
-            if self.engine is None:
-                engines = await asyncio.to_thread(build_engines, s)
-            else:
-                engines = [self.engine]
-                sizes = sorted({1, s.max_batch_size})
-                await asyncio.to_thread(self.engine.warmup, sizes)
+            await host.load()
         except Exception as exc:
             self._state = "failed"
             self.load_error = exc
             logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
             return
-        self.engine = engines[0]
-        on_cuda = self.engine.backend.device.type == "cuda"
-        per_engine = s.batches_in_flight or (2 if on_cuda else 1)
-        pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
-        self.pool = pool
-        self._executor = ThreadPoolExecutor(
-            max_workers=pool.max_concurrent_batches, thread_name_prefix="inference"
-        )
-        batcher: Batcher[DetectionTask, ImageDetections] = Batcher(
-            pool.run_batch,
-            max_batch_size=s.max_batch_size,
-            max_delay_s=s.max_batch_delay_ms / 1e3,
-            max_queue_size=s.max_queue_size,
-            executor=self._executor,
-            on_batch=self._record_batch,
-            max_concurrent_batches=pool.max_concurrent_batches,
-        )
-        batcher.start()
-        self._batcher = batcher
-        self._fetcher = Fetcher(
-            FetchPolicy(
-                allow_private=s.allow_private_urls,
-                allowed_hosts=s.allowed_url_host_set,
-                max_bytes=s.max_upload_bytes,
-                timeout_s=s.url_timeout_s,
-                max_redirects=s.max_redirects,
-                max_concurrent=s.max_concurrent_downloads,
-                max_buffered_bytes=s.max_download_buffer_bytes,
-            )
-        )
-        info = pool.info
-        self.metrics.model_info.info(
-            {
-                "model": info.name,
-                "backend": info.backend,
-                "device": info.device,
-                "dtype": info.dtype,
-                "architecture": info.architecture,
-            }
-        )
-        self.metrics.observe_buckets((b.device, b.batch_size, b.cuda_graph) for b in info.buckets)
+        if self.engine is None and host.engines and hasattr(host.engines[0], "backend"):
+            self.engine = host.engines[0]  # type: ignore[assignment]
+        batcher, pool = host.batcher, host.pool
+        assert batcher is not None and pool is not None
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.metrics.observe_device_memory(pool.memory_usage)
-        self.service = DetectionService(
-            s,
-            info,
-            batcher,
-            self._fetcher,
-            self.metrics,
-            jpeg_on_device=any(e.jpeg_decoder is not None for e in engines),
-        )
+        self.service = self._make_service(host.info, batcher, host.jpeg_on_device)
         self._state = "ready"
-        logger.info(
-            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",
-            info.name,
-            info.device,
-            info.dtype,
-            s.max_batch_size,
-            per_engine,
-        )
-
-    def _record_batch(self, stats: BatchStats) -> None:
-        self.metrics.batch_size.observe(stats.size)
-        self.metrics.batches.labels("ok" if stats.ok else "error").inc()
 
     async def stop(self) -> None:
         """Stop intake (503), finish queued and running work, release resources."""
@@ -144,10 +150,10 @@ class Runtime:
             self._state = "draining"
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
-        if self._batcher is not None:
-            await self._batcher.stop(self.settings.drain_timeout_s)
+        if self.host is not None:
+            await self.host.stop()
+        if self.remote is not None:
+            await self.remote.stop(self.settings.drain_timeout_s)
         if self._fetcher is not None:
             await self._fetcher.aclose()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")

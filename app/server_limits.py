@@ -117,8 +117,9 @@ class HeaderGuardProtocol(HttpToolsProtocol):
         self.loop.call_later(_LINGER_S, self.transport.close)
 
 
-def uvicorn_limits(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments of uvicorn.run / uvicorn.Config that bound what clients can hold."""
+def uvicorn_limits(settings: Settings, workers: int = 1) -> dict[str, Any]:
+    """The keyword arguments of uvicorn.run / uvicorn.Config that bound what clients can hold.
+    uvicorn counts connections per worker process: `max_connections` is shared among them."""
     return {
         # A partial of a module-level class: it pickles, should uvicorn spawn workers.
         "http": functools.partial(
@@ -128,7 +129,7 @@ def uvicorn_limits(settings: Settings) -> dict[str, Any]:
         ),
         # The same bound, should the h11 parser be chosen instead.
         "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "limit_concurrency": settings.max_connections,
+        "limit_concurrency": max(1, -(-settings.max_connections // workers)),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         "backlog": settings.backlog,
     }

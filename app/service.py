@@ -1,4 +1,4 @@
-"""One detection request's path: bytes (upload, base64, URL) -> decode -> batcher -> results.
+"""One detection request's path: bytes (upload, base64, URL) -> decode -> engine -> results.
 
 Everything a client could get wrong is checked here, before any image reaches the model. Where
 the engines decode JPEGs on the GPU, a plain JPEG only has its header checked here and travels
@@ -15,19 +15,19 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from anyio import CapacityLimiter, to_thread
 
 from app.batching import (
-    Batcher,
     BatchFailedError,
     DeadlineExceededError,
     QueueFullError,
     ShuttingDownError,
 )
 from app.config import Settings
-from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
+from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import (
     ApiError,
     DeadlineError,
@@ -39,10 +39,39 @@ from app.errors import (
 )
 from app.fetch import Fetcher
 from app.images import EncodedJpeg, decode_image, probe_plain_jpeg
+from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
-from app.schemas import Detection, DetectOptions, DetectResponse, ImageResult, Timings
+from app.schemas import DetectOptions
 
 logger = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    """What the service needs of the model side: the in-process Batcher, or the RemoteEngine
+    of a front-end worker (app/ipc/client.py). Both raise app.batching's errors."""
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    async def submit(
+        self, tasks: Sequence[DetectionTask], deadline: float
+    ) -> list[ImageDetections]: ...
+
+
+@dataclass(frozen=True)
+class AnsweredImage:
+    """One image's answer, as arrays: encoded to v1 JSON or v2 tensors by app/encode.py."""
+
+    width: int
+    height: int
+    detections: ImageDetections
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    model: str
+    images: list[AnsweredImage]
 
 
 @dataclass(frozen=True)
@@ -83,7 +112,7 @@ class DetectionService:
         self,
         settings: Settings,
         info: ModelInfo,
-        batcher: Batcher[DetectionTask, ImageDetections],
+        engine: EngineClient,
         fetcher: Fetcher,
         metrics: Metrics,
         *,
@@ -92,7 +121,7 @@ class DetectionService:
         self.settings = settings
         self.jpeg_on_device = jpeg_on_device
         self.info = info
-        self.batcher = batcher
+        self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
         # Decoding competes with the model for the same cores: more decode threads than cores
@@ -100,9 +129,7 @@ class DetectionService:
         self._decode_slots = CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
 
-    async def detect(
-        self, sources: Sequence[ImageSource], options: DetectOptions
-    ) -> DetectResponse:
+    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_timeout_s
         if not sources:
@@ -212,12 +239,12 @@ class DetectionService:
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
-            return await self.batcher.submit(tasks, deadline)
+            return await self.engine.submit(tasks, deadline)
         except QueueFullError as exc:
             raise QueueFullApiError(
                 str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from None
-        except ShuttingDownError as exc:
+        except (ShuttingDownError, EngineUnavailableError) as exc:
             raise UnavailableError(str(exc), headers={"Retry-After": "1"}) from None
         except DeadlineExceededError as exc:
             raise DeadlineError(str(exc)) from None
@@ -229,42 +256,29 @@ class DetectionService:
 
     def _response(
         self, prepared: list[_Prepared], outputs: list[ImageDetections], queued: float
-    ) -> DetectResponse:
-        labels = self.info.labels
-        results = []
+    ) -> DetectResult:
+        images = []
         answered = time.monotonic()
+        stages = self.metrics.stage_latency
+        detections = 0
         for p, out in zip(prepared, outputs, strict=True):
             queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
-            self.metrics.stage_latency.labels("queue").observe(queue_s)
-            self.metrics.stage_latency.labels("inference").observe(out.inference_s)
-            self.metrics.stage_latency.labels("postprocess").observe(out.postprocess_s)
-            detections = [
-                Detection(
-                    label=labels.get(int(c), str(int(c))),
-                    class_id=int(c),
-                    score=round(float(s), 5),
-                    box=[round(float(v), 2) for v in box],
-                )
-                for s, c, box in zip(out.scores, out.labels, out.boxes, strict=True)
-            ]
-            self.metrics.detections.inc(len(detections))
-            results.append(
-                ImageResult(
-                    width=p.width,
-                    height=p.height,
-                    detections=detections,
-                    timings=Timings(
-                        fetch_ms=round(p.fetch_s * 1e3, 3),
-                        decode_ms=round(p.decode_s * 1e3, 3),
-                        queue_ms=round(queue_s * 1e3, 3),
-                        inference_ms=round(out.inference_s * 1e3, 3),
-                        postprocess_ms=round(out.postprocess_s * 1e3, 3),
-                        batch_size=out.batch_size,
-                    ),
-                )
-            )
-        self.metrics.images.inc(len(results))
-        return DetectResponse(model=self.info.name, results=results)
+            stages.labels("queue").observe(queue_s)
+            stages.labels("inference").observe(out.inference_s)
+            stages.labels("postprocess").observe(out.postprocess_s)
+            detections += len(out.scores)
+            timings = {
+                "fetch_ms": round(p.fetch_s * 1e3, 3),
+                "decode_ms": round(p.decode_s * 1e3, 3),
+                "queue_ms": round(queue_s * 1e3, 3),
+                "inference_ms": round(out.inference_s * 1e3, 3),
+                "postprocess_ms": round(out.postprocess_s * 1e3, 3),
+                "batch_size": out.batch_size,
+            }
+            images.append(AnsweredImage(p.width, p.height, out, timings))
+        self.metrics.detections.inc(detections)
+        self.metrics.images.inc(len(images))
+        return DetectResult(self.info.name, images)
 
 
 def _b64decode(text: str, index: int) -> bytes:

@@ -3,6 +3,8 @@
     python scripts/bench.py                       # default model, CPU, Locust as load tool
     python scripts/bench.py --model DIR --max-batch 16 --duration 20
     python scripts/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
+    python scripts/bench.py --compare --rounds 3  # side by side: LitServe, naive, raw forward
+    python scripts/bench.py --overhead --rounds 3 # null engine vs a bare FastAPI endpoint
 
 1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
    images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
@@ -10,6 +12,10 @@
    JPEGs at 1, 8 and 32 concurrent clients, with batching on (max batch size = --max-batch)
    and off (max batch size 1); images/s and p50/p95/p99 latency.
 It prints a table and the two ratios the project tracks, and writes JSON with --out.
+
+--compare and --overhead are scripts/bench_compare.py's (see there): detr-serve against LitServe,
+the naive endpoint and the raw forward pass in one run, 16 clients, base64 JSON and multipart;
+and the serving path's own cost with the null engine against a bare FastAPI endpoint.
 
 With --device cuda the run is scripts/bench_cuda.py's: RT-DETR-R18 and -R50 sized models at 640
 (random weights, or --models DIR,...), raw forward passes with and without CUDA graphs at batch
@@ -36,6 +42,12 @@ sys.path.insert(0, str(ROOT))
 # same default before torch loads): OpenMP workers that spin between ops are faster alone
 # (38 vs 54 ms at batch 1 here) but starve decoding and HTTP in a server (15 vs 30 img/s at
 # 32 clients). OMP_WAIT_POLICY=ACTIVE python scripts/bench.py --skip-http shows the spinning raw.
+# --compare: the peers (LitServe, naive) run under this environment too; measured here,
+# LitServe serves 3x less under OpenMP's default (spinning) than under PASSIVE, so PASSIVE is
+# the fair choice for them. detr-serve gets the environment without the default set here (its
+# engine process picks its own policy, see app/cli.py), and the raw pass is measured under
+# both policies, the better one counting.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
@@ -200,6 +212,11 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    side = parser.add_argument_group("--compare / --overhead")
+    side.add_argument("--compare", action="store_true", help="vs LitServe, naive, raw")
+    side.add_argument("--overhead", action="store_true", help="null engine vs bare FastAPI")
+    side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
+    side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")
     cuda = parser.add_argument_group("--device cuda only")
     cuda.add_argument("--models", default="r18,r50", help="presets (r18, r50) or checkpoint dirs")
     cuda.add_argument("--skip-naive", action="store_true", help="no naive-endpoint baseline")
@@ -226,6 +243,22 @@ def main() -> None:
         return
     args.max_batch = args.max_batch or 8
     args.delay_ms = 5.0 if args.delay_ms is None else args.delay_ms
+    if args.compare or args.overhead:
+        from scripts.bench_compare import bench_compare, bench_overhead, environment
+
+        args.clients = int(args.clients or 16)
+        args.duration = args.duration or 15.0
+        args.raw_seconds = args.raw_seconds or 3.0
+        jpeg = sample_jpeg(args.image)
+        report: dict = {"model": str(args.model), "environment": environment()}
+        print(f"model {args.model}; image {len(jpeg)} bytes; {report['environment']}")
+        if args.compare:
+            report["compare"] = bench_compare(args, jpeg)
+        if args.overhead:
+            report["overhead"] = bench_overhead(args, jpeg)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        return
     args.clients = args.clients or "1,8,32"
     args.duration = args.duration or 20.0
     args.raw_seconds = args.raw_seconds or 3.0
@@ -242,7 +275,7 @@ def main() -> None:
     )
     print("raw engine throughput:", flush=True)
     raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
-    report: dict = {"model": str(args.model), "device": args.device, "raw": raw}
+    report = {"model": str(args.model), "device": args.device, "raw": raw}
     best_raw = max(r["engine_img_s"] for r in raw)
     print(f"raw saturation: {best_raw:.1f} img/s", flush=True)
     if not args.skip_http:

@@ -35,17 +35,26 @@ class RunningServer:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 120.0,
         command: list[str] | None = None,
+        env_remove: tuple[str, ...] = (),
     ) -> None:
-        """`command` (default: detr-serve) is started with `--host 127.0.0.1 --port P` + args."""
+        """`command` (default: detr-serve) is started with `--host 127.0.0.1 --port P` + args;
+        it inherits this environment, plus `env`, less the variables in `env_remove`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         prefix = command or detr_serve_command()
         cmd = [*prefix, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"detr-serve-{self.port}.log"
         self._log = self.log_path.open("wb")
+        # A session of its own: stop() can find and end whatever the server left behind
+        # (LitServe's forked API servers, or a detr-serve child that outlived its parent).
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if k not in env_remove},
+            start_new_session=True,
         )
+        self.leftovers: list[int] = []  # processes still alive after the server exited
         self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -66,6 +75,8 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Signal the server (only its main process, as an orchestrator would), wait for it,
+        then kill what is left of its process group (recorded in `leftovers`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -73,5 +84,31 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        self.leftovers = _group_members(self.proc.pid)
+        if self.leftovers:
+            time.sleep(1.0)  # children exiting on their own right after their parent
+            self.leftovers = _group_members(self.proc.pid)
+        for pid in self.leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not self._log.closed:
+            self._log.close()
         return int(self.proc.returncode)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the command: state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members

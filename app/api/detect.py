@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.deps import ServiceDep
+from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
 from app.schemas import DetectOptions, DetectResponse, ErrorResponse, detect_request_model
@@ -71,7 +72,7 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     responses=_ERRORS,
     openapi_extra=OPENAPI_BODY,
 )
-async def detect(request: Request, service: ServiceDep) -> DetectResponse:
+async def detect(request: Request, service: ServiceDep) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -87,7 +88,9 @@ async def detect(request: Request, service: ServiceDep) -> DetectResponse:
             "send application/json or multipart/form-data (got "
             f"{content_type or 'no content type'})"
         )
-    return await service.detect(sources, options)
+    result = await service.detect(sources, options)
+    # Encoded from the arrays (app/encode.py); response_model above documents the shape.
+    return Response(v1_json(result, service.info.labels), media_type="application/json")
 
 
 async def _from_json(request: Request, max_images: int) -> tuple[list[ImageSource], DetectOptions]:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import kserve_codec as codec
 from app.api.deps import RuntimeDep, ServiceDep
+from app.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
 from app.request_body import collect, inflate, run_sized
 from app.runtime import Runtime
@@ -290,7 +291,7 @@ async def _infer(
     content, header_length = codec.encode_infer_response(
         model_name=service.info.name,
         request_id=parsed.id,
-        tensors=codec.detection_tensors(result, k),
+        tensors=v2_tensors(result, k),
         outputs=parsed.outputs,
     )
     if header_length is None:

@@ -27,7 +27,7 @@ async def list_models(service: ServiceDep) -> ModelList:
                 dtype=info.dtype,
                 architecture=info.architecture,
                 labels=info.labels,
-                max_batch_size=service.batcher.max_batch_size,
+                max_batch_size=service.engine.max_batch_size,
                 buckets=[
                     BucketCard(
                         device=b.device,

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-from app.engine.pipeline import ModelInfo
+from app.engine.tasks import ModelInfo
 
 T = TypeVar("T")
 R = TypeVar("R")

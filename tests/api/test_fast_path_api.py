@@ -95,5 +95,5 @@ async def test_batches_in_flight_default_to_one_on_the_cpu_and_follow_the_settin
     app, client = await serve(batches_in_flight=setting)
     runtime = app.state.runtime
     assert runtime.pool.max_concurrent_batches == expected
-    assert runtime._executor._max_workers == expected
+    assert runtime.host._executor._max_workers == expected
     assert (await detect(client, shapes_image())).status_code == 200

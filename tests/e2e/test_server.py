@@ -86,6 +86,7 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
         results = [f.result() for f in futures]
     # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit.
     assert code in (0, -signal.SIGTERM), srv.log()
+    assert srv.leftovers == [], "engine or front-end processes outlived the supervisor"
     assert [r.status_code for r in results] == [200] * 4
     log = srv.log()
     assert log.index("Shutting down") < log.index("stopped") < log.index("Finished server")
@@ -102,3 +103,21 @@ def test_cli_refuses_bad_settings_before_starting() -> None:
     assert proc.returncode == 2
     assert "--max-batch-size / DETR_SERVE_MAX_BATCH_SIZE" in proc.stderr
     assert "--model / DETR_SERVE_MODEL" in proc.stderr
+
+
+def test_one_process_mode_still_serves(tiny_model_dir) -> None:
+    srv = RunningServer(
+        ["--model", str(tiny_model_dir), "--no-engine-process", "--default-threshold", "0.0"],
+        env={"DETR_SERVE_TORCH_THREADS": "1"},
+    )
+    try:
+        r = httpx.post(srv.url + "/v1/detect", json={"images": [{"data": _B64}]}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["detections"]
+        assert "engine 0 started" not in srv.log()  # no engine process
+        assert "detr_serve_images_total 1.0" in httpx.get(srv.url + "/metrics").text
+    finally:
+        srv.stop()
+
+
+_B64 = base64.b64encode(shapes_image()).decode()

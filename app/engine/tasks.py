@@ -1,0 +1,75 @@
+"""What crosses between the service and the engine: a task per image, its detections, the
+model's description. No torch here: the HTTP front-end processes import this, not the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.errors import ApiError
+from app.images import EncodedJpeg
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """One image did not fit on the device even in a batch of its own."""
+
+
+@dataclass(frozen=True)
+class DetectionTask:
+    """One image waiting for the model, with the options of its request: decoded pixels, or a
+    JPEG left encoded for the device decoder (then `pixels` is None)."""
+
+    pixels: np.ndarray | None  # uint8 [H, W, 3]
+    threshold: float
+    max_detections: int
+    class_ids: frozenset[int] | None = None
+    jpeg: EncodedJpeg | None = None
+
+    def __post_init__(self) -> None:
+        if (self.pixels is None) == (self.jpeg is None):
+            raise ValueError("a DetectionTask holds either pixels or a JPEG, not both or neither")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        if self.jpeg is not None:
+            return self.jpeg.height, self.jpeg.width
+        assert self.pixels is not None
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    scores: np.ndarray  # float32 [K]
+    labels: np.ndarray  # int64 [K]
+    boxes: np.ndarray  # float32 [K, 4], xyxy in the original image's pixels
+    batch_size: int
+    inference_s: float
+    postprocess_s: float
+
+
+# What the engine answers for one image: its detections, or the error of that image alone.
+ImageResult = ImageDetections | DeviceOutOfMemoryError | ApiError
+
+
+@dataclass(frozen=True)
+class BucketMode:
+    """How batches of one bucket run on one device: a replayed CUDA graph, or eagerly and why."""
+
+    device: str
+    batch_size: int
+    cuda_graph: bool
+    reason: str = ""  # why eager; empty for a graph
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    device: str
+    dtype: str
+    labels: dict[int, str]
+    architecture: str
+    buckets: tuple[BucketMode, ...] = ()  # filled in at start-up (app/engine/build.py)

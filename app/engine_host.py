@@ -1,0 +1,108 @@
+"""The model side of the service, in whichever process holds it: the engines (one per device),
+the pool, the batcher and its worker threads.
+
+The engine process (app/ipc/server.py) serves one over a socket; with --no-engine-process (and
+in the in-process API tests) app/runtime.py uses one directly, its batcher being the engine
+client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from app.batching import Batcher, BatchStats
+from app.config import Settings
+from app.engine.pool import BatchRunner, EnginePool
+from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
+from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineHost:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, engine: BatchRunner[Any, Any] | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engines: list[BatchRunner[DetectionTask, ImageResult]] = []
+        self._injected = engine
+        self.pool: EnginePool[DetectionTask, ImageResult] | None = None
+        self.batcher: Batcher[DetectionTask, ImageDetections] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def load(self) -> None:
+        """Build (or warm the injected engine), then start the batcher. Raises what loading
+        raised."""
+        s = self.settings
+        if self._injected is not None:
+            engines = [self._injected]
+            warmup = getattr(self._injected, "warmup", None)
+            if warmup is not None:
+                await asyncio.to_thread(warmup, sorted({1, s.max_batch_size}))
+        elif s.backend == "null":
+            from app.engine.null import NullEngine
+
+            engines = [NullEngine.from_settings(s)]
+        else:
+            from app.engine.build import build_engines
+
+            engines = list(await asyncio.to_thread(build_engines, s))
+        self.engines = engines
+        on_cuda = engines[0].info.device.startswith("cuda")
+        per_engine = s.batches_in_flight or (2 if on_cuda else 1)
+        pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
+        self.pool = pool
+        self._executor = ThreadPoolExecutor(
+            max_workers=pool.max_concurrent_batches, thread_name_prefix="inference"
+        )
+        batcher: Batcher[DetectionTask, ImageDetections] = Batcher(
+            pool.run_batch,
+            max_batch_size=s.max_batch_size,
+            max_delay_s=s.max_batch_delay_ms / 1e3,
+            max_queue_size=s.max_queue_size,
+            executor=self._executor,
+            on_batch=self._record_batch,
+            max_concurrent_batches=pool.max_concurrent_batches,
+        )
+        batcher.start()
+        self.batcher = batcher
+        self.metrics.set_model_info(pool.info)
+        self.metrics.observe_buckets(
+            (b.device, b.batch_size, b.cuda_graph) for b in pool.info.buckets
+        )
+        logger.info(
+            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",
+            pool.info.name,
+            pool.info.device,
+            pool.info.dtype,
+            s.max_batch_size,
+            per_engine,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        assert self.pool is not None, "load() first"
+        return self.pool.info
+
+    @property
+    def jpeg_on_device(self) -> bool:
+        return any(getattr(e, "jpeg_decoder", None) is not None for e in self.engines)
+
+    def stuck(self) -> bool:
+        """A forward pass has run longer than the watchdog allows."""
+        return self.batcher is not None and self.batcher.running_for_s > self.settings.watchdog_s
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self.metrics.batch_size.observe(stats.size)
+        self.metrics.batches.labels("ok" if stats.ok else "error").inc()
+
+    async def stop(self) -> None:
+        """Stop intake, finish queued and running work (bounded by the drain timeout)."""
+        if self.batcher is not None:
+            await self.batcher.stop(self.settings.drain_timeout_s)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,256 @@
+"""The engine process: owns the model (one device), the batcher and the forward pass, and
+serves the front-end workers' RemoteEngines on a unix socket.
+
+Queue decisions (429 with Retry-After), deadlines (504) and the watchdog are made here, where
+the one queue is. Pixels are read in place from each front end's shared-memory arena.
+
+Messages (pickled tuples; see wire.py):
+  front end -> engine   ("hello", arena_name)
+                        ("submit", rid, request_id, deadline, [item, ...])
+                        ("cancel", rid)
+  engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
+                        ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
+                        ("error", rid, kind, detail)
+                        ("state", state)                       when ready/stuck/draining changes
+  item: ("shm", offset, height, width, threshold, max_det, class_ids)
+        ("inline", pixels, threshold, max_det, class_ids)      did not fit in the arena
+        ("jpeg", EncodedJpeg, threshold, max_det, class_ids)   left encoded for the device
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import mmap
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.config import Settings
+from app.ipc.wire import attach_arena, read_message, write_message
+
+if TYPE_CHECKING:
+    from app.engine.tasks import DetectionTask
+    from app.engine_host import EngineHost
+    from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+# Exit status of an engine whose model could not be loaded: restarting cannot help.
+LOAD_FAILED = 3
+_GAUGE_PERIOD_S = 0.5
+
+
+def run_engine_process(settings: Settings, socket_path: str) -> None:
+    """Entry point of the spawned engine process."""
+    # Ctrl-C reaches the whole process group; the supervisor stops the engine itself, after
+    # the front ends have drained, so that their in-flight requests can still finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from app.logging_setup import configure_logging
+    from app.supervisor import die_with_parent
+
+    die_with_parent()
+
+    configure_logging(settings.log_level, settings.json_logs)
+    sys.exit(asyncio.run(_main(settings, socket_path)))
+
+
+async def _main(settings: Settings, socket_path: str) -> int:
+    from app.engine_host import EngineHost
+    from app.metrics import Metrics
+
+    metrics = Metrics()
+    host = EngineHost(settings, metrics)
+    try:
+        await host.load()
+    except Exception as exc:
+        logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
+        return LOAD_FAILED
+    server = EngineServer(host, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await server.serve(socket_path, stop)
+    return 0
+
+
+class EngineServer:
+    def __init__(self, host: EngineHost, metrics: Metrics) -> None:
+        self.host = host
+        self.metrics = metrics
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._state = "ready"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def state(self) -> str:
+        if self._state == "ready" and self.host.stuck():
+            return "stuck"
+        return self._state
+
+    async def serve(self, socket_path: str, stop: asyncio.Event) -> None:
+        server = await asyncio.start_unix_server(self._connection, path=socket_path)
+        logger.info("engine serving on %s", socket_path)
+        watcher = asyncio.get_running_loop().create_task(self._watch())
+        await stop.wait()
+        logger.info("engine draining")
+        self._state = "draining"
+        self._broadcast(("state", "draining"))
+        server.close()  # no new front ends; the connected ones get their answers first
+        await self.host.stop()
+        watcher.cancel()
+        for writer in list(self._writers):
+            writer.close()
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        logger.info("engine stopped")
+
+    async def _watch(self) -> None:
+        """Refresh the gauges a scrape cannot compute, and tell the front ends when the
+        watchdog trips or clears."""
+        batcher = self.host.batcher
+        assert batcher is not None
+        pool = self.host.pool
+        assert pool is not None
+        last = self.state
+        while True:
+            self.metrics.refresh_engine_gauges(
+                batcher.queue_depth, batcher.in_flight, pool.memory_usage
+            )
+            state = self.state
+            if state != last:
+                if state == "stuck":
+                    logger.error("a forward pass has run past the watchdog: /readyz says 503")
+                self._broadcast(("state", state))
+                last = state
+            await asyncio.sleep(_GAUGE_PERIOD_S)
+
+    def _broadcast(self, message: Any) -> None:
+        for writer in list(self._writers):
+            with contextlib.suppress(Exception):
+                write_message(writer, message)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arena: mmap.mmap | None = None
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            hello = await read_message(reader)
+            if not (isinstance(hello, tuple) and hello[0] == "hello"):
+                return
+            arena = attach_arena(hello[1])
+            host = self.host
+            write_message(
+                writer,
+                ("hello", host.info, host.settings.max_batch_size, host.jpeg_on_device, self.state),
+            )
+            self._writers.add(writer)
+            while True:
+                message = await read_message(reader)
+                if message[0] == "submit":
+                    _, rid, request_id, deadline, items = message
+                    task = asyncio.get_running_loop().create_task(
+                        self._submit(writer, arena, rid, request_id, deadline, items)
+                    )
+                    running[rid] = task
+                    task.add_done_callback(functools.partial(_forget, running, rid))
+                elif message[0] == "cancel":
+                    found = running.get(message[1])
+                    if found is not None:
+                        found.cancel()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the front end went away (a worker restarted or stopped)
+        finally:
+            self._writers.discard(writer)
+            for task in running.values():
+                task.cancel()
+            writer.close()
+            # The arena is not closed here: a batch still running may read it. It is unmapped
+            # when the last array on it is gone (see attach_arena).
+
+    async def _submit(
+        self,
+        writer: asyncio.StreamWriter,
+        arena: mmap.mmap,
+        rid: int,
+        request_id: str,
+        deadline: float,
+        items: list[tuple[Any, ...]],
+    ) -> None:
+        from app.batching import (
+            BatchFailedError,
+            DeadlineExceededError,
+            QueueFullError,
+            ShuttingDownError,
+        )
+        from app.engine.tasks import DeviceOutOfMemoryError
+        from app.errors import ApiError
+        from app.logging_setup import request_id_var
+
+        request_id_var.set(request_id)  # log lines of this request's batch carry its id
+        batcher = self.host.batcher
+        assert batcher is not None
+        reply: tuple[Any, ...]
+        try:
+            tasks = [_task(arena, item) for item in items]
+            pending = batcher.submit(tasks, deadline)
+            self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
+            outputs = await pending
+            reply = (
+                "ok",
+                rid,
+                [
+                    (o.scores, o.labels, o.boxes, o.batch_size, o.inference_s, o.postprocess_s)
+                    for o in outputs
+                ],
+            )
+        except asyncio.CancelledError:
+            reply = ("error", rid, "cancelled", None)
+        except QueueFullError as exc:
+            reply = ("error", rid, "queue_full", exc.retry_after_s)
+        except ShuttingDownError:
+            reply = ("error", rid, "shutting_down", None)
+        except DeadlineExceededError:
+            reply = ("error", rid, "deadline", None)
+        except BatchFailedError as exc:
+            reply = ("error", rid, "batch_failed", str(exc))
+        except DeviceOutOfMemoryError as exc:
+            reply = ("error", rid, "out_of_memory", str(exc))
+        except ApiError as exc:  # an image the device decoder and Pillow both refused
+            detail = (type(exc).__name__, exc.message, exc.image_index, exc.headers)
+            reply = ("error", rid, "api_error", detail)
+        except Exception as exc:
+            logger.exception("request failed in the engine")
+            reply = ("error", rid, "batch_failed", f"inference failed: {type(exc).__name__}")
+        # Before the answer, so that a scrape after it sees the queue as this answer left it.
+        self.metrics.queue_depth.set(batcher.queue_depth)
+        self.metrics.in_flight.set(batcher.in_flight)
+        # Always answer: the front end frees the request's arena blocks on the answer.
+        with contextlib.suppress(Exception):
+            write_message(writer, reply)
+            await writer.drain()
+
+
+def _forget(running: dict[int, asyncio.Task[None]], rid: int, _: object) -> None:
+    running.pop(rid, None)
+
+
+def _task(arena: mmap.mmap, item: tuple[Any, ...]) -> DetectionTask:
+    from app.engine.tasks import DetectionTask
+
+    kind = item[0]
+    if kind == "shm":
+        _, offset, height, width, threshold, max_det, class_ids = item
+        pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena, offset=offset)
+        return DetectionTask(pixels, threshold, max_det, class_ids)
+    if kind == "inline":
+        _, pixels, threshold, max_det, class_ids = item
+        return DetectionTask(pixels, threshold, max_det, class_ids)
+    if kind == "jpeg":
+        _, jpeg, threshold, max_det, class_ids = item
+        return DetectionTask(None, threshold, max_det, class_ids, jpeg=jpeg)
+    raise ValueError(f"unknown item kind {kind!r}")

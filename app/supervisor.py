@@ -1,0 +1,227 @@
+"""The `detr-serve` main process: one engine process per device (restarted when it dies) and
+uvicorn's supervisor of the HTTP front-end workers (which replaces a worker that dies).
+
+    supervisor (this process; no model, no HTTP)
+      |- engine process per device  app/ipc/server.py: model, batcher, forward pass
+      |- front-end worker x N       uvicorn + app.main.create_frontend_app: HTTP, fetch,
+                                    decode, encode; pixels to the engine in shared memory
+
+It owns a temporary directory for the engines' unix sockets and Prometheus' multiprocess
+files, made empty at start and removed at exit. On SIGTERM or SIGINT the front ends drain
+first (their in-flight requests still reach the engines), then the engines drain and stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.config import Settings
+from app.cpus import available_cpus, default_workers
+from app.ipc.server import LOAD_FAILED, run_engine_process
+
+if TYPE_CHECKING:
+    from uvicorn.supervisors import Multiprocess
+
+    from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 10.0
+_STABLE_S = 60.0  # an engine that lived this long restarts at once again when it dies
+
+
+class EngineProcess:
+    """One engine process, started again (with backoff) whenever it dies."""
+
+    def __init__(self, index: int, settings: Settings, socket_path: str, metrics: Metrics) -> None:
+        self.index = index
+        self.settings = settings
+        self.socket_path = socket_path
+        self.metrics = metrics
+        self.failed = threading.Event()  # the model cannot be loaded: give up
+        self._stopping = threading.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
+        self.on_fatal: list[object] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        from prometheus_client import multiprocess
+
+        ctx = multiprocessing.get_context("spawn")
+        backoff = 0.5
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                process = ctx.Process(
+                    target=run_engine_process,
+                    args=(self.settings, self.socket_path),
+                    name=f"detr-serve-engine-{self.index}",
+                )
+                process.start()
+                self._process = process
+            started = time.monotonic()
+            logger.info("engine %d started (pid %d)", self.index, process.pid)
+            process.join()
+            if self._stopping.is_set():
+                return
+            assert process.pid is not None
+            # Its "live" gauges (queue depth, memory) must not count any more.
+            multiprocess.mark_process_dead(process.pid)
+            if process.exitcode == LOAD_FAILED:
+                logger.critical("engine %d could not load the model: stopping", self.index)
+                self.failed.set()
+                return
+            if time.monotonic() - started > _STABLE_S:
+                backoff = 0.5
+            logger.error(
+                "engine %d (pid %d) died (exit code %s); restarting in %.1f s",
+                self.index,
+                process.pid,
+                process.exitcode,
+                backoff,
+            )
+            self.metrics.engine_restarts.inc()
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM (the engine drains its queue), SIGKILL past `timeout_s`."""
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(timeout_s)
+            if process.is_alive():
+                logger.warning(
+                    "engine %d did not stop in %.0f s: killing it", self.index, timeout_s
+                )
+                process.kill()
+                process.join()
+        self._thread.join(timeout_s)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when the supervisor dies, even by
+    SIGKILL; orphaned engines and workers would otherwise hold the port and the model."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from linux/prctl.h
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def engine_settings(settings: Settings) -> list[Settings]:
+    """The settings of each engine process: one device each."""
+    if not settings.devices:
+        return [settings]
+    return [settings.model_copy(update={"devices": "", "device": d}) for d in settings.device_list]
+
+
+def likely_cuda(settings: Settings) -> bool:
+    """Whether the engines will run on CUDA, without importing torch here."""
+    if settings.devices or settings.device.startswith("cuda"):
+        return True
+    return settings.device == "auto" and Path("/dev/nvidiactl").exists()
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.workers or default_workers(available_cpus(), likely_cuda(settings))
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; the exit status (1 when the model could not be loaded)."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "prometheus_client was imported before the supervisor set PROMETHEUS_MULTIPROC_DIR: "
+            "the metrics would not be merged across processes"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="detr-serve-"))
+    metrics_dir = workdir / "metrics"
+    metrics_dir.mkdir()
+    # Before prometheus_client is imported anywhere: this process and every child (they
+    # inherit the environment) write their samples to files there (app/metrics.py).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from app.main import create_frontend_app
+    from app.metrics import Metrics
+    from app.server_limits import uvicorn_limits
+
+    metrics = Metrics()
+    engines = [
+        EngineProcess(i, s, str(workdir / f"engine-{i}.sock"), metrics)
+        for i, s in enumerate(engine_settings(settings))
+    ]
+    workers = worker_count(settings)
+    logger.info(
+        "starting %d engine process(es) and %d front-end worker(s) (%d CPUs usable)",
+        len(engines),
+        workers,
+        available_cpus(),
+    )
+    config = uvicorn.Config(
+        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines]),
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        # uvicorn kills a worker that does not answer its ping in time; on a busy machine
+        # its default (5 s) also kills workers that are only slow to start.
+        timeout_worker_healthcheck=15,
+        **uvicorn_limits(settings, workers),
+    )
+    sock = config.bind_socket()
+    supervisor = Multiprocess(config, sockets=[sock])
+    for engine in engines:
+        engine.start()
+    watcher = threading.Thread(
+        target=_stop_when_an_engine_fails, args=(engines, supervisor), daemon=True
+    )
+    watcher.start()
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+        for engine in engines:
+            engine.stop(settings.drain_timeout_s + 5)
+        shutil.rmtree(workdir, ignore_errors=True)
+    logger.info("detr-serve stopped")
+    return 1 if any(e.failed.is_set() for e in engines) else 0
+
+
+def _stop_when_an_engine_fails(engines: list[EngineProcess], supervisor: Multiprocess) -> None:
+    while not supervisor.should_exit.is_set():
+        if any(e.failed.is_set() for e in engines):
+            supervisor.should_exit.set()
+            return
+        time.sleep(0.2)

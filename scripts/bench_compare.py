@@ -1,0 +1,295 @@
+"""`scripts/bench.py --compare` and `--overhead`: detr-serve side by side with its peers, in the
+same run, with the same client (scripts/httpload.py: aiohttp, closed loop) and the same 640x480
+JPEG, sent as base64 JSON and as multipart.
+
+--compare    detr-serve as shipped (engine process + front-end workers), LitServe on the same
+             checkpoint (scripts/litserve_server.py: transformers' processor and model, LitServe's
+             batching with max_batch_size and batch_timeout equal to detr-serve's), the naive
+             endpoint (scripts/naive_server.py), and the raw forward pass of the checkpoint in a
+             process of its own (scripts/bench.py --skip-http, torch's default threads) at its
+             best batch size. Per round and body format: img/s and p50, then detr-serve/LitServe,
+             detr-serve/naive and end-to-end/raw; then the range of each ratio over the rounds.
+             Servers run one at a time, in a rotated order each round.
+--overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
+             JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
+             FastAPI endpoint (scripts/bare_server.py) that reads the same upload and answers the
+             same JSON, with the same number of uvicorn workers; the ratio, and the front ends'
+             CPU time per image (their process CPU time / images answered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.httpload import LoadResult, run_load  # noqa: E402
+from scripts.serverproc import RunningServer, detr_serve_command  # noqa: E402
+
+FORMATS = ("json", "multipart")
+
+
+def _detr_env_remove() -> tuple[str, ...]:
+    """detr-serve runs as shipped: without the PASSIVE scripts/bench.py set for the peers
+    (unless whoever runs the benchmark set a policy: then everyone gets it)."""
+    from scripts.bench import USER_OMP_WAIT_POLICY
+
+    return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
+
+
+def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: int | None):
+    py = [sys.executable]
+    if name == "detr-serve":
+        args = ["--model", str(model), "--max-batch-size", str(max_batch)]
+        args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
+        args += ["--log-level", "warning"]
+        if workers:
+            args += ["--workers", str(workers)]
+        return RunningServer(args, ready_timeout_s=300, env_remove=_detr_env_remove())
+    if name == "detr-serve-null":
+        args = ["--model", str(model), "--backend", "null", "--max-batch-size", str(max_batch)]
+        args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
+        args += ["--log-level", "info"]  # the engine's pid is read from the log
+        if workers:
+            args += ["--workers", str(workers)]
+        return RunningServer(
+            args, ready_timeout_s=300, command=detr_serve_command(), env_remove=_detr_env_remove()
+        )
+    if name == "litserve":
+        cmd = [*py, str(ROOT / "scripts" / "litserve_server.py"), "--accelerator", "cpu"]
+        args = ["--model", str(model), "--max-batch-size", str(max_batch)]
+        args += ["--batch-timeout", str(delay_ms / 1e3)]
+        return RunningServer(args, ready_timeout_s=300, command=cmd)
+    if name == "naive":
+        cmd = [*py, str(ROOT / "scripts" / "naive_server.py"), "--device", "cpu"]
+        args = ["--model", str(model)]
+        return RunningServer(args, ready_timeout_s=300, command=cmd)
+    if name == "bare":
+        cmd = [*py, str(ROOT / "scripts" / "bare_server.py"), "--workers", str(workers or 1)]
+        return RunningServer([], ready_timeout_s=120, command=cmd)
+    raise ValueError(name)
+
+
+def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt: str):
+    # A few requests first: lazy imports and allocations are not what is measured.
+    run_load(server.url + "/v1/detect", jpeg, 2, 1.0, warmup_s=0.5, as_json=fmt == "json")
+    return run_load(
+        server.url + "/v1/detect", jpeg, clients, seconds, warmup_s=2.0, as_json=fmt == "json"
+    )
+
+
+def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
+    """The raw pass in a process of its own, torch's default threads, every batch size up to
+    max_batch, under PASSIVE and under OpenMP's default policy: the best forward-only img/s."""
+    from scripts.bench import USER_OMP_WAIT_POLICY
+
+    policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
+    rows = []
+    for policy in policies:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        else:
+            env["OMP_WAIT_POLICY"] = "default"  # not a policy: libgomp warns, keeps its own
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
+            cmd += ["--model", str(model), "--max-batch", str(max_batch)]
+            cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+            subprocess.run(
+                cmd, check=True, cwd=ROOT, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            rows += [{**r, "omp": policy} for r in json.loads(Path(out.name).read_text())["raw"]]
+    best = max(rows, key=lambda r: r["forward_img_s"])
+    return {
+        "forward_img_s": best["forward_img_s"],
+        "batch": best["batch"],
+        "omp": best["omp"],
+        "engine_img_s": max(r["engine_img_s"] for r in rows),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _range(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{min(values):.2f} .. {max(values):.2f} (median {statistics.median(values):.2f})"
+
+
+def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
+    names = ["detr-serve", "litserve", "naive"]
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        print(f"round {r + 1}/{args.rounds}: raw forward pass ...", flush=True)
+        raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
+        print(
+            f"  raw: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
+            f"(OMP {raw['omp']}), "
+            f"engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
+            flush=True,
+        )
+        results: dict[str, dict[str, LoadResult]] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        for name in order:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                for fmt in FORMATS:
+                    pids = _all_pids(server)
+                    before = _tree_cpu_s(pids)
+                    res = _load(server, jpeg, args.clients, args.duration, fmt)
+                    # CPU time of all the server's processes per image answered: on a shared
+                    # machine, where img/s is mostly the CPU share a server gets, this is what
+                    # a quiet machine's img/s follows.
+                    cpu_ms = (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+                    results.setdefault(name, {})[fmt] = res
+                    cpu.setdefault(name, {})[fmt] = cpu_ms
+                    print(
+                        f"  {name:10s} {fmt:9s} {args.clients} clients: {res.img_s:6.1f} img/s "
+                        f"p50 {res.p50_ms:6.0f} ms  p99 {res.p99_ms:6.0f} ms  "
+                        f"CPU {cpu_ms:5.1f} ms/image  failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        row: dict[str, Any] = {"raw": raw, "http": {}, "ratios": {}}
+        for fmt in FORMATS:
+            d, lit, naive = (results[n][fmt].img_s for n in names)
+            row["http"][fmt] = {
+                n: {**results[n][fmt].as_dict(), "cpu_ms_per_image": cpu[n][fmt]} for n in names
+            }
+            row["ratios"][fmt] = {
+                "detr_over_litserve": _ratio(d, lit),
+                "detr_over_naive": _ratio(d, naive),
+                "e2e_over_raw": _ratio(d, raw["forward_img_s"]),
+                "litserve_over_raw": _ratio(lit, raw["forward_img_s"]),
+                "litserve_cpu_over_detr_cpu": _ratio(cpu["litserve"][fmt], cpu["detr-serve"][fmt]),
+            }
+            q = row["ratios"][fmt]
+            print(
+                f"  => {fmt:9s} detr-serve/LitServe {q['detr_over_litserve']:.2f}  "
+                f"detr-serve/naive {q['detr_over_naive']:.2f}  "
+                f"end-to-end/raw {q['e2e_over_raw']:.2f}  "
+                f"(LitServe/raw {q['litserve_over_raw']:.2f}); CPU per image "
+                f"LitServe/detr-serve {q['litserve_cpu_over_detr_cpu']:.2f}",
+                flush=True,
+            )
+        rounds.append(row)
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for key, target in (
+            ("detr_over_litserve", 1.15),
+            ("detr_over_naive", None),
+            ("e2e_over_raw", 0.9),
+            ("litserve_over_raw", None),
+            ("litserve_cpu_over_detr_cpu", None),
+        ):
+            values = [row["ratios"][fmt][key] for row in rounds]
+            summary[f"{fmt}.{key}"] = values
+            aim = f"  (target >= {target})" if target else ""
+            print(f"  {fmt:9s} {key:20s} {_range(values)}{aim}")
+    return {"rounds": rounds, "summary": summary}
+
+
+def _tree_cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _all_pids(server: RunningServer) -> list[int]:
+    root = psutil.Process(server.proc.pid)
+    return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+
+def _front_end_pids(server: RunningServer) -> list[int]:
+    """The processes that do HTTP: every descendant but the engine and the resource tracker
+    (detr-serve), or the server and its workers (the bare endpoint)."""
+    engines = {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", server.log())}
+    root = psutil.Process(server.proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    return [
+        p.pid
+        for p in procs
+        if p.pid not in engines and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = ["detr-serve-null", "bare"] if r % 2 == 0 else ["bare", "detr-serve-null"]
+        res: dict[str, dict[str, Any]] = {}
+        for name in order:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                time.sleep(1.0)
+                for fmt in FORMATS:
+                    pids = _front_end_pids(server)
+                    before = _tree_cpu_s(pids)
+                    load = _load(server, jpeg, args.clients, args.duration, fmt)
+                    cpu_s = _tree_cpu_s(pids) - before
+                    # _load's own 1 s warm-up is in the CPU time too: count its answers.
+                    images = load.completed + 2  # at least; a slight overestimate of ms/image
+                    res.setdefault(name, {})[fmt] = {
+                        **load.as_dict(),
+                        "front_end_cpu_ms_per_image": cpu_s * 1e3 / max(1, images),
+                        "front_end_processes": len(pids),
+                    }
+                    print(
+                        f"  {name:16s} {fmt:9s} {load.img_s:7.1f} img/s  "
+                        f"p50 {load.p50_ms:5.1f} ms  front-end CPU "
+                        f"{cpu_s * 1e3 / max(1, images):.2f} ms/image ({len(pids)} processes)  "
+                        f"failures {load.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        row = {"http": res, "ratio": {}}
+        for fmt in FORMATS:
+            row["ratio"][fmt] = _ratio(
+                res["detr-serve-null"][fmt]["img_s"], res["bare"][fmt]["img_s"]
+            )
+            print(
+                f"  => {fmt:9s} null engine / bare FastAPI {row['ratio'][fmt]:.2f} (target >= 0.7)",
+                flush=True,
+            )
+        rows.append(row)
+    print(f"\nover {args.rounds} round(s):")
+    for fmt in FORMATS:
+        print(f"  {fmt:9s} null/bare {_range([row['ratio'][fmt] for row in rows])}")
+        cpu = [row["http"]["detr-serve-null"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
+        bare = [row["http"]["bare"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
+        print(f"  {fmt:9s} front-end CPU ms/image: detr-serve {_range(cpu)}; bare {_range(bare)}")
+    return {"rounds": rows}
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        # Every server and the raw pass run under it (scripts/bench.py sets PASSIVE unless
+        # the caller set a policy).
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }

@@ -1,0 +1,234 @@
+"""The front-end/engine boundary in one process: a RemoteEngine talking to an EngineServer over
+a real unix socket and a real shared-memory arena, with a fake model behind the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.batching import DeadlineExceededError, QueueFullError
+from app.config import Settings
+from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
+from app.engine_host import EngineHost
+from app.errors import InvalidImageError
+from app.ipc.client import EngineUnavailableError, RemoteEngine
+from app.ipc.server import EngineServer
+from app.ipc.wire import ArenaAllocator
+from app.metrics import Metrics
+
+INFO = ModelInfo("fake", "fake", "cpu", "float32", {0: "a", 1: "b"}, "Fake")
+
+
+class FakeEngine:
+    """Answers each image with a checksum of the pixels it read (in `scores`) and its size."""
+
+    info = INFO
+    delay_s = 0.0
+    refuse_index: int | None = None
+
+    def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageResult]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out: list[ImageResult] = []
+        for task in tasks:
+            assert task.pixels is not None
+            if self.refuse_index is not None and task.pixels[0, 0, 0] == 7:
+                out.append(InvalidImageError("cannot be decoded", image_index=self.refuse_index))
+                continue
+            h, w = task.size
+            checksum = float(task.pixels.astype(np.int64).sum())
+            out.append(
+                ImageDetections(
+                    np.array([checksum]),
+                    np.array([1]),
+                    np.array([[0, 0, w, h]], np.float32),
+                    len(tasks),
+                    0.001,
+                    0.0,
+                )
+            )
+        return out
+
+    def memory_usage(self) -> list[tuple[str, str, float]]:
+        return []
+
+
+class Pair:
+    def __init__(self, remote: RemoteEngine, server: EngineServer, fake: FakeEngine) -> None:
+        self.remote, self.server, self.fake = remote, server, fake
+
+
+@pytest.fixture
+async def make_pair(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator:
+    made: list[tuple[RemoteEngine, EngineServer, asyncio.Event, asyncio.Task[None]]] = []
+
+    async def make(arena_mb: int = 4, **overrides: object) -> Pair:
+        values = {"model": tiny_model_dir, "max_batch_delay_ms": 5, **overrides}
+        settings = Settings(**values)  # type: ignore[arg-type]
+        fake = FakeEngine()
+        host = EngineHost(settings, Metrics(), fake)
+        await host.load()
+        server = EngineServer(host, Metrics())
+        path = str(tmp_path / f"engine-{len(made)}.sock")
+        stop = asyncio.Event()
+        serving = asyncio.get_running_loop().create_task(server.serve(path, stop))
+        remote = RemoteEngine([path], arena_mb << 20)
+        remote.start()
+        deadline = time.monotonic() + 10
+        while remote.state != "ready":
+            assert time.monotonic() < deadline, "the remote engine never connected"
+            await asyncio.sleep(0.01)
+        made.append((remote, server, stop, serving))
+        return Pair(remote, server, fake)
+
+    yield make
+    for remote, _, stop, serving in made:
+        stop.set()
+        await remote.stop(1)
+        await asyncio.wait_for(serving, 10)
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _arena_used(remote: RemoteEngine) -> int:
+    (link,) = remote._links
+    assert link.conn is not None
+    return link.conn.allocator.used
+
+
+async def test_pixels_cross_intact_through_shared_memory_and_inline(make_pair) -> None:
+    pair = await make_pair(arena_mb=4)
+    # 2 fit in the 4 MB arena; the 1500x1200 one (5.4 MB) does not and travels inline.
+    images = [_image(480, 640, 1), _image(1500, 1200, 2), _image(37, 53, 3)]
+    tasks = [DetectionTask(img, 0.5, 10) for img in images]
+    outputs = await pair.remote.submit(tasks, time.monotonic() + 10)
+    assert [float(o.scores[0]) for o in outputs] == [
+        float(img.astype(np.int64).sum()) for img in images
+    ]
+    assert [o.boxes[0].tolist()[2:] for o in outputs] == [[640, 480], [1200, 1500], [53, 37]]
+    assert pair.remote.info == INFO and pair.remote.max_batch_size == 8
+    assert _arena_used(pair.remote) == 0  # every block freed on the answer
+
+
+async def test_concurrent_requests_from_one_front_end_share_a_batch(make_pair) -> None:
+    pair = await make_pair(max_batch_delay_ms=100)
+    deadline = time.monotonic() + 10
+    outs = await asyncio.gather(
+        *(
+            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], deadline)
+            for i in range(6)
+        )
+    )
+    assert max(o[0].batch_size for o in outs) >= 4
+    assert _arena_used(pair.remote) == 0
+
+
+async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make_pair) -> None:
+    pair = await make_pair(max_queue_size=2, max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 0.3
+    deadline = time.monotonic() + 10
+    results = await asyncio.gather(
+        *(
+            pair.remote.submit([DetectionTask(_image(32, 32, i), 0.5, 10)], deadline)
+            for i in range(6)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    assert refused and all(r.retry_after_s >= 1 for r in refused)
+    assert any(isinstance(r, list) for r in results)
+    assert _arena_used(pair.remote) == 0
+
+
+async def test_request_past_its_deadline_gets_deadline_exceeded(make_pair) -> None:
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 0.5
+    slow = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(32, 32, 0), 0.5, 10)], time.monotonic() + 10)
+    )
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceededError):
+        await pair.remote.submit(
+            [DetectionTask(_image(32, 32, 1), 0.5, 10)], time.monotonic() + 0.1
+        )
+    await slow
+
+
+async def test_an_image_error_keeps_its_type_index_and_message(make_pair) -> None:
+    pair = await make_pair()
+    pair.fake.refuse_index = 1
+    bad = _image(16, 16, 0)
+    bad[0, 0, 0] = 7
+    good = _image(16, 16, 1)
+    good[0, 0, 0] = 8
+    with pytest.raises(InvalidImageError) as caught:
+        await pair.remote.submit(
+            [DetectionTask(good, 0.5, 10), DetectionTask(bad, 0.5, 10)], time.monotonic() + 5
+        )
+    assert caught.value.image_index == 1
+    assert caught.value.message == "image 1: cannot be decoded"
+    assert caught.value.status_code == 400
+
+
+async def test_engine_gone_fails_held_requests_at_once_and_frees_their_blocks(make_pair) -> None:
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 1.0
+    held = [
+        asyncio.ensure_future(
+            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], time.monotonic() + 30)
+        )
+        for i in range(3)
+    ]
+    await asyncio.sleep(0.2)
+    (link,) = pair.remote._links
+    conn = link.conn
+    assert conn is not None and conn.allocator.used > 0
+    started = time.monotonic()
+    for writer in list(pair.server._writers):  # what the engine's death looks like
+        writer.transport.abort()
+    results = await asyncio.gather(*held, return_exceptions=True)
+    assert time.monotonic() - started < 0.9  # not after the forward pass: at once
+    assert all(isinstance(r, EngineUnavailableError) for r in results), results
+    assert conn.allocator.used == 0
+    assert pair.remote.state in ("restarting", "ready")  # it reconnects by itself
+
+
+def test_arena_allocator_first_fit_and_merging() -> None:
+    arena = ArenaAllocator(1024)
+    a = arena.allocate(100)  # 128 with alignment
+    b = arena.allocate(200)  # 256
+    c = arena.allocate(500)  # 512
+    assert (a, b, c) == (0, 128, 384)
+    assert arena.allocate(200) is None  # 128 left
+    arena.release(b, 200)
+    assert arena.allocate(129) == 128  # first fit, in b's place
+    arena.release(128, 129)
+    arena.release(a, 100)
+    arena.release(c, 500)
+    assert arena.free_ranges == [(0, 1024)] and arena.used == 0
+    assert arena.allocate(1024) == 0
+
+
+async def test_watchdog_in_the_engine_reaches_the_front_end_and_clears(make_pair) -> None:
+    pair = await make_pair(watchdog_s=0.3, max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 1.5
+    slow = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 10)
+    )
+    seen = set()
+    while not slow.done():
+        seen.add(pair.remote.state)
+        await asyncio.sleep(0.02)
+    await slow
+    assert "stuck" in seen
+    deadline = time.monotonic() + 3
+    while pair.remote.state != "ready":
+        assert time.monotonic() < deadline, pair.remote.state
+        await asyncio.sleep(0.02)
