@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest width*height accepted, read from the header."
     )
+    max_request_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Pixels the images of one request may decode to, summed (JPEGs count at "
+        "the scale they are decoded at); 413 beyond it.",
+    )
+    max_inflight_pixels: int = Field(
+        default=400_000_000,
+        ge=1,
+        description="Decoded pixels the server holds at once (being decoded, queued, in a "
+        "batch); a request that does not fit waits up to a second, then gets 429.",
+    )
     default_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
     )
@@ -203,6 +215,12 @@ class Settings(BaseSettings):
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError(
                 "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
+            )
+        if self.max_request_pixels > self.max_inflight_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
+                f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
+                "max_inflight_pixels or lower max_request_pixels"
             )
         if self.devices and not self.device.startswith(("auto", "cuda")):
             raise ValueError(

@@ -55,6 +55,9 @@ class DetectionTask:
     max_detections: int
     class_ids: frozenset[int] | None = None
     jpeg: EncodedJpeg | None = None
+    # (height, width) of the original image when `pixels` were reduced at decode time (to the
+    # model's input size): boxes are scaled to it, not to the pixels' shape.
+    source_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if (self.pixels is None) == (self.jpeg is None):
@@ -65,6 +68,8 @@ class DetectionTask:
         """(height, width) of the original image."""
         if self.jpeg is not None:
             return self.jpeg.height, self.jpeg.width
+        if self.source_size is not None:
+            return self.source_size
         assert self.pixels is not None
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
@@ -235,7 +240,7 @@ class Engine:
             )
             if rows:
                 prepared.pixel_values, prepared.pixel_mask = self.preprocessor(
-                    [images[i] for i in rows]
+                    [images[i] for i in rows], [tasks[i].size for i in rows]
                 )
                 prepared.ready = self._record(self._prepare_stage)
             return prepared

@@ -239,6 +239,10 @@ def _three_floats(key: str, value: Any) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
+# Input pixels converted to float32 at once (12 bytes each: 96 MB), whatever the batch holds.
+_FLOAT_CHUNK_PIXELS = 8_000_000
+
+
 class Preprocessor:
     """uint8 RGB images of any sizes -> the model's ``pixel_values`` (and ``pixel_mask``)."""
 
@@ -253,11 +257,18 @@ class Preprocessor:
             self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
             self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
-    def __call__(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self,
+        images: Sequence[torch.Tensor],
+        source_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return pixel_values [B, 3, h, w] in ``dtype`` and pixel_mask [B, h, w] int64 or None.
 
         images: uint8 RGB tensors [3, H, W], CPU or device, of any sizes (strided views such as
         ``hwc.permute(2, 0, 1)`` are fine: they cross to the device as they are).
+        source_sizes: (height, width) of each original image when some were already reduced
+        at decode time: the output size is the original's (an image already at it is not
+        resized again). Default: each tensor's own size.
         """
         if not images:
             raise ValueError("no images to preprocess")
@@ -268,28 +279,40 @@ class Preprocessor:
                     f"got {image.dtype} {tuple(image.shape)}"
                 )
         in_sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-        out_sizes = [self.spec.output_size(h, w) for h, w in in_sizes]
+        if source_sizes is None:
+            source_sizes = in_sizes
+        elif len(source_sizes) != len(images):
+            raise ValueError(f"{len(source_sizes)} source sizes for {len(images)} images")
+        out_sizes = [self.spec.output_size(h, w) for h, w in source_sizes]
         batch_height, batch_width = self._padded_size(out_sizes)
 
-        # Images of the same size are resized together: one set of kernels per distinct size.
-        groups: dict[tuple[int, int], list[int]] = {}
+        # Images of the same size are resized together (one set of kernels per distinct size),
+        # in chunks of at most _FLOAT_CHUNK_PIXELS input pixels: float32 copies are 12 bytes a
+        # pixel, and a batch of large images must not be converted all at once.
+        groups: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
         for i, size in enumerate(in_sizes):
-            groups.setdefault(size, []).append(i)
-        pixel_values: torch.Tensor | None = None
-        for (height, width), index in groups.items():
-            out_height, out_width = out_sizes[index[0]]
-            x = torch.stack([images[i].to(self.device, non_blocking=True) for i in index]).float()
-            if (out_height, out_width) != (height, width):
-                x = _resize(x, out_height, out_width, self.spec.resample)
-            x = self._normalize(x).to(self.dtype)
-            if len(index) == len(images) and (out_height, out_width) == (batch_height, batch_width):
-                pixel_values = x  # one size and nothing to pad: the common fixed-size case
-                break
-            if pixel_values is None:
-                # Padding is zero AFTER normalisation, as transformers pads normalised arrays.
-                shape = (len(images), 3, batch_height, batch_width)
-                pixel_values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            pixel_values[index, :, :out_height, :out_width] = x
+            groups.setdefault((size, out_sizes[i]), []).append(i)
+        shape = (len(images), 3, batch_height, batch_width)
+        if len(groups) == 1 and out_sizes[0] == (batch_height, batch_width):
+            pixel_values = None  # one size and nothing to pad: filled below, or taken as is
+        else:
+            # Padding is zero AFTER normalisation, as transformers pads normalised arrays.
+            pixel_values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for ((height, width), (out_height, out_width)), index in groups.items():
+            per_chunk = max(1, _FLOAT_CHUNK_PIXELS // (height * width))
+            for start in range(0, len(index), per_chunk):
+                chunk = index[start : start + per_chunk]
+                x = torch.stack([images[i].to(self.device, non_blocking=True) for i in chunk])
+                x = x.float()
+                if (out_height, out_width) != (height, width):
+                    x = _resize(x, out_height, out_width, self.spec.resample)
+                x = self._normalize(x).to(self.dtype)
+                if pixel_values is None and len(chunk) == len(images):
+                    pixel_values = x
+                    break
+                if pixel_values is None:
+                    pixel_values = torch.empty(shape, dtype=self.dtype, device=self.device)
+                pixel_values[chunk, :, :out_height, :out_width] = x
         assert pixel_values is not None
         if not self.spec.do_pad:
             return pixel_values, None
