@@ -11,12 +11,13 @@ header alone and hands the bytes on (see app/engine/device_jpeg.py)."""
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.image_structure import structure_problem
@@ -189,6 +190,11 @@ def _open(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, from the header alone: Pillow's PngImageFile.getexif decodes the
+    whole image to look for an eXIf chunk after the pixels, so a PNG's counts only when the chunk
+    comes before them (where the PNG specification puts it)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a corrupt EXIF block: decoded as stored, as exif_transpose would
@@ -240,7 +246,9 @@ def decode_image(
             target = fit.target(*source) if fit is not None else None
             if target is None:
                 img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
+                rgb = _to_rgb(img)
+                if orientation != 1:
+                    rgb = rgb.transpose(_TRANSPOSE[orientation])
                 return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt)
             assert fit is not None
             if fmt == "JPEG":
@@ -298,14 +306,18 @@ def _flatten(img: Image.Image) -> Image.Image:
     if img.mode in ("RGB", "L"):
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
-        # Pillow's convert() clips 16-bit values instead of scaling them: scale to 8 bits with
-        # an integer shift, in place (no float copy of the image).
-        arr = np.array(img)
-        if arr.dtype != np.uint16:  # mode "I": int32
-            np.clip(arr, 0, 65535, out=arr)
-        if arr.max(initial=0) > 255:
-            arr >>= 8
-        return Image.fromarray(arr.astype(np.uint8))
+        # Pillow's convert() clips 16-bit values instead of scaling them. Scaled to 8 bits by
+        # keeping the high byte (value >> 8): no float copy, no wider temporary.
+        if img.mode == "I":  # 32-bit integers: clipped to the 16-bit range first
+            wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+            raw = wide.view(np.uint8).reshape(*wide.shape, 2)
+            big_endian = sys.byteorder == "big"
+        else:
+            raw = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width, 2)
+            big_endian = img.mode == "I;16B" or (img.mode == "I;16N" and sys.byteorder == "big")
+        high, low = (raw[..., 0], raw[..., 1]) if big_endian else (raw[..., 1], raw[..., 0])
+        # Values that all fit in 8 bits are taken as they are, as before.
+        return Image.fromarray(np.ascontiguousarray(high if high.any() else low))
     if img.mode == "1":
         return img.convert("L")
     if img.mode == "P" and "transparency" in img.info:

@@ -128,6 +128,9 @@ class DetectionService:
         self._decode_slots = CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         self._pixels = PixelBudget(settings.max_inflight_pixels)
+        # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
+        # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
+        self._decoding = PixelBudget(2 * settings.max_image_pixels)
         spec = PreprocessSpec.from_dir(settings.model)
         self._fit = Fit(spec.output_size, spec.resample)
 
@@ -261,7 +264,15 @@ class DetectionService:
             return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
 
         started = time.perf_counter()
-        pixels = await to_thread.run_sync(decode, limiter=self._decode_slots)
+        try:
+            async with self._decoding.hold(loaded.pixels, deadline - time.monotonic()):
+                pixels = await to_thread.run_sync(decode, limiter=self._decode_slots)
+        except BudgetExhaustedError:
+            raise DeadlineError(
+                f"the request passed its deadline of {self.settings.request_timeout_s} s "
+                "before this image could be decoded",
+                image_index=index,
+            ) from None
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
