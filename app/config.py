@@ -92,7 +92,16 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
     )
     decode_threads: int | None = Field(
-        default=None, ge=1, description="Images decoded at once on the CPU (default: the cores)."
+        default=None,
+        ge=1,
+        description="Images decoded at once on the CPU, each in a worker process of its own "
+        "(default: the cores).",
+    )
+    decode_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest decode of one image; past it its worker process is ended and the "
+        "answer is 504.",
     )
     max_batch_size: int = Field(default=8, ge=1, le=1024, description="Images per forward pass.")
     max_batch_delay_ms: float = Field(

@@ -38,6 +38,10 @@ TIFF_COMPRESSIONS = frozenset(
         "group4",
     }
 )
+# Formats whose decoder holds several copies of the image: their pixels count this many times
+# in the budgets. Pillow decodes every WebP with libwebp's animation decoder, which keeps two
+# RGBA canvases, and copies the frame out as bytes before making the RGB image.
+DECODE_WEIGHT = {"WEBP": 4}
 # Images over this many pixels are resized to the model's input size while decoding. Below
 # it they travel at full size and are resized on the model's device, with the batch.
 REDUCE_ABOVE_PIXELS = 4_000_000
@@ -67,7 +71,9 @@ class ImageInfo:
     format: str
     height: int  # after the EXIF orientation, as the answer reports it
     width: int
-    decode_pixels: int  # pixels the decode materialises (less for a JPEG decoded at a scale)
+    # Pixels the decode materialises: less for a JPEG decoded at a scale, more for a format whose
+    # decoder holds several copies (DECODE_WEIGHT).
+    decode_pixels: int
     held_pixels: int  # pixels kept once decoded (the model's input size when reduced)
     plain_jpeg: bool  # three-channel JPEG without rotation: the GPU decoder gives Pillow's pixels
 
@@ -213,7 +219,7 @@ def probe_image(data: bytes, *, max_pixels: int, index: int, fit: Fit | None = N
     swapped = orientation in _SWAPS_AXES
     out_height, out_width = (width, height) if swapped else (height, width)
     target = fit.target(out_height, out_width) if fit is not None else None
-    decode_pixels = width * height
+    decode_pixels = width * height * DECODE_WEIGHT.get(fmt, 1)
     if target is not None and fmt == "JPEG":
         scale = _draft_scale(width, height, _draft_request(target, swapped))
         decode_pixels = -(-width // scale) * -(-height // scale)
@@ -256,10 +262,13 @@ def decode_image(
             img.load()
             # Resized as stored, then turned: resizing first never holds the turned copy.
             size = (target[0], target[1]) if swapped else (target[1], target[0])
-            small = _flatten(img).resize(size, Image.Resampling(fit.resample))
+            # 16-bit images are resized as they are (Pillow resamples them in 16 bits) and
+            # scaled to 8 bits afterwards: no full-size copy at all.
+            source_img = img if img.mode in _SIXTEEN_BIT_MODES else _flatten(img)
+            small = source_img.resize(size, Image.Resampling(fit.resample))
             if orientation != 1:
                 small = small.transpose(_TRANSPOSE[orientation])
-            rgb = small.convert("RGB")
+            rgb = _to_rgb(small)
         except (InvalidImageError, ImageTooLargeError):
             raise
         except Exception as exc:

@@ -146,6 +146,8 @@ class Runtime:
             await self._batcher.stop(self.settings.drain_timeout_s)
         if self._fetcher is not None:
             await self._fetcher.aclose()
+        if self.service is not None:
+            self.service.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")

@@ -33,6 +33,7 @@ from app.batching import (
     ShuttingDownError,
 )
 from app.config import Settings
+from app.decode_pool import DecodePool
 from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.engine.processing import PreprocessSpec
 from app.errors import (
@@ -46,7 +47,7 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, decode_image, probe_image
+from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
 from app.metrics import Metrics
 from app.schemas import Detection, DetectOptions, DetectResponse, ImageResult, Timings
 
@@ -125,7 +126,9 @@ class DetectionService:
         self.metrics = metrics
         # Decoding competes with the model for the same cores: more decode threads than cores
         # only adds switching (and stalls torch's parallel regions).
-        self._decode_slots = CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
+        workers = settings.decode_threads or os.cpu_count() or 1
+        self._decode_slots = CapacityLimiter(workers)
+        self._decode_pool = DecodePool(workers)
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         self._pixels = PixelBudget(settings.max_inflight_pixels)
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
@@ -194,6 +197,10 @@ class DetectionService:
                 str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from None
 
+    def close(self) -> None:
+        """Stop the decode workers."""
+        self._decode_pool.close()
+
     def resolve_classes(self, classes: list[str | int] | None) -> frozenset[int] | None:
         if classes is None:
             return None
@@ -250,29 +257,34 @@ class DetectionService:
         info, index = loaded.info, loaded.index
         if loaded.jpeg is not None:
             return _Prepared(loaded.jpeg, info.height, info.width, loaded.fetch_s, 0.0)
-        data, max_pixels, fit = loaded.data, self.settings.max_image_pixels, self._fit
-
-        def decode() -> np.ndarray:
-            # Checked once a decode slot is free: a request whose deadline passed while it
-            # waited (or whose client is long gone) starts no decode.
-            if time.monotonic() >= deadline:
-                raise DeadlineError(
-                    f"the request passed its deadline of {self.settings.request_timeout_s} s "
-                    "before this image could be decoded",
-                    image_index=index,
-                )
-            return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
-
+        late = DeadlineError(
+            f"the request passed its deadline of {self.settings.request_timeout_s} s before "
+            "this image could be decoded",
+            image_index=index,
+        )
         started = time.perf_counter()
         try:
-            async with self._decoding.hold(loaded.pixels, deadline - time.monotonic()):
-                pixels = await to_thread.run_sync(decode, limiter=self._decode_slots)
+            # An image weighing more than the whole decoding budget decodes alone.
+            weight = min(loaded.pixels, self._decoding.capacity)
+            async with (
+                self._decoding.hold(weight, deadline - time.monotonic()),
+                self._decode_slots,
+            ):
+                # Checked once a worker is free: a request whose deadline passed while it
+                # waited starts no decode.
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise late
+                pixels = await self._decode_pool.decode(
+                    loaded.data,
+                    max_pixels=self.settings.max_image_pixels,
+                    index=index,
+                    target=self._fit.target(info.height, info.width),
+                    resample=self._fit.resample,
+                    timeout_s=min(self.settings.decode_timeout_s, left_s),
+                )
         except BudgetExhaustedError:
-            raise DeadlineError(
-                f"the request passed its deadline of {self.settings.request_timeout_s} s "
-                "before this image could be decoded",
-                image_index=index,
-            ) from None
+            raise late from None
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
