@@ -5,7 +5,7 @@ admitted by pixels: every image's header is read first, the request's decoded pi
 against a per-request limit (413) and reserved from the server-wide budget (429 when there is no
 room), and only then is anything decoded. Where the engines decode JPEGs on the GPU, a plain JPEG
 only has its header checked here and travels on encoded; everything else is decoded with Pillow
-on a worker thread, large images straight to the model's input size.
+in a worker process (app/decode_pool.py), large images straight to the model's input size.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class DetectionService:
         self.batcher = batcher
         self.fetcher = fetcher
         self.metrics = metrics
-        # Decoding competes with the model for the same cores: more decode threads than cores
+        # Decoding competes with the model for the same cores: more decode workers than cores
         # only adds switching (and stalls torch's parallel regions).
         workers = settings.decode_threads or os.cpu_count() or 1
         self._decode_slots = CapacityLimiter(workers)
