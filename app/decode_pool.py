@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,13 +69,27 @@ def _warm() -> None:
     return None
 
 
+def _lower_priority() -> None:
+    # Decoding is bulk work: when the cores are busy, the event loop (health checks, other
+    # requests' parsing) and the model's threads get them first.
+    os.nice(10)
+
+
 class DecodePool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPool(
+            max_workers=workers,
+            initializer=_lower_priority,
+            context=multiprocessing.get_context("spawn"),
+        )
         # Start the workers now (in the background) rather than on the first request.
-        for _ in range(workers):
-            self._pool.schedule(_warm)
+        self._warming = [self._pool.schedule(_warm) for _ in range(workers)]
+
+    def wait_started(self, timeout_s: float = 120) -> None:
+        """Block until the workers have started (imported Pillow and numpy)."""
+        for future in self._warming:
+            future.result(timeout=timeout_s)
 
     async def decode(
         self,

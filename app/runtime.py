@@ -122,6 +122,8 @@ class Runtime:
             self.metrics,
             jpeg_on_device=any(e.jpeg_decoder is not None for e in engines),
         )
+        # Ready once the decode workers are up: their start-up is not the first request's.
+        await asyncio.to_thread(self.service.wait_started)
         self._state = "ready"
         logger.info(
             "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",

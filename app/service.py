@@ -197,6 +197,10 @@ class DetectionService:
                 str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from None
 
+    def wait_started(self) -> None:
+        """Block until the decode workers are up (blocking: call it from a thread)."""
+        self._decode_pool.wait_started()
+
     def close(self) -> None:
         """Stop the decode workers."""
         self._decode_pool.close()
