@@ -94,7 +94,16 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
     )
     decode_threads: int | None = Field(
-        default=None, ge=1, description="Images decoded at once on the CPU (default: the cores)."
+        default=None,
+        ge=1,
+        description="Images decoded at once on the CPU, each in a worker process of its own "
+        "(default: the cores).",
+    )
+    decode_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest decode of one image; past it its worker process is ended and the "
+        "answer is 504.",
     )
     workers: int | None = Field(
         default=None,
@@ -145,6 +154,18 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Largest width*height accepted, read from the header."
+    )
+    max_request_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Pixels the images of one request may decode to, summed (JPEGs count at "
+        "the scale they are decoded at); 413 beyond it.",
+    )
+    max_inflight_pixels: int = Field(
+        default=400_000_000,
+        ge=1,
+        description="Decoded pixels the server holds at once (being decoded, queued, in a "
+        "batch); a request that does not fit waits up to a second, then gets 429.",
     )
     default_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
@@ -275,6 +296,12 @@ class Settings(BaseSettings):
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError(
                 "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
+            )
+        if self.max_request_pixels > self.max_inflight_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
+                f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
+                "max_inflight_pixels or lower max_request_pixels"
             )
         if self.devices and not self.device.startswith(("auto", "cuda")):
             raise ValueError(

@@ -56,6 +56,7 @@ class Runtime:
             self.host = EngineHost(settings, self.metrics, engine)
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> EnginePool[Any, Any] | None:
@@ -93,7 +94,7 @@ class Runtime:
             return
         self._loader = asyncio.get_running_loop().create_task(self._load(), name="model-loader")
 
-    async def settle(self, timeout_s: float = 2.0) -> None:
+    async def settle(self, timeout_s: float = 10.0) -> None:
         """A front end started while its engine is up (a replaced worker) connects before it
         takes requests: uvicorn accepts on it once the lifespan has started. At first start the
         engine is still loading (no socket yet): no wait, /healthz must answer meanwhile."""
@@ -112,9 +113,18 @@ class Runtime:
     def _on_connect(self, info: ModelInfo, max_batch_size: int, jpeg_on_device: bool) -> None:
         assert self.remote is not None and self._fetcher is not None
         if self.service is None:
-            self.service = self._make_service(info, self.remote, jpeg_on_device)
-            logger.info("front end ready: %s on %s", info.name, info.device)
-        if self._state == "loading":
+            service = self._make_service(info, self.remote, jpeg_on_device)
+            self.service = service
+
+            async def ready_once_decoders_start() -> None:
+                # The decode workers' start-up is not the first request's.
+                await asyncio.to_thread(service.wait_started)
+                if self._state == "loading":
+                    self._state = "ready"
+                logger.info("front end ready: %s on %s", info.name, info.device)
+
+            self._starting = asyncio.get_running_loop().create_task(ready_once_decoders_start())
+        elif self._state == "loading":
             self._state = "ready"
 
     def _make_service(
@@ -142,6 +152,8 @@ class Runtime:
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.metrics.observe_device_memory(pool.memory_usage)
         self.service = self._make_service(host.info, batcher, host.jpeg_on_device)
+        # Ready once the decode workers are up: their start-up is not the first request's.
+        await asyncio.to_thread(self.service.wait_started)
         self._state = "ready"
 
     async def stop(self) -> None:
@@ -156,4 +168,6 @@ class Runtime:
             await self.remote.stop(self.settings.drain_timeout_s)
         if self._fetcher is not None:
             await self._fetcher.aclose()
+        if self.service is not None:
+            self.service.close()
         logger.info("stopped")

@@ -1,8 +1,11 @@
 """One detection request's path: bytes (upload, base64, URL) -> decode -> engine -> results.
 
-Everything a client could get wrong is checked here, before any image reaches the model. Where
-the engines decode JPEGs on the GPU, a plain JPEG only has its header checked here and travels
-on encoded; everything else is decoded with Pillow on a worker thread.
+Everything a client could get wrong is checked here, before any image reaches the model. Work is
+admitted by pixels: every image's header is read first, the request's decoded pixels are checked
+against a per-request limit (413) and reserved from the server-wide budget (429 when there is no
+room), and only then is anything decoded. Where the engines decode JPEGs on the GPU, a plain JPEG
+only has its header checked here and travels on encoded; everything else is decoded with Pillow
+in a worker process (app/decode_pool.py), large images straight to the model's input size.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from anyio import CapacityLimiter, to_thread
 
+from app.admission import BudgetExhaustedError, Lease, PixelBudget
 from app.batching import (
     BatchFailedError,
     DeadlineExceededError,
@@ -27,6 +32,8 @@ from app.batching import (
     ShuttingDownError,
 )
 from app.config import Settings
+from app.decode_pool import DecodePool
+from app.engine.preprocess_spec import PreprocessSpec
 from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import (
     ApiError,
@@ -34,16 +41,19 @@ from app.errors import (
     InferenceError,
     InvalidImageError,
     InvalidRequestError,
+    PayloadTooLargeError,
     QueueFullApiError,
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import EncodedJpeg, decode_image, probe_plain_jpeg
+from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
 from app.schemas import DetectOptions
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class EngineClient(Protocol):
@@ -83,12 +93,30 @@ class ImageSource:
     url: str | None = None
 
 
-# Headers of larger files are read on a worker thread: Pillow walks every marker before the
-# frame header, and a hostile file can hold many (each up to 64 KB).
+# Headers of larger files are read on a worker thread: the structure walk and Pillow's header
+# parser pass over markers and chunks before the frame header.
 _INLINE_PROBE_BYTES = 1 << 20
 # Larger base64 texts are decoded on a worker thread, in slices (see _b64decode).
 _INLINE_BASE64_CHARS = 1 << 20
 _BASE64_SLICE = 1 << 20  # a multiple of 4
+# How long a request may wait for room in the pixel budget before 429 (less near its deadline).
+_ADMISSION_WAIT_S = 1.0
+
+
+@dataclass
+class _Loaded:
+    """One image's bytes and header, read before admission."""
+
+    index: int
+    data: bytes
+    info: ImageInfo
+    jpeg: EncodedJpeg | None  # set when the JPEG goes to the device decoder
+    fetch_s: float
+
+    @property
+    def pixels(self) -> int:
+        """Pixels the image holds at its largest (while decoding, or on the device)."""
+        return self.info.height * self.info.width if self.jpeg else self.info.decode_pixels
 
 
 @dataclass
@@ -104,7 +132,10 @@ class _Prepared:
     ) -> DetectionTask:
         if isinstance(self.image, EncodedJpeg):
             return DetectionTask(None, threshold, max_det, class_ids, jpeg=self.image)
-        return DetectionTask(self.image, threshold, max_det, class_ids)
+        # The pixels may be reduced to the model's input: boxes come back in the original's.
+        return DetectionTask(
+            self.image, threshold, max_det, class_ids, source_size=(self.height, self.width)
+        )
 
 
 class DetectionService:
@@ -124,10 +155,18 @@ class DetectionService:
         self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
-        # Decoding competes with the model for the same cores: more decode threads than cores
+        # Decoding competes with the model for the same cores: more decode workers than cores
         # only adds switching (and stalls torch's parallel regions).
-        self._decode_slots = CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
+        workers = settings.decode_threads or os.cpu_count() or 1
+        self._decode_slots = CapacityLimiter(workers)
+        self._decode_pool = DecodePool(workers)
         self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
+        self._pixels = PixelBudget(settings.max_inflight_pixels)
+        # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
+        # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
+        self._decoding = PixelBudget(2 * settings.max_image_pixels)
+        spec = PreprocessSpec.from_dir(settings.model)
+        self._fit = Fit(spec.output_size, spec.resample)
 
     async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
         arrived = time.monotonic()
@@ -144,19 +183,21 @@ class DetectionService:
         )
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
-        prepared = await self._prepare_all(sources)
-        tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
-        queued = time.monotonic()
-        outputs = await self._submit(tasks, deadline)
+        loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
+        async with self._admit(loaded, deadline) as lease:
+            prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
+            tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
+            queued = time.monotonic()
+            outputs = await self._submit(tasks, deadline)
         return self._response(prepared, outputs, queued)
 
-    async def _prepare_all(self, sources: Sequence[ImageSource]) -> list[_Prepared]:
-        """Fetch and decode every image concurrently; the first bad image cancels the rest
-        (no download goes on for a request that is already answered 4xx)."""
-        jobs: list[asyncio.Task[_Prepared]] = []
+    async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+        """Run one job per image concurrently; the first bad image cancels the rest (no download
+        or decode goes on for a request that is already answered 4xx)."""
+        tasks: list[asyncio.Task[_T]] = []
         try:
             async with asyncio.TaskGroup() as group:
-                jobs = [group.create_task(self._prepare(i, s)) for i, s in enumerate(sources)]
+                tasks = [group.create_task(job) for job in jobs]
         except ExceptionGroup as failed:
             errors = [e for e in failed.exceptions if isinstance(e, ApiError)]
             if len(errors) != len(failed.exceptions):
@@ -168,9 +209,38 @@ class DetectionService:
             # the tasks: freed only by a full collection otherwise. The answer needs neither.
             for error in errors:
                 error.__traceback__ = None
+            tasks.clear()
             jobs.clear()
             raise first from None
-        return [job.result() for job in jobs]
+        return [task.result() for task in tasks]
+
+    @contextlib.asynccontextmanager
+    async def _admit(self, loaded: list[_Loaded], deadline: float) -> AsyncIterator[Lease]:
+        """Hold the request's pixels in the server-wide budget for the block: 413 beyond the
+        per-request limit, 429 when no room comes within a second (or before the deadline)."""
+        wanted = sum(x.pixels for x in loaded)
+        limit = self.settings.max_request_pixels
+        if wanted > limit:
+            raise PayloadTooLargeError(
+                f"the request's {len(loaded)} images decode to {wanted} pixels, over the limit "
+                f"of {limit} pixels per request"
+            )
+        wait_s = min(_ADMISSION_WAIT_S, deadline - time.monotonic())
+        try:
+            async with self._pixels.hold(wanted, wait_s) as lease:
+                yield lease
+        except BudgetExhaustedError as exc:
+            raise QueueFullApiError(
+                str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+            ) from None
+
+    def wait_started(self) -> None:
+        """Block until the decode workers are up (blocking: call it from a thread)."""
+        self._decode_pool.wait_started()
+
+    def close(self) -> None:
+        """Stop the decode workers."""
+        self._decode_pool.close()
 
     def resolve_classes(self, classes: list[str | int] | None) -> frozenset[int] | None:
         if classes is None:
@@ -193,7 +263,8 @@ class DetectionService:
             ids.add(cid)
         return frozenset(ids)
 
-    async def _prepare(self, index: int, source: ImageSource) -> _Prepared:
+    async def _load(self, index: int, source: ImageSource) -> _Loaded:
+        """The image's bytes and what its header says; nothing decoded yet."""
         started = time.perf_counter()
         if source.url is not None:
             data = await self.fetcher.fetch(source.url, index=index)
@@ -212,30 +283,57 @@ class DetectionService:
                 image_index=index,
             )
         fetched = time.perf_counter()
-        max_pixels = self.settings.max_image_pixels
-        jpeg = None
-        if self.jpeg_on_device:
-            if len(data) <= _INLINE_PROBE_BYTES:
-                jpeg = probe_plain_jpeg(data, max_pixels=max_pixels, index=index)
-            else:
-                jpeg = await to_thread.run_sync(
-                    lambda: probe_plain_jpeg(data, max_pixels=max_pixels, index=index)
-                )
-        prepared: _Prepared
-        if jpeg is not None:
-            prepared = _Prepared(jpeg, jpeg.height, jpeg.width, 0.0, 0.0)
-        else:
-            image = await to_thread.run_sync(
-                lambda: decode_image(data, max_pixels=max_pixels, index=index),
-                limiter=self._decode_slots,
-            )
-            prepared = _Prepared(image.pixels, image.height, image.width, 0.0, 0.0)
-        decoded = time.perf_counter()
-        prepared.fetch_s, prepared.decode_s = fetched - started, decoded - fetched
-        self.metrics.stage_latency.labels("decode").observe(decoded - fetched)
         if source.url is not None:
             self.metrics.stage_latency.labels("fetch").observe(fetched - started)
-        return prepared
+        max_pixels, fit = self.settings.max_image_pixels, self._fit
+
+        def probe() -> ImageInfo:
+            return probe_image(data, max_pixels=max_pixels, index=index, fit=fit)
+
+        info = probe() if len(data) <= _INLINE_PROBE_BYTES else await to_thread.run_sync(probe)
+        jpeg = None
+        loaded_pixels = info.height * info.width
+        # Larger JPEGs are decoded by Pillow at a reduced scale rather than in full on the device.
+        if self.jpeg_on_device and info.plain_jpeg and loaded_pixels <= REDUCE_ABOVE_PIXELS:
+            jpeg = EncodedJpeg(data, info.height, info.width, index)
+        return _Loaded(index, data, info, jpeg, fetched - started)
+
+    async def _decode(self, loaded: _Loaded, lease: Lease, deadline: float) -> _Prepared:
+        info, index = loaded.info, loaded.index
+        if loaded.jpeg is not None:
+            return _Prepared(loaded.jpeg, info.height, info.width, loaded.fetch_s, 0.0)
+        late = DeadlineError(
+            f"the request passed its deadline of {self.settings.request_timeout_s} s before "
+            "this image could be decoded",
+            image_index=index,
+        )
+        started = time.perf_counter()
+        try:
+            # An image weighing more than the whole decoding budget decodes alone.
+            weight = min(loaded.pixels, self._decoding.capacity)
+            async with (
+                self._decoding.hold(weight, deadline - time.monotonic()),
+                self._decode_slots,
+            ):
+                # Checked once a worker is free: a request whose deadline passed while it
+                # waited starts no decode.
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise late
+                pixels = await self._decode_pool.decode(
+                    loaded.data,
+                    max_pixels=self.settings.max_image_pixels,
+                    index=index,
+                    target=self._fit.target(info.height, info.width),
+                    resample=self._fit.resample,
+                    timeout_s=min(self.settings.decode_timeout_s, left_s),
+                )
+        except BudgetExhaustedError:
+            raise late from None
+        decode_s = time.perf_counter() - started
+        self.metrics.stage_latency.labels("decode").observe(decode_s)
+        lease.release(loaded.pixels - info.held_pixels)
+        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s)
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:

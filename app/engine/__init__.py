@@ -3,6 +3,8 @@
     pipeline.py     Engine: prepare (decode, pre-process) -> compute (backend) -> finish
                     (post-process), each stage with its own lock; out-of-memory splitting
     processing.py   batched torch pre/post-processing that reproduces transformers' processors
+    preprocess_spec.py  the checkpoint's preprocessing rules, read from its JSON (no torch)
+    tasks.py        what crosses between the service and the engine (no torch)
     build.py        start-up per device: precision, CUDA graphs, device decode, warm-up
     pool.py         one engine per device; each batch to the least busy engine
     buckets.py      batch-size buckets (padding a batch to a captured graph's size)

@@ -191,7 +191,7 @@ class Engine:
             )
             if rows:
                 prepared.pixel_values, prepared.pixel_mask = self.preprocessor(
-                    [images[i] for i in rows]
+                    [images[i] for i in rows], [tasks[i].size for i in rows]
                 )
                 prepared.ready = self._record(self._prepare_stage)
             return prepared

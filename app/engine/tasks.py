@@ -26,6 +26,9 @@ class DetectionTask:
     max_detections: int
     class_ids: frozenset[int] | None = None
     jpeg: EncodedJpeg | None = None
+    # (height, width) of the original image when `pixels` were reduced at decode time (to the
+    # model's input size): boxes are scaled to it, not to the pixels' shape.
+    source_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if (self.pixels is None) == (self.jpeg is None):
@@ -36,6 +39,8 @@ class DetectionTask:
         """(height, width) of the original image."""
         if self.jpeg is not None:
             return self.jpeg.height, self.jpeg.width
+        if self.source_size is not None:
+            return self.source_size
         assert self.pixels is not None
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 

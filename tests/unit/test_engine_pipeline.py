@@ -50,7 +50,9 @@ class FakePreprocessor:
         self.second_batch_started = threading.Event()
         self.batches = 0
 
-    def __call__(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, None]:
+    def __call__(
+        self, images: Sequence[torch.Tensor], source_sizes: object = None
+    ) -> tuple[torch.Tensor, None]:
         self.recorder.enter("prepare")
         self.batches += 1
         if self.batches == 2:

@@ -1,0 +1,129 @@
+"""Pillow decodes in worker processes: a decode never holds the server's GIL (so /healthz and
+the event loop keep answering), and one that runs past its time is stopped by ending its process.
+
+Why processes rather than threads: libjpeg, libpng and libwebp cannot be interrupted from
+Python, and some of Pillow's copies hold the GIL; a thread that runs away can only be waited
+for. A worker is killed when its decode passes `timeout_s` or its request is cancelled (the
+client hung up, the request failed), and replaced. pebble's ProcessPool does the killing and
+replacing (concurrent.futures' pool cannot stop one running task). Workers are spawned, not
+forked, so that they never inherit the server's threads or the model; they import only
+Pillow, numpy and app.images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from pebble import ProcessExpired, ProcessPool
+
+from app.errors import ApiError, DeadlineError, ImageTooLargeError, InvalidImageError
+from app.images import Fit, decode_image
+
+
+@dataclass(frozen=True)
+class FixedTarget:
+    """An image's model input size, computed in the server (the model's resize rules stay
+    there) and sent to the worker: picklable, and it imports nothing."""
+
+    height: int
+    width: int
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        return self.height, self.width
+
+
+# Errors cross the process boundary as (kind, message, index): exceptions with keyword-only
+# arguments do not survive pickling.
+_ERRORS: dict[str, type[ApiError]] = {
+    "invalid": InvalidImageError,
+    "too_large": ImageTooLargeError,
+}
+_Result = np.ndarray | tuple[str, str, int | None]
+
+
+def _decode_in_worker(
+    data: bytes,
+    max_pixels: int,
+    index: int,
+    target: tuple[int, int] | None,
+    resample: int,
+) -> _Result:
+    fit = Fit(FixedTarget(*target), resample) if target is not None else None
+    try:
+        return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
+    except ImageTooLargeError as exc:
+        return ("too_large", _unprefixed(exc), exc.image_index)
+    except InvalidImageError as exc:
+        return ("invalid", _unprefixed(exc), exc.image_index)
+
+
+def _unprefixed(exc: ApiError) -> str:
+    return exc.message.removeprefix(f"image {exc.image_index}: ")
+
+
+def _warm() -> None:
+    return None
+
+
+def _lower_priority() -> None:
+    # Decoding is bulk work: when the cores are busy, the event loop (health checks, other
+    # requests' parsing) and the model's threads get them first.
+    os.nice(10)
+
+
+class DecodePool:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool = ProcessPool(
+            max_workers=workers,
+            initializer=_lower_priority,
+            context=multiprocessing.get_context("spawn"),
+        )
+        # Start the workers now (in the background) rather than on the first request.
+        self._warming = [self._pool.schedule(_warm) for _ in range(workers)]
+
+    def wait_started(self, timeout_s: float = 120) -> None:
+        """Block until the workers have started (imported Pillow and numpy)."""
+        for future in self._warming:
+            future.result(timeout=timeout_s)
+
+    async def decode(
+        self,
+        data: bytes,
+        *,
+        max_pixels: int,
+        index: int,
+        target: tuple[int, int] | None,
+        resample: int,
+        timeout_s: float,
+    ) -> np.ndarray:
+        """The decoded pixels (at `target` size when given); InvalidImageError or
+        ImageTooLargeError as decode_image raises them; DeadlineError past `timeout_s`."""
+        future = self._pool.schedule(
+            _decode_in_worker,
+            args=(data, max_pixels, index, target, resample),
+            timeout=max(timeout_s, 0.001),
+        )
+        try:
+            # Cancelling the awaiting task cancels the future: pebble ends the worker.
+            result: _Result = await asyncio.wrap_future(future)
+        except TimeoutError:
+            raise DeadlineError(
+                f"decoding took longer than {timeout_s:.1f} s and was stopped", image_index=index
+            ) from None
+        except ProcessExpired:
+            raise InvalidImageError(
+                "the decoder failed on this image (its worker process died)", image_index=index
+            ) from None
+        if isinstance(result, tuple):
+            kind, message, at = result
+            raise _ERRORS[kind](message, image_index=at)
+        return result
+
+    def close(self) -> None:
+        self._pool.stop()
+        self._pool.join(timeout=5)
