@@ -278,7 +278,7 @@ class RemoteEngine:
         assert buf is not None
         items: list[tuple[Any, ...]] = []
         for task in tasks:
-            options = (task.threshold, task.max_detections, task.class_ids)
+            options = (task.threshold, task.max_detections, task.class_ids, task.source_size)
             if task.pixels is None:
                 items.append(("jpeg", task.jpeg, *options))
                 continue

@@ -12,9 +12,10 @@ Messages (pickled tuples; see wire.py):
                         ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
                         ("error", rid, kind, detail)
                         ("state", state)                       when ready/stuck/draining changes
-  item: ("shm", offset, height, width, threshold, max_det, class_ids)
-        ("inline", pixels, threshold, max_det, class_ids)      did not fit in the arena
-        ("jpeg", EncodedJpeg, threshold, max_det, class_ids)   left encoded for the device
+  item: ("shm", offset, height, width, threshold, max_det, class_ids, source_size)
+        ("inline", pixels, threshold, max_det, class_ids, source_size)  did not fit the arena
+        ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size) for the device
+        (source_size: the original (height, width) when the pixels were reduced at decode)
 """
 
 from __future__ import annotations
@@ -244,13 +245,13 @@ def _task(arena: mmap.mmap, item: tuple[Any, ...]) -> DetectionTask:
 
     kind = item[0]
     if kind == "shm":
-        _, offset, height, width, threshold, max_det, class_ids = item
+        _, offset, height, width, threshold, max_det, class_ids, source = item
         pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena, offset=offset)
-        return DetectionTask(pixels, threshold, max_det, class_ids)
+        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
     if kind == "inline":
-        _, pixels, threshold, max_det, class_ids = item
-        return DetectionTask(pixels, threshold, max_det, class_ids)
+        _, pixels, threshold, max_det, class_ids, source = item
+        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
     if kind == "jpeg":
-        _, jpeg, threshold, max_det, class_ids = item
-        return DetectionTask(None, threshold, max_det, class_ids, jpeg=jpeg)
+        _, jpeg, threshold, max_det, class_ids, source = item
+        return DetectionTask(None, threshold, max_det, class_ids, jpeg=jpeg, source_size=source)
     raise ValueError(f"unknown item kind {kind!r}")

@@ -117,6 +117,19 @@ async def test_pixels_cross_intact_through_shared_memory_and_inline(make_pair) -
     assert _arena_used(pair.remote) == 0  # every block freed on the answer
 
 
+async def test_original_size_of_a_reduced_image_crosses_with_it(make_pair) -> None:
+    # Pixels reduced at decode time must be answered in the original image's pixels.
+    pair = await make_pair(arena_mb=4)
+    small = _image(64, 64, 4)
+    tasks = [
+        DetectionTask(small, 0.5, 10, source_size=(4000, 6000)),  # in the arena
+        DetectionTask(_image(1500, 1200, 5), 0.5, 10, source_size=(3000, 2400)),  # inline
+        DetectionTask(small, 0.5, 10),
+    ]
+    outputs = await pair.remote.submit(tasks, time.monotonic() + 10)
+    assert [o.boxes[0].tolist()[2:] for o in outputs] == [[6000, 4000], [2400, 3000], [64, 64]]
+
+
 async def test_concurrent_requests_from_one_front_end_share_a_batch(make_pair) -> None:
     pair = await make_pair(max_batch_delay_ms=100)
     deadline = time.monotonic() + 10
