@@ -386,6 +386,10 @@ class _Body(bytes):
     def __del__(self) -> None:
         self._release(len(self))
 
+    def __reduce__(self) -> tuple[type[bytes], tuple[bytes]]:
+        # Sent to a decode worker process as plain bytes: the share stays with this object.
+        return bytes, (bytes(self),)
+
 
 def _short(value: object, limit: int = 100) -> str:
     """A client- or server-given text quoted in an error, cut to a readable length."""

@@ -504,3 +504,18 @@ def test_no_url_or_redirect_raises_anything_but_a_typed_error(host: str, locatio
         await fetcher.aclose()
 
     asyncio.run(run())
+
+
+def test_a_downloaded_body_crosses_to_a_decode_process_as_plain_bytes() -> None:
+    import pickle
+
+    from app.fetch import _Body
+
+    released: list[int] = []
+    body = _Body(b"\xff\xd8 image bytes", released.append)
+    copy = pickle.loads(pickle.dumps(body))
+    assert type(copy) is bytes and copy == b"\xff\xd8 image bytes"
+    del copy
+    assert released == []  # the share stays with the original
+    del body
+    assert released == [len(b"\xff\xd8 image bytes")]
