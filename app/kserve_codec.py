@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import ApiError, InvalidRequestError
 from app.request_body import check_value_count, loads, parse_count
-from app.schemas import DetectOptions, DetectResponse
+from app.schemas import DetectOptions
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -438,23 +438,6 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
 
 
 # --- response ---------------------------------------------------------------------------
-
-
-def detection_tensors(response: DetectResponse, max_detections: int) -> dict[str, np.ndarray]:
-    """The detections of every image as fixed-shape tensors, padded to K = max_detections."""
-    n, k = len(response.results), max_detections
-    boxes = np.zeros((n, k, 4), dtype=np.float32)
-    scores = np.zeros((n, k), dtype=np.float32)
-    labels = np.full((n, k), -1, dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int32)
-    for i, result in enumerate(response.results):
-        dets = result.detections[:k]
-        counts[i] = len(dets)
-        for j, det in enumerate(dets):
-            boxes[i, j] = det.box
-            scores[i, j] = det.score
-            labels[i, j] = det.class_id
-    return {"boxes": boxes, "scores": scores, "labels": labels, "num_detections": counts}
 
 
 def encode_infer_response(

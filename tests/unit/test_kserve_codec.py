@@ -12,15 +12,13 @@ import pytest
 import tritonclient.http as httpclient
 
 from app import kserve_codec as codec
+from app.encode import v2_tensors
+from app.engine.tasks import ImageDetections
 from app.errors import InvalidRequestError, PayloadTooLargeError
 from app.request_body import MAX_JSON_VALUES, inflate
-from app.schemas import Detection, DetectResponse, ImageResult, Timings
+from app.service import AnsweredImage, DetectResult
 
 MAX_IMAGES = 16
-
-TIMINGS = Timings(
-    fetch_ms=0, decode_ms=0, queue_ms=0, inference_ms=0, postprocess_ms=0, batch_size=1
-)
 
 
 def triton_body(
@@ -48,13 +46,16 @@ def images_input(**overrides: object) -> dict:
     return {"name": "images", "shape": [1], "datatype": "BYTES", "data": ["abc"]} | overrides
 
 
-def result(*dets: tuple[int, float, list[float]]) -> ImageResult:
-    return ImageResult(
-        width=100,
-        height=80,
-        detections=[Detection(label=str(c), class_id=c, score=s, box=box) for c, s, box in dets],
-        timings=TIMINGS,
+def result(*dets: tuple[int, float, list[float]]) -> AnsweredImage:
+    detections = ImageDetections(
+        scores=np.array([s for _, s, _ in dets], dtype=np.float32),
+        labels=np.array([c for c, _, _ in dets], dtype=np.int64),
+        boxes=np.array([box for _, _, box in dets], dtype=np.float32).reshape(-1, 4),
+        batch_size=1,
+        inference_s=0.0,
+        postprocess_s=0.0,
     )
+    return AnsweredImage(width=100, height=80, detections=detections, timings={})
 
 
 def rejects(body: bytes, header_length: str | None, text: str) -> None:
@@ -355,15 +356,15 @@ def test_bad_compressed_bodies_are_refused(body: bytes, encoding: str, text: str
 
 
 def test_detections_are_padded_to_k_with_zero_scores_and_minus_one_labels() -> None:
-    response = DetectResponse(
-        model="m",
-        results=[
+    response = DetectResult(
+        "m",
+        [
             result((2, 0.9, [1, 2, 3, 4]), (0, 0.5, [5, 6, 7, 8])),
             result(),
             result((4, 0.7, [0.5, 0.25, 10.75, 20.0])),
         ],
     )
-    t = codec.detection_tensors(response, max_detections=3)
+    t = v2_tensors(response, max_detections=3)
     assert t["boxes"].shape == (3, 3, 4) and t["boxes"].dtype == np.float32
     assert t["scores"].shape == (3, 3) and t["scores"].dtype == np.float32
     assert t["labels"].shape == (3, 3) and t["labels"].dtype == np.int64
@@ -377,8 +378,8 @@ def test_detections_are_padded_to_k_with_zero_scores_and_minus_one_labels() -> N
 
 
 def sample_tensors() -> dict[str, np.ndarray]:
-    response = DetectResponse(model="m", results=[result((1, 0.75, [1.5, 2, 30, 40]))])
-    return codec.detection_tensors(response, max_detections=2)
+    response = DetectResult("m", [result((1, 0.75, [1.5, 2, 30, 40]))])
+    return v2_tensors(response, max_detections=2)
 
 
 def test_binary_response_is_read_back_by_tritonclient() -> None:
