@@ -17,7 +17,8 @@
    server's process tree at start, peak and end, p50/p99 latency of accepted requests; per
    hostile class: sent, the statuses it was refused with, 2xx, 5xx, unanswered. Exits 1 when a
    rule breaks: accepted != answered, any 5xx, a 429 without Retry-After, a peak RSS over
-   --max-rss-growth x the start; with --hostile also a hostile request answered 2xx, 5xx, with
+   --max-rss-growth x the start; with --hostile also a hostile-phase RSS peak over
+   --max-hostile-rss-mb above the ordinary phase's peak, a hostile request answered 2xx, 5xx, with
    a status other than its refusal (or a refusal that does not name the problem), or not at
    all, a hostile class never sent, or the accepted p99 under hostile load over
    --max-p99-factor x the p99 of the ordinary phase.
@@ -52,44 +53,70 @@ BOMB_BYTES = 1 << 30  # what each compressed URL inflates to (refused on its hea
 OVERSIZED_HEADER = 48 * 1024  # over max_header_bytes (32 KiB), within one read of the server
 
 
-def tree_rss_mb(pid: int) -> float:
+def tree_rss_mb(pid: int) -> dict[int, float]:
+    """RSS in MB of each process of `pid`'s tree (supervisor, engine, front ends, decode
+    workers)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0
+        return {}
+    sizes = {}
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            sizes[proc.pid] = proc.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return sizes
 
 
 class RssWatch:
-    """Samples the server's process tree (supervisor, engine, front ends, decode workers) every
-    `interval_s` on a thread: start, peak and end."""
+    """Samples the RSS of the server's process tree every `interval_s` on a thread: the sum at
+    the start, its peak in each phase and at each phase's end (`mark`); plus each process's own
+    start, peak and end, to tell which one grew."""
 
     def __init__(self, pid: int, interval_s: float = 0.25) -> None:
         self.pid = pid
-        self.start = self.peak = tree_rss_mb(pid)
+        first = tree_rss_mb(pid)
+        self.start = sum(first.values())
+        self.marks: dict[str, dict[str, float]] = {}
+        self._phase_peak = self.start
+        self.processes = {p: {"start": mb, "peak": mb, "end": mb} for p, mb in first.items()}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
         self._thread.start()
 
+    def _sample(self) -> float:
+        sizes = tree_rss_mb(self.pid)
+        with self._lock:
+            for p, mb in sizes.items():
+                row = self.processes.setdefault(p, {"start": mb, "peak": mb, "end": mb})
+                row["peak"], row["end"] = max(row["peak"], mb), mb
+            total = sum(sizes.values())
+            self._phase_peak = max(self._phase_peak, total)
+        return total
+
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self._sample()
+
+    def mark(self, phase: str) -> None:
+        total = self._sample()
+        with self._lock:
+            self.marks[phase] = {"peak": self._phase_peak, "end": total}
+            self._phase_peak = total
+
+    @property
+    def peak(self) -> float:
+        return max([self.start, *(m["peak"] for m in self.marks.values())])
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        end = tree_rss_mb(self.pid)
-        self.peak = max(self.peak, end)
-        return end
+        return self.marks[list(self.marks)[-1]]["end"] if self.marks else float("nan")
 
 
 def hostile_manifest(url: str, origin: hostile_payloads.HostileOrigin, workdir: Path) -> Path:
@@ -299,6 +326,13 @@ def print_summary(report: dict) -> None:
         f"server RSS (process tree): start {rss['start']:.0f} MB, peak {rss['peak']:.0f} MB, "
         f"end {rss['end']:.0f} MB"
     )
+    for phase, mark in rss["phases"].items():
+        print(f"  {phase:<12} peak {mark['peak']:.0f} MB, at its end {mark['end']:.0f} MB")
+    for pid, row in rss["processes"].items():
+        print(
+            f"  pid {pid:<8} start {row['start']:5.0f}  peak {row['peak']:5.0f}  "
+            f"end {row['end']:5.0f} MB"
+        )
 
 
 def main() -> None:
@@ -322,6 +356,12 @@ def main() -> None:
         type=float,
         default=3.0,
         help="limit on accepted p99 under hostile load / accepted p99 alone",
+    )
+    parser.add_argument(
+        "--max-hostile-rss-mb",
+        type=float,
+        default=300.0,
+        help="limit on the hostile phase's RSS peak over the ordinary phase's peak",
     )
     parser.add_argument("--image", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
@@ -366,6 +406,8 @@ def main() -> None:
         )
         watch = RssWatch(pid) if pid else None
         report["normal_only"] = soak(url, target, args.users, seconds, image, workdir / "soak.json")
+        if watch:
+            watch.mark("normal_only")
         if manifest is not None:
             print(f"hostile phase: {args.hostile_rate:g} hostile req/s beside it", flush=True)
             report["mixed"] = soak(
@@ -377,6 +419,8 @@ def main() -> None:
                 workdir / "mixed.json",
                 hostile=(manifest, args.hostile_rate),
             )
+            if watch:
+                watch.mark("mixed")
         rss_end = watch.stop() if watch else float("nan")
     finally:
         if server is not None:
@@ -391,6 +435,8 @@ def main() -> None:
             "start": watch.start if watch else float("nan"),
             "peak": watch.peak if watch else float("nan"),
             "end": rss_end,
+            "phases": watch.marks if watch else {},
+            "processes": {str(p): row for p, row in watch.processes.items()} if watch else {},
         },
     )
     problems = normal_problems(report["normal_only"], "alone")
@@ -414,6 +460,15 @@ def main() -> None:
             f"RSS peaked at {rss['peak']:.0f} MB from {rss['start']:.0f} MB "
             f"(limit {args.max_rss_growth:g}x)"
         )
+    phases = rss["phases"]
+    if "mixed" in phases and "normal_only" in phases:
+        added = phases["mixed"]["peak"] - phases["normal_only"]["peak"]
+        rss["hostile_added_mb"] = added
+        if added > args.max_hostile_rss_mb:
+            problems.append(
+                f"RSS peaked {added:.0f} MB higher under hostile load than without "
+                f"(limit {args.max_hostile_rss_mb:g} MB)"
+            )
     report["problems"] = problems
     print(json.dumps(report, indent=2))
     print_summary(report)
