@@ -43,6 +43,7 @@ class HeaderGuardProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._waiting_after: object = None
         self._header_bytes = 0
+        self._tail = b""  # the last bytes counted: a header terminator may span two reads
         self._discarding = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -59,17 +60,26 @@ class HeaderGuardProtocol(HttpToolsProtocol):
         if self._header_timer is None:
             super().data_received(data)
             return
-        self._header_bytes += len(data)
+        # Counted before the parser sees them: headers that arrive whole in one read (up to
+        # 256 KiB on asyncio's loop) were parsed and served before a count made after the
+        # parse could refuse them. A body in the same read is not counted.
+        window = self._tail + data
+        end = window.find(b"\r\n\r\n")
+        self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+        self._tail = window[-3:]
+        if self._header_bytes > self.max_header_bytes:
+            if not self.transport.is_closing():
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    "header_too_large",
+                    "the request line and headers are over the limit of "
+                    f"{self.max_header_bytes} bytes",
+                )
+            return
         super().data_received(data)
         if self.cycle is not self._waiting_after:
             self._stop_waiting()  # the headers are complete: the app has the request now
-        elif self._header_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                "header_too_large",
-                f"the request line and headers are over the limit of {self.max_header_bytes} bytes",
-            )
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -80,6 +90,7 @@ class HeaderGuardProtocol(HttpToolsProtocol):
         self._stop_waiting()
         self._waiting_after = self.cycle
         self._header_bytes = 0
+        self._tail = b""
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
     def _stop_waiting(self) -> None:

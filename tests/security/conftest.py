@@ -12,11 +12,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import httpx
 import psutil
 import pytest
 
+from scripts.hostile_payloads import HostileOrigin
 from scripts.serverproc import RunningServer
 from tests.security.probe import tree_rss
 
@@ -162,79 +161,6 @@ def assert_refused(
     for word in words:
         assert word.lower() in message.lower(), (word, message)
     return body
-
-
-@dataclass
-class Payload:
-    body: bytes | Callable[[], Iterator[bytes]]
-    headers: dict[str, str]
-    status: int = 200
-
-
-class HostileOrigin:
-    """A real HTTP server on 127.0.0.1 that answers each registered path with the bytes (or the
-    chunk generator) and the headers it was given, verbatim: no Content-Length unless given,
-    Content-Encoding as declared, whatever the body really is."""
-
-    def __init__(self) -> None:
-        self.payloads: dict[str, Payload] = {}
-        origin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-                payload = origin.payloads.get(self.path)
-                if payload is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(payload.status)
-                for key, value in payload.headers.items():
-                    self.send_header(key, value)
-                body = payload.body
-                chunked = callable(body) and "Content-Length" not in payload.headers
-                if chunked:
-                    self.send_header("Transfer-Encoding", "chunked")
-                elif not callable(body) and "Content-Length" not in payload.headers:
-                    self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                try:
-                    if callable(body):
-                        for chunk in body():
-                            if chunked:
-                                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                            else:
-                                self.wfile.write(chunk)
-                        if chunked:
-                            self.wfile.write(b"0\r\n\r\n")
-                    else:
-                        self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the server under test gave up first, as it should
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def serve(
-        self,
-        path: str,
-        body: bytes | Callable[[], Iterator[bytes]],
-        headers: dict[str, str] | None = None,
-        status: int = 200,
-    ) -> str:
-        self.payloads[path] = Payload(body, dict(headers or {}), status)
-        return self.base + path
-
-    def close(self) -> None:
-        self._server.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -18,44 +18,9 @@ import pytest
 from PIL import Image
 
 from app.image_structure import MAX_GIF_BLOCKS_BEFORE_FRAME, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
+from scripts.hostile_payloads import scan_bomb
 from tests.conftest import shapes_image
 from tests.security.conftest import assert_refused, concurrently
-
-
-def _progressive_jpeg(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 60, 200)).save(
-        buf, format="JPEG", progressive=True, quality=80
-    )
-    return buf.getvalue()
-
-
-def _sos_headers(data: bytes) -> list[bytes]:
-    """The start-of-scan segments (marker, length, header) of a JPEG, in order."""
-    found, pos = [], 2
-    while pos < len(data):
-        marker = data[pos + 1]
-        if marker == 0xD9:
-            break
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker == 0xDA:
-            found.append(data[pos : pos + 2 + length])
-            pos += 2 + length
-            # skip the entropy-coded data up to the next marker
-            while not (data[pos] == 0xFF and data[pos + 1] not in (0, *range(0xD0, 0xD8))):
-                pos += 1
-            continue
-        pos += 2 + length
-    return found
-
-
-def scan_bomb(width: int, height: int, scans: int, which: int) -> bytes:
-    """A progressive JPEG with `scans` extra empty scans (one of its own scan headers, repeated
-    with no data) before the end: each makes libjpeg pass over every block of the image."""
-    data = _progressive_jpeg(width, height)
-    header = _sos_headers(data)[which]
-    eoi = data.rindex(b"\xff\xd9")
-    return data[:eoi] + header * scans + data[eoi:]
 
 
 def segment_flood(count: int) -> bytes:

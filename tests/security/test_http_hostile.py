@@ -8,6 +8,7 @@ throughout; the cheap ones also run eight (or more) at once.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import select
@@ -23,11 +24,18 @@ from functools import cache
 import httpx
 import pytest
 
+from scripts.hostile_payloads import (
+    HEADER_LENGTH,
+    binary_request,
+    deep_nesting,
+    gzip_binary_elements,
+    json_v2,
+    url_entries,
+)
 from tests.conftest import shapes_image
 from tests.security.conftest import assert_refused, concurrently
 
 INFER = "/v2/models/{name}/infer"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 NAMES_GZIP_ATTACKS = ["gzip-binary-elements", "deflate-json-elements", "gzip-zeros"]
 NAMES_DENSE_ATTACKS = [
@@ -62,32 +70,6 @@ def _infer_url(server) -> str:
     return server.url + INFER.format(name=name)
 
 
-def _binary_request(count: int, shape: list[int] | None = None) -> tuple[bytes, int]:
-    """A v2 request with `count` zero-length BYTES elements in the binary section."""
-    binary = b"\x00\x00\x00\x00" * count
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "images",
-                    "shape": shape or [count],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": len(binary)},
-                }
-            ]
-        }
-    ).encode()
-    return head + binary, len(head)
-
-
-def _json_v2(count: int) -> bytes:
-    return (
-        b'{"inputs":[{"name":"images","shape":[%d],"datatype":"BYTES","data":[' % count
-        + b",".join([b'""'] * count)
-        + b"]}]}"
-    )
-
-
 @dataclass
 class Attack:
     path: str  # "v1" or "v2"
@@ -105,14 +87,12 @@ class Attack:
 
 @cache
 def _gzip_attacks() -> dict[str, Attack]:
-    binary, head_len = _binary_request(8_000_000)
-    json_body = _json_v2(8_000_000)
+    json_body = json_v2(8_000_000)
     return {
         # 31 KB of gzip -> 32 MB: eight million zero-length binary elements.
         "gzip-binary-elements": Attack(
             "v2",
-            gzip.compress(binary, 9),
-            {"Content-Encoding": "gzip", HEADER_LENGTH: str(head_len)},
+            *gzip_binary_elements(8_000_000),
             (413,),
             ("inflat", "limit"),
         ),
@@ -160,13 +140,13 @@ def test_eight_compressed_bombs_at_once_are_refused(hostile_server, watch) -> No
 @cache
 def _dense_attacks() -> dict[str, Attack]:
     json_ct = {"Content-Type": "application/json"}
-    binary, head_len = _binary_request(8_000_000)
-    binary_one, head_len_one = _binary_request(8_000_000, shape=[1])
+    binary, head_len = binary_request(8_000_000)
+    binary_one, head_len_one = binary_request(8_000_000, shape=[1])
     return {
         # 31 MB: 2.6 million tiny URL entries.
         "v1-url-entries": Attack(
             "v1",
-            b'{"images":[' + b",".join([b'{"url":"a"}'] * 2_600_000) + b"]}",
+            url_entries(2_600_000),
             json_ct,
             (413,),
             ("values", "limit"),
@@ -190,7 +170,7 @@ def _dense_attacks() -> dict[str, Attack]:
             ("over the limit of 16",),
         ),
         # 24 MB of JSON: eight million empty strings.
-        "v2-json-elements": Attack("v2", _json_v2(8_000_000), json_ct, (413,), ("values", "limit")),
+        "v2-json-elements": Attack("v2", json_v2(8_000_000), json_ct, (413,), ("values", "limit")),
         # 32 MB binary section of eight million elements; the shape says so.
         "v2-binary-shape-says-8m": Attack(
             "v2", binary, {HEADER_LENGTH: str(head_len)}, (400,), ("limit of 16",)
@@ -227,11 +207,11 @@ def test_dense_bodies_at_once_are_refused(hostile_server, watch) -> None:
 @cache
 def _malformed_attacks() -> dict[str, Attack]:
     json_ct = {"Content-Type": "application/json"}
-    deep = b"[" * 100_000 + b"]" * 100_000
+    deep = deep_nesting(100_000)
     shallow_deep = b"[" * 900 + b'""' + b"]" * 900
     big = b"1" * 5_000
     v2_head = b'{"inputs":[{"name":"images","shape":[1],"datatype":"BYTES","data":[""]}]}'
-    binary, head_len = _binary_request(1)
+    binary, head_len = binary_request(1)
     return {
         "v2-deep-nesting": Attack("v2", b'{"inputs":' + deep + b"}", json_ct, (400,), ("nest",)),
         "v2-deep-data": Attack(
@@ -382,6 +362,39 @@ def test_header_floods_at_once_are_refused(hostile_server, watch) -> None:
     report.assert_bounds(rss_growth_mb=RSS_CONCURRENT_MB)
 
 
+def _one_write(port: int, request: bytes) -> bytes:
+    """`request` in one write (headers and body arrive in one read of the server); the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("size", [33_000, 48 * 1024, 100_000, 250_000])
+def test_a_header_over_the_limit_is_refused_when_it_arrives_in_one_read(
+    hostile_server, size: int
+) -> None:
+    # Found by the mixed soak: a header over 32 KiB that arrived whole in one read was parsed,
+    # and served, before the size guard counted it.
+    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * size + b"\r\n\r\n"
+    answer = _one_write(hostile_server.port, head)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+
+
+def test_a_body_in_the_same_read_as_its_headers_is_not_counted_as_header(hostile_server) -> None:
+    image = shapes_image(1920, 1080)
+    body = json.dumps({"images": [{"data": base64.b64encode(image).decode()}]}).encode()
+    assert len(body) > 64 * 1024  # twice the header limit, in the same read as the headers
+    head = (
+        b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Padding: " + b"a" * 30_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    answer = _one_write(hostile_server.port, head + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
 # The server's default header timeout (settings.header_timeout_s) plus a margin.
 HEADER_TIMEOUT_S = 10.0
 SLOW_MARGIN_S = 2.0
@@ -500,7 +513,7 @@ def test_client_text_cannot_forge_log_lines(hostile_server, name) -> None:
 
 
 def test_eight_binary_splits_at_once_keep_the_loop_free(hostile_server, watch) -> None:
-    body, head_len = _binary_request(8_000_000, shape=[16])
+    body, head_len = binary_request(8_000_000, shape=[16])
     attack = Attack("v2", body, {HEADER_LENGTH: str(head_len)}, (400,), ("shape",))
     with watch(hostile_server) as report:
         results = concurrently(8, lambda i: attack.send(hostile_server))

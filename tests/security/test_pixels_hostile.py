@@ -9,53 +9,18 @@ server's process tree growing by at most the MB stated in each test.
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 from PIL import Image
 
+from scripts.hostile_payloads import HEIGHT, PIXEL_FLOODS, WIDTH
+from scripts.hostile_payloads import encode as _encode
 from tests.security.conftest import assert_refused, concurrently
 
-WIDTH, HEIGHT = 8000, 5000  # 40 megapixels: exactly the per-image limit, max_image_pixels
 PER_REQUEST_LIMIT = 200_000_000
-
-
-def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **options)
-    return buf.getvalue()
-
-
-def _palette() -> Image.Image:
-    img = Image.new("P", (WIDTH, HEIGHT), 3)
-    img.putpalette([(i * 7) % 256 for i in range(768)])
-    return img
-
-
-def _animated_webp() -> bytes:
-    frames = [Image.new("RGB", (WIDTH, HEIGHT), c) for c in ((10, 200, 30), (200, 10, 30))]
-    return _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
-
-
-# Lossless 40-megapixel images of a few KB each: one per class the issue names.
-PAYLOADS: dict[str, Callable[[], bytes]] = {
-    "1-bit-png": lambda: _encode(Image.new("1", (WIDTH, HEIGHT), 1), "PNG"),
-    "palette-png": lambda: _encode(_palette(), "PNG"),
-    "16-bit-png": lambda: _encode(Image.new("I;16", (WIDTH, HEIGHT), 40_000), "PNG"),
-    "lossless-webp": lambda: _encode(
-        Image.new("RGB", (WIDTH, HEIGHT), (10, 200, 30)), "WEBP", lossless=True, method=0
-    ),
-    "animated-webp": _animated_webp,
-    "deflate-tiff": lambda: _encode(
-        Image.new("L", (WIDTH, HEIGHT), 90), "TIFF", compression="tiff_adobe_deflate"
-    ),
-    "lzw-tiff": lambda: _encode(
-        Image.new("RGB", (WIDTH, HEIGHT), 9), "TIFF", compression="tiff_lzw"
-    ),
-}
+PAYLOADS = PIXEL_FLOODS
 _cache: dict[str, bytes] = {}
 
 

@@ -17,17 +17,14 @@ from __future__ import annotations
 import gc
 import os
 import re
-import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from functools import cache
 
-import brotli
 import httpx
 import psutil
 import pytest
 
+from scripts import hostile_payloads
 from tests.security.conftest import assert_refused, concurrently
 
 REFUSAL_S = 3.0
@@ -49,49 +46,24 @@ BOMB_BYTES = int(os.environ.get("DETR_HOSTILE_BOMB_MIB", "4096")) << 20
 _MIB = 1 << 20
 
 
-def _raw_deflate_zeros(size: int) -> bytes:
-    """Raw deflate of `size` zero bytes, built from one compressed MiB: after a full flush the
-    compressor starts afresh, so every MiB block compresses to the same bytes."""
-    block = bytes(_MIB)
-    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
-    one = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
-    return one * (size // _MIB) + comp.flush(zlib.Z_FINISH)
-
-
-@cache
 def gzip_bomb() -> bytes:
-    crc = 0
-    block = bytes(_MIB)
-    for _ in range(BOMB_BYTES // _MIB):
-        crc = zlib.crc32(block, crc)
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-    trailer = struct.pack("<II", crc, BOMB_BYTES & 0xFFFF_FFFF)
-    return header + _raw_deflate_zeros(BOMB_BYTES) + trailer
+    return hostile_payloads.gzip_bomb(BOMB_BYTES)
 
 
-@cache
 def deflate_bomb() -> bytes:
-    # zlib-wrapped, as RFC 9110's "deflate" says; Adler-32 of n zeros is (n mod 65521) << 16 | 1
-    adler = ((BOMB_BYTES % 65521) << 16) | 1
-    return b"\x78\x9c" + _raw_deflate_zeros(BOMB_BYTES) + struct.pack(">I", adler)
+    return hostile_payloads.deflate_bomb(BOMB_BYTES)
 
 
-@cache
 def brotli_bomb() -> bytes:
-    comp = brotli.Compressor(quality=5)
-    block = bytes(_MIB)
-    parts = [comp.process(block) for _ in range(BOMB_BYTES // _MIB)]
-    return b"".join(parts) + comp.finish()
+    return hostile_payloads.brotli_bomb(BOMB_BYTES)
 
 
-@cache
 def gzip_gzip_bomb() -> bytes:
-    return zlib.compress(gzip_bomb(), 9, wbits=31)
+    return hostile_payloads.gzip_gzip_bomb(BOMB_BYTES)
 
 
-@cache
 def br_gzip_bomb() -> bytes:
-    return brotli.compress(gzip_bomb())
+    return hostile_payloads.br_gzip_bomb(BOMB_BYTES)
 
 
 def _chunks(data: bytes, size: int = 64 * 1024) -> Callable[[], Iterator[bytes]]:

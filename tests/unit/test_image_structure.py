@@ -20,15 +20,11 @@ from app.image_structure import (
     structure_problem,
 )
 from app.images import decode_image, probe_image, probe_plain_jpeg
+from scripts.hostile_payloads import progressive_jpeg as _progressive_jpeg
+from scripts.hostile_payloads import scan_bomb
+from scripts.hostile_payloads import sos_headers as _sos_headers
 from tests.conftest import shapes_image
-from tests.security.test_decode_hostile import (
-    _progressive_jpeg,
-    _sos_headers,
-    gif_block_flood,
-    png_chunk_flood,
-    scan_bomb,
-    segment_flood,
-)
+from tests.security.test_decode_hostile import gif_block_flood, png_chunk_flood, segment_flood
 
 
 def encode(img: Image.Image, fmt: str, **options: object) -> bytes:
