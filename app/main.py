@@ -128,8 +128,10 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
 def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
     """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
     from app.logging_setup import configure_logging
+    from app.malloc_tuning import return_large_frees
     from app.supervisor import die_with_parent
 
     die_with_parent()
+    return_large_frees()
     configure_logging(settings.log_level, settings.json_logs)
     return create_app(settings, engine_sockets=engine_sockets)
