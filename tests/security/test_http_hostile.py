@@ -84,6 +84,14 @@ class Attack:
         response = httpx.post(url, content=self.body, headers=self.headers, timeout=120)
         return response, time.perf_counter() - started
 
+    def refused_alone(self, server, watch, rss_growth_mb: float = RSS_ALONE_MB) -> None:
+        """Sent once under the watch: refused as expected, within REFUSE_S and the bounds."""
+        with watch(server) as report:
+            response, took = self.send(server)
+        assert_refused(response, self.status, *self.words)
+        assert took <= REFUSE_S, f"refused after {took:.1f} s (bound {REFUSE_S} s)"
+        report.assert_bounds(rss_growth_mb=rss_growth_mb)
+
 
 @cache
 def _gzip_attacks() -> dict[str, Attack]:
@@ -117,12 +125,7 @@ def _gzip_attacks() -> dict[str, Attack]:
 
 @pytest.mark.parametrize("name", NAMES_GZIP_ATTACKS)
 def test_a_compressed_body_is_refused_at_the_inflation_limit(hostile_server, watch, name) -> None:
-    attack = _gzip_attacks()[name]
-    with watch(hostile_server) as report:
-        response, took = attack.send(hostile_server)
-    assert_refused(response, attack.status, *attack.words)
-    assert took <= REFUSE_S, f"refused after {took:.1f} s (bound {REFUSE_S} s)"
-    report.assert_bounds(rss_growth_mb=RSS_ALONE_MB)
+    _gzip_attacks()[name].refused_alone(hostile_server, watch)
 
 
 def test_eight_compressed_bombs_at_once_are_refused(hostile_server, watch) -> None:
@@ -185,11 +188,7 @@ def _dense_attacks() -> dict[str, Attack]:
 @pytest.mark.parametrize("name", NAMES_DENSE_ATTACKS)
 def test_a_dense_body_is_refused_before_it_is_parsed(hostile_server, watch, name) -> None:
     attack = _dense_attacks()[name]
-    with watch(hostile_server) as report:
-        response, took = attack.send(hostile_server)
-    assert_refused(response, attack.status, *attack.words)
-    assert took <= REFUSE_S, f"refused after {took:.1f} s (bound {REFUSE_S} s)"
-    report.assert_bounds(rss_growth_mb=RSS_ALONE_MB + 2 * len(attack.body) / 2**20)
+    attack.refused_alone(hostile_server, watch, RSS_ALONE_MB + 2 * len(attack.body) / 2**20)
 
 
 def test_dense_bodies_at_once_are_refused(hostile_server, watch) -> None:
@@ -261,11 +260,7 @@ def _malformed_attacks() -> dict[str, Attack]:
 def test_malformed_requests_are_a_400_without_a_traceback(hostile_server, watch, name) -> None:
     attack = _malformed_attacks()[name]
     log_before = len(hostile_server.log())
-    with watch(hostile_server) as report:
-        response, took = attack.send(hostile_server)
-    assert_refused(response, attack.status, *attack.words)
-    assert took <= REFUSE_S
-    report.assert_bounds(rss_growth_mb=RSS_ALONE_MB)
+    attack.refused_alone(hostile_server, watch)
     time.sleep(0.2)  # the boundary's log line
     logged = hostile_server.log()[log_before:]
     assert "Traceback" not in logged and "unhandled error" not in logged, logged[-2000:]
