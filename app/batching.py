@@ -103,7 +103,7 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._slots = asyncio.Semaphore(max_concurrent_batches)
-        self._running: dict[int, tuple[float, int]] = {}  # batch id -> (started, size)
+        self._running: dict[int, tuple[float, list[_Pending[T, R]]]] = {}  # id -> (started, batch)
         self._runners: set[asyncio.Task[None]] = set()
         self._batch_ids = 0
         self._batch_time = _Ewma()
@@ -111,13 +111,14 @@ class Batcher(Generic[T, R]):
     # -- state ------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (cancelled ones are dropped when a batch forms)."""
+        """Live items waiting for a batch: a request that passes its deadline or is cancelled
+        takes its items out of the queue at that moment (see submit)."""
         return len(self._queue)
 
     @property
     def in_flight(self) -> int:
         """Items inside the batches that are running now."""
-        return sum(size for _, size in self._running.values())
+        return sum(len(batch) for _, batch in self._running.values())
 
     @property
     def running_for_s(self) -> float:
@@ -146,8 +147,11 @@ class Batcher(Generic[T, R]):
         except TimeoutError:
             logger.warning("batcher did not drain in %.1f s; failing what is left", timeout_s)
             self._task.cancel()
-            while self._queue:
-                pending = self._queue.popleft()
+            # Every request still waiting is answered now, those of a batch that is still
+            # running included (its thread cannot be stopped; its outputs are dropped).
+            left = [*self._queue, *(p for _, batch in self._running.values() for p in batch)]
+            self._queue.clear()
+            for pending in left:
                 if not pending.future.done():
                     pending.future.set_exception(ShuttingDownError())
 
@@ -171,11 +175,21 @@ class Batcher(Generic[T, R]):
         try:
             return list(await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now)))
         except TimeoutError:
+            self._withdraw(pendings)
             raise DeadlineExceededError() from None
-        finally:
-            for f in futures:
-                if not f.done():
-                    f.cancel()
+        except BaseException:  # cancelled (the client went away), or one of its items failed
+            self._withdraw(pendings)
+            raise
+
+    def _withdraw(self, pendings: list[_Pending[T, R]]) -> None:
+        """A request past its deadline, cancelled or failed: its items still queued leave the
+        queue now, so that the queue's length (the 429 decision, Retry-After, the queue-depth
+        gauge) counts live work only."""
+        for p in pendings:
+            if not p.future.done():
+                p.future.cancel()
+        ids = {id(p) for p in pendings}
+        self._queue = deque(p for p in self._queue if id(p) not in ids)
 
     def retry_after_s(self) -> int:
         """Seconds a rejected client should wait: the time to work off the current queue."""
@@ -208,9 +222,9 @@ class Batcher(Generic[T, R]):
 
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
-        fill_deadline = self._queue[0].enqueued + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
-            remaining = fill_deadline - time.monotonic()
+        while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
+            # The oldest live item: the one before it may have left meanwhile.
+            remaining = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -237,7 +251,7 @@ class Batcher(Generic[T, R]):
         started = time.monotonic()
         self._batch_ids += 1
         batch_id = self._batch_ids
-        self._running[batch_id] = (started, len(batch))
+        self._running[batch_id] = (started, batch)
         ok = True
         try:
             outputs = await loop.run_in_executor(

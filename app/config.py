@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
         "null: no model, one fixed detection per image (measures the serving path alone).",
     )
+    null_batch_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=600_000,
+        description="With --backend null: how long each batch takes, as a stand-in for a "
+        "forward pass (tests and scripts/chaos.py use it for a slow engine).",
+    )
     msda_kernel: bool = Field(
         default=True,
         description="Replace the models' multi-scale deformable attention with detr-serve's op.",

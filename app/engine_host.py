@@ -100,9 +100,12 @@ class EngineHost:
         self.metrics.batch_size.observe(stats.size)
         self.metrics.batches.labels("ok" if stats.ok else "error").inc()
 
-    async def stop(self) -> None:
-        """Stop intake, finish queued and running work (bounded by the drain timeout)."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop intake, finish queued and running work within `timeout_s` (default: the drain
+        timeout); past it every request still open is answered ShuttingDownError."""
         if self.batcher is not None:
-            await self.batcher.stop(self.settings.drain_timeout_s)
+            await self.batcher.stop(
+                self.settings.drain_timeout_s if timeout_s is None else timeout_s
+            )
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

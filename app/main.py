@@ -19,6 +19,7 @@ from app.api import detect, health, kserve, models
 from app.config import Settings
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.open_requests import OpenRequestsMiddleware
 from app.runtime import Runtime
 from app.schemas import detect_request_model
 
@@ -60,7 +61,8 @@ def create_app(
     app.include_router(health.router)
     app.include_router(kserve.router)
     _install_error_handlers(app)
-    # Added last runs first: request context, then CORS, then auth, then the body limit.
+    # Added last runs first: request context, then open requests (counted for the drain,
+    # cancelled when their client goes), then CORS, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.api_key is not None:
         app.add_middleware(
@@ -76,6 +78,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(OpenRequestsMiddleware, runtime=runtime)
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     app.openapi = lambda: _openapi(app, settings.max_images_per_request)  # type: ignore[method-assign]
     return app

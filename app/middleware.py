@@ -21,6 +21,9 @@ from app.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
+# Set in the scope of a request whose client went away before its answer (app/open_requests.py):
+# counted and logged as 499, nginx's "client closed request".
+CLIENT_GONE = "detr_serve.client_gone"
 
 
 class RequestContextMiddleware:
@@ -52,6 +55,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if scope.get(CLIENT_GONE):
+                status = 499
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")

@@ -50,13 +50,36 @@ class Runtime:
         self.remote: RemoteEngine | None = None
         if engine_sockets:
             self.remote = RemoteEngine(
-                engine_sockets, settings.shm_arena_mb << 20, on_connect=self._on_connect
+                engine_sockets,
+                settings.shm_arena_mb << 20,
+                on_connect=self._on_connect,
+                on_draining=self._report_if_idle,
             )
         else:
             self.host = EngineHost(settings, self.metrics, engine)
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
+        self.open_requests = 0  # inference requests accepted and not answered yet
+
+    # -- the drain: accepted requests are counted, the engines wait for them ------------------
+    def request_started(self) -> None:
+        self.open_requests += 1
+
+    def request_finished(self) -> None:
+        self.open_requests -= 1
+        self._report_if_idle()
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM reached the engines (or, in one process, the lifespan is ending)."""
+        if self.remote is not None and self.remote.state == "draining":
+            return True
+        return self._state == "draining"
+
+    def _report_if_idle(self) -> None:
+        if self.remote is not None and self.open_requests == 0 and self.draining:
+            self.remote.report_idle()
 
     @property
     def pool(self) -> EnginePool[Any, Any] | None:

@@ -183,12 +183,29 @@ class DetectionService:
         )
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
-        loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
-        async with self._admit(loaded, deadline) as lease:
-            prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
-            tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
-            queued = time.monotonic()
-            outputs = await self._submit(tasks, deadline)
+        # The deadline covers the request's whole life: waiting for a download slot,
+        # downloading, waiting for room to decode, decoding, queueing and running. Past it the
+        # answer is 504 at once and the work still going on for it is cancelled (downloads,
+        # decode workers, the images queued in the engine).
+        stage = "reading its images"
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
+                stage = "waiting for room to decode its images"
+                async with self._admit(loaded, deadline) as lease:
+                    stage = "decoding its images"
+                    prepared = await self._gather(
+                        [self._decode(x, lease, deadline) for x in loaded]
+                    )
+                    tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
+                    stage = "waiting for the model"
+                    queued = time.monotonic()
+                    outputs = await self._submit(tasks, deadline)
+        except TimeoutError:
+            raise DeadlineError(
+                f"the request passed its deadline of {self.settings.request_timeout_s:g} s "
+                f"(request_timeout_s) while {stage}"
+            ) from None
         return self._response(prepared, outputs, queued)
 
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:

@@ -18,6 +18,12 @@ def get_runtime(request: Request) -> Runtime:
 
 def get_service(request: Request) -> DetectionService:
     runtime = get_runtime(request)
+    if runtime.draining:
+        # The requests accepted before the drain still finish; new ones go elsewhere.
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
     if runtime.service is None:
         raise UnavailableError(
             "the model is still loading; poll /readyz", headers={"Retry-After": "2"}

@@ -89,10 +89,14 @@ class RemoteEngine:
         socket_paths: Sequence[str],
         arena_bytes: int,
         on_connect: Callable[[ModelInfo, int, bool], None] | None = None,
+        on_draining: Callable[[], None] | None = None,
     ) -> None:
+        """`on_draining` is called when an engine starts draining (SIGTERM): the front end
+        refuses new requests and calls report_idle() once those it accepted are answered."""
         self._links = [_Link(p) for p in socket_paths]
         self._arena_bytes = arena_bytes
         self._on_connect = on_connect
+        self._on_draining = on_draining
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.info: ModelInfo | None = None
@@ -128,6 +132,18 @@ class RemoteEngine:
         """Whether every engine's socket exists (it may still be a dead engine's)."""
         return all(os.path.exists(link.path) for link in self._links)
 
+    def report_idle(self) -> None:
+        """Tell every engine that this front end has no request open (while draining)."""
+        for link in self._links:
+            if link.conn is not None:
+                with contextlib.suppress(Exception):
+                    write_message(link.conn.writer, ("idle",))
+
+    def _set_state(self, link: _Link, state: str) -> None:
+        link.state = state
+        if state == "draining" and self._on_draining is not None:
+            self._on_draining()
+
     @property
     def state(self) -> str:
         """ready only when every engine is; else the first trouble found."""
@@ -160,10 +176,11 @@ class RemoteEngine:
                     jpeg_on_device,
                 )
                 conn = _Conn(writer, arena, ArenaAllocator(self._arena_bytes))
-                link.conn, link.state = conn, state
+                link.conn = conn
                 logger.info("connected to the engine at %s (%s)", link.path, state)
                 if self._on_connect is not None:
                     self._on_connect(info, max_batch_size, jpeg_on_device)
+                self._set_state(link, state)
                 while True:
                     self._dispatch(link, conn, await read_message(reader))
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
@@ -172,7 +189,8 @@ class RemoteEngine:
             finally:
                 link.conn = None
                 if conn is not None:
-                    link.state = "restarting"
+                    if link.state != "draining":  # a drained engine exits: not a restart
+                        link.state = "restarting"
                     self._fail_all(conn)
                 else:
                     with contextlib.suppress(OSError):
@@ -185,7 +203,7 @@ class RemoteEngine:
     def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "state":
-            link.state = message[1]
+            self._set_state(link, message[1])
             return
         pending = conn.pending.pop(message[1], None)
         if pending is None:
@@ -217,11 +235,13 @@ class RemoteEngine:
 
     # -- intake -------------------------------------------------------------------------------
     def _pick(self) -> _Conn:
-        """The connection to the ready engine with the fewest images outstanding."""
+        """The connection to the ready engine with the fewest images outstanding. A draining
+        engine still takes the requests its front ends accepted before the drain (they refuse
+        new ones at the door: app/api/deps.py)."""
         usable = [link for link in self._links if link.conn is not None]
-        ready = [link for link in usable if link.state in ("ready", "stuck")]
+        ready = [link for link in usable if link.state in ("ready", "stuck", "draining")]
         if not ready:
-            if any(link.state == "draining" for link in usable):
+            if any(link.state == "draining" for link in self._links):
                 raise ShuttingDownError()
             raise EngineUnavailableError("no engine process is ready; retry shortly")
         conns = [link.conn for link in ready if link.conn is not None]

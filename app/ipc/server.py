@@ -7,7 +7,8 @@ the one queue is. Pixels are read in place from each front end's shared-memory a
 Messages (pickled tuples; see wire.py):
   front end -> engine   ("hello", arena_name)
                         ("submit", rid, request_id, deadline, [item, ...])
-                        ("cancel", rid)
+                        ("cancel", rid)                 the request gave up (deadline, client gone)
+                        ("idle",)                       draining, and no request open there
   engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
                         ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
                         ("error", rid, kind, detail)
@@ -27,7 +28,7 @@ import logging
 import mmap
 import os
 import signal
-import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,8 +50,8 @@ _GAUGE_PERIOD_S = 0.5
 
 def run_engine_process(settings: Settings, socket_path: str) -> None:
     """Entry point of the spawned engine process."""
-    # Ctrl-C reaches the whole process group; the supervisor stops the engine itself, after
-    # the front ends have drained, so that their in-flight requests can still finish.
+    # Ctrl-C reaches the whole process group; the supervisor stops the engine itself (SIGTERM:
+    # the drain, see EngineServer.drain), so that the front ends' requests can still finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from app.logging_setup import configure_logging
     from app.supervisor import die_with_parent
@@ -58,7 +59,11 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
     die_with_parent()
 
     configure_logging(settings.log_level, settings.json_logs)
-    sys.exit(asyncio.run(_main(settings, socket_path)))
+    code = asyncio.run(_main(settings, socket_path))
+    logging.shutdown()
+    # Not sys.exit: a forward pass that outlived the drain (its requests are answered already)
+    # would hold the exit in the interpreter's join of the executor's threads.
+    os._exit(code)
 
 
 async def _main(settings: Settings, socket_path: str) -> int:
@@ -80,13 +85,19 @@ async def _main(settings: Settings, socket_path: str) -> int:
     return 0
 
 
+# After the batcher has stopped, how long the last answers may take to be written.
+_ANSWER_S = 1.0
+_DRAIN_POLL_S = 0.01
+
+
 class EngineServer:
     def __init__(self, host: EngineHost, metrics: Metrics) -> None:
         self.host = host
         self.metrics = metrics
         self._writers: set[asyncio.StreamWriter] = set()
+        self._idle: set[asyncio.StreamWriter] = set()  # front ends drained (said "idle")
         self._state = "ready"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # requests being answered
 
     @property
     def state(self) -> str:
@@ -99,17 +110,34 @@ class EngineServer:
         logger.info("engine serving on %s", socket_path)
         watcher = asyncio.get_running_loop().create_task(self._watch())
         await stop.wait()
-        logger.info("engine draining")
-        self._state = "draining"
-        self._broadcast(("state", "draining"))
-        server.close()  # no new front ends; the connected ones get their answers first
-        await self.host.stop()
+        await self.drain()
+        server.close()
         watcher.cancel()
         for writer in list(self._writers):
             writer.close()
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
         logger.info("engine stopped")
+
+    async def drain(self) -> None:
+        """SIGTERM: readiness 503 on every front end at once ("draining": they refuse new
+        requests), the requests they had accepted still come in and are run, until every front
+        end says it is idle or drain_timeout_s passes; then the batcher stops with what is left
+        of that time, and every request still open is answered (503 past the timeout)."""
+        timeout_s = self.host.settings.drain_timeout_s
+        deadline = time.monotonic() + timeout_s
+        logger.info("engine draining (up to %.1f s)", timeout_s)
+        self._state = "draining"
+        self._broadcast(("state", "draining"))
+        batcher = self.host.batcher
+        assert batcher is not None
+        while time.monotonic() < deadline and not (
+            self._writers <= self._idle and batcher.queue_depth == 0 and batcher.in_flight == 0
+        ):
+            await asyncio.sleep(_DRAIN_POLL_S)
+        await self.host.stop(max(0.0, deadline - time.monotonic()))
+        if self._tasks:  # their answers are written before the connections close
+            await asyncio.wait(self._tasks, timeout=_ANSWER_S)
 
     async def _watch(self) -> None:
         """Refresh the gauges a scrape cannot compute, and tell the front ends when the
@@ -159,14 +187,19 @@ class EngineServer:
                     )
                     running[rid] = task
                     task.add_done_callback(functools.partial(_forget, running, rid))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                 elif message[0] == "cancel":
                     found = running.get(message[1])
                     if found is not None:
                         found.cancel()
+                elif message[0] == "idle":
+                    self._idle.add(writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the front end went away (a worker restarted or stopped)
         finally:
             self._writers.discard(writer)
+            self._idle.discard(writer)
             for task in running.values():
                 task.cancel()
             writer.close()

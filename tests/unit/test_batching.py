@@ -277,3 +277,67 @@ async def test_in_flight_counts_items_of_every_running_batch() -> None:
     await asyncio.gather(*tasks)
     assert batcher.in_flight == 0 and batcher.running_for_s == 0
     await batcher.stop(1)
+
+
+async def test_expired_requests_leave_the_queue_at_once_while_a_batch_runs() -> None:
+    """Dead work counts for nothing: a burst that expired behind a long batch no longer fills
+    the queue (429), Retry-After or the queue-depth gauge."""
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0, max_queue_size=4)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit([1], deadline()))
+    await asyncio.sleep(0.05)  # the first item is now inside the gated model
+    with pytest.raises(DeadlineExceededError):
+        await batcher.submit([2, 3, 4, 5], deadline(0.05))
+    assert batcher.queue_depth == 0
+    assert batcher.in_flight == 1
+    assert batcher.retry_after_s() == 1
+    live = asyncio.create_task(batcher.submit([6, 7, 8, 9], deadline()))  # a whole queue
+    await asyncio.sleep(0.01)
+    assert not live.done(), "live work was refused because of expired work"
+    assert batcher.queue_depth == 4
+    model.gate.set()
+    assert await blocker == [2]
+    assert await live == [12, 14, 16, 18]
+    assert all(i not in b for b in model.batches for i in (2, 3, 4, 5))
+    await batcher.stop(1)
+
+
+async def test_cancelled_request_leaves_the_queue_at_once() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit([1], deadline()))
+    await asyncio.sleep(0.05)
+    gone = asyncio.create_task(batcher.submit([2, 3], deadline()))
+    await asyncio.sleep(0.01)
+    assert batcher.queue_depth == 2
+    gone.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert batcher.queue_depth == 0
+    model.gate.set()
+    await blocker
+    await asyncio.sleep(0.05)
+    assert model.batches == [[1]]
+    await batcher.stop(1)
+
+
+async def test_stop_past_its_timeout_answers_every_open_request() -> None:
+    """A forward pass that does not end within the drain: its requests and the queued ones are
+    all answered ShuttingDownError at the timeout, none is left waiting."""
+    model = FakeModel()
+    model.gate = threading.Event()  # never set: the batch outlives the drain
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
+    batcher.start()
+    running = asyncio.create_task(batcher.submit([1], deadline(60)))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(batcher.submit([2], deadline(60)))
+    await asyncio.sleep(0.01)
+    await batcher.stop(0.1)
+    for task in (running, queued):
+        with pytest.raises(ShuttingDownError):
+            await asyncio.wait_for(task, 2)
+    model.gate.set()
