@@ -52,6 +52,7 @@ class OpenRequestsMiddleware:
                 pass
 
         self.runtime.request_started()
+
         async def answer() -> None:
             await self.app(scope, receive_body, send_answer)
 

@@ -53,7 +53,7 @@ class Runtime:
                 engine_sockets,
                 settings.shm_arena_mb << 20,
                 on_connect=self._on_connect,
-                on_draining=self._report_if_idle,
+                on_draining=self._drain_started,
             )
         else:
             self.host = EngineHost(settings, self.metrics, engine)
@@ -76,6 +76,10 @@ class Runtime:
         if self.remote is not None and self.remote.state == "draining":
             return True
         return self._state == "draining"
+
+    def _drain_started(self) -> None:
+        logger.info("front end draining: /readyz 503, new requests 503")
+        self._report_if_idle()
 
     def _report_if_idle(self) -> None:
         if self.remote is not None and self.open_requests == 0 and self.draining:

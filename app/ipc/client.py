@@ -140,8 +140,8 @@ class RemoteEngine:
                     write_message(link.conn.writer, ("idle",))
 
     def _set_state(self, link: _Link, state: str) -> None:
-        link.state = state
-        if state == "draining" and self._on_draining is not None:
+        before, link.state = link.state, state
+        if state == "draining" and before != "draining" and self._on_draining is not None:
             self._on_draining()
 
     @property
@@ -184,7 +184,9 @@ class RemoteEngine:
                 while True:
                     self._dispatch(link, conn, await read_message(reader))
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
-                if conn is not None and not self._closing:
+                if conn is not None and link.state == "draining":
+                    logger.info("the engine at %s has drained and stopped", link.path)
+                elif conn is not None and not self._closing:
                     logger.error("lost the engine at %s: %s", link.path, exc or type(exc).__name__)
             finally:
                 link.conn = None

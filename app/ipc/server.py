@@ -98,6 +98,7 @@ class EngineServer:
         self._idle: set[asyncio.StreamWriter] = set()  # front ends drained (said "idle")
         self._state = "ready"
         self._tasks: set[asyncio.Task[None]] = set()  # requests being answered
+        self._connections: set[asyncio.Task[Any]] = set()
 
     @property
     def state(self) -> str:
@@ -115,6 +116,8 @@ class EngineServer:
         watcher.cancel()
         for writer in list(self._writers):
             writer.close()
+        if self._connections:  # they end on the EOF of their own closed writer
+            await asyncio.wait(self._connections, timeout=_ANSWER_S)
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
         logger.info("engine stopped")
@@ -167,6 +170,9 @@ class EngineServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         arena: mmap.mmap | None = None
         running: dict[int, asyncio.Task[None]] = {}
+        this = asyncio.current_task()
+        assert this is not None
+        self._connections.add(this)
         try:
             hello = await read_message(reader)
             if not (isinstance(hello, tuple) and hello[0] == "hello"):
@@ -200,6 +206,7 @@ class EngineServer:
         finally:
             self._writers.discard(writer)
             self._idle.discard(writer)
+            self._connections.discard(this)
             for task in running.values():
                 task.cancel()
             writer.close()
