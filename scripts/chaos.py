@@ -11,7 +11,8 @@ tests (tests/e2e/test_guarantees.py) run the same scenarios and assert on their 
 Scenarios:
   expired-burst    a burst expires while a long batch runs: the queue holds live work only
                    (depth back to 0 within that batch) and new work is queued, not 429
-  disconnects      64 clients that hang up 50 ms after sending: images computed vs sent
+  disconnects      64 clients that hang up 50 ms after sending (and 64 that hang up once their
+                   images are queued): images computed vs sent
   slow-url-storm   slow URLs hold every download slot; uploads keep being answered; the slow
                    requests get 504 at their deadline, not after the download
   sigterm          SIGTERM under load: /readyz 503 "draining" at once, every accepted request
@@ -163,23 +164,35 @@ def expired_burst() -> Row:
     return row
 
 
-def disconnects(clients: int = 64, hang_up_s: float = 0.05) -> Row:
-    """`clients` requests whose clients hang up 50 ms after sending, on an engine whose batch
-    (8 images) takes 1 s: the images computed (detr_serve_batch_size_sum) against those sent.
-    A request sent last, and answered, proves everything still live before it was computed."""
-    row = Row("disconnects", sent=clients)
+def disconnects(clients: int = 64, hang_up_s: float | None = 0.05) -> Row:
+    """`clients` requests whose clients hang up `hang_up_s` after sending (None: once all their
+    images are in the engine), on an engine whose batches (up to 16 images) take 3 s: the images
+    computed (detr_serve_batch_size_sum) against those sent; all of them run in 4 batches when
+    nothing is cancelled. A request sent last, and answered, proves everything still live before it was
+    computed."""
+    when = "once queued" if hang_up_s is None else f"{hang_up_s * 1e3:g} ms"
+    row = Row(f"disconnects ({when})", sent=clients + 1)
     server = start(
-        *("--workers", "2", "--null-batch-ms", "1000", "--max-batch-size", "8"),
+        *("--workers", "2", "--null-batch-ms", "3000", "--max-batch-size", "16"),
         *("--max-batch-delay-ms", "0", "--request-timeout-s", "60"),
     )
     try:
         body = json_body(jpeg())
         before = metric(server, "detr_serve_batch_size_sum")
-        asyncio.run(_hang_up(server.port, body, clients, hang_up_s))
+
+        def queued() -> float:
+            depth = metric(server, "detr_serve_queue_depth")
+            return depth + metric(server, "detr_serve_inflight_images")
+
+        in_engine = asyncio.run(_hang_up(server.port, body, clients, hang_up_s, queued))
         status, _ = _post(server.url, body)
         row.statuses[status] += 1
         computed = metric(server, "detr_serve_batch_size_sum") - before - (status == 200)
-        row.figures = {"images sent": clients, "images computed": int(computed)}
+        row.figures = {
+            "images sent": clients,
+            "in the engine at hang-up": int(in_engine),
+            "images computed": int(computed),
+        }
         row.passed = status == 200 and computed < clients
     finally:
         server.stop()
@@ -187,21 +200,42 @@ def disconnects(clients: int = 64, hang_up_s: float = 0.05) -> Row:
     return row
 
 
-async def _hang_up(port: int, body: bytes, clients: int, after_s: float) -> None:
+async def _hang_up(
+    port: int, body: bytes, clients: int, after_s: float | None, queued: Callable[[], float]
+) -> float:
+    """Send `clients` requests on raw connections and close each `after_s` later (None: once
+    `queued()` counts them all in the engine, or 30 s). Returns queued() at the hang-up."""
     head = (
         f"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
+    hang_up = asyncio.Event()
+    in_engine = 0.0
 
     async def one() -> None:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(head + body)
         await writer.drain()
-        await asyncio.sleep(after_s)
+        if after_s is None:
+            await hang_up.wait()
+        else:
+            await asyncio.sleep(after_s)
         writer.close()
         await writer.wait_closed()
 
-    await asyncio.gather(*(one() for _ in range(clients)))
+    async def watch() -> None:
+        nonlocal in_engine
+        deadline = time.monotonic() + (30 if after_s is None else after_s)
+        while time.monotonic() < deadline:
+            in_engine = await asyncio.to_thread(queued)
+            if after_s is None and in_engine >= clients:
+                break
+            if after_s is not None:
+                await asyncio.sleep(0.01)
+        hang_up.set()
+
+    await asyncio.gather(watch(), *(one() for _ in range(clients)))
+    return in_engine
 
 
 def slow_url_storm(slots: int = 4, uploads: int = 20) -> Row:
@@ -384,6 +418,7 @@ def stuck_drain(drain_s: float = 1.0) -> Row:
 SCENARIOS: dict[str, Callable[[], Row]] = {
     "expired-burst": expired_burst,
     "disconnects": disconnects,
+    "disconnects-queued": lambda: disconnects(hang_up_s=None),
     "slow-url-storm": slow_url_storm,
     "sigterm": sigterm,
     "stuck-drain": stuck_drain,
