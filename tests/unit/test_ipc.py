@@ -59,8 +59,11 @@ class FakeEngine:
 
 
 class Pair:
-    def __init__(self, remote: RemoteEngine, server: EngineServer, fake: FakeEngine) -> None:
+    def __init__(
+        self, remote: RemoteEngine, server: EngineServer, fake: FakeEngine, made: list
+    ) -> None:
         self.remote, self.server, self.fake = remote, server, fake
+        self.made = made  # (remote, server, stop event, serving task) of every pair
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ async def make_pair(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator:
             assert time.monotonic() < deadline, "the remote engine never connected"
             await asyncio.sleep(0.01)
         made.append((remote, server, stop, serving))
-        return Pair(remote, server, fake)
+        return Pair(remote, server, fake, made)
 
     yield make
     for remote, _, stop, serving in made:
@@ -245,3 +248,53 @@ async def test_watchdog_in_the_engine_reaches_the_front_end_and_clears(make_pair
     while pair.remote.state != "ready":
         assert time.monotonic() < deadline, pair.remote.state
         await asyncio.sleep(0.02)
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_cancelled_request_leaves_the_engines_queue_at_once(make_pair) -> None:
+    """The front end's cancel (client gone, deadline) crosses to the engine, whose batcher
+    drops the request's queued images while the batch in front of them still runs."""
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    batcher = pair.server.host.batcher
+    pair.fake.delay_s = 1.0
+    running = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 30)
+    )
+    await _until(lambda: batcher.in_flight == 1)
+    queued = asyncio.ensure_future(
+        pair.remote.submit(
+            [DetectionTask(_image(16, 16, i), 0.5, 10) for i in (1, 2)], time.monotonic() + 30
+        )
+    )
+    await _until(lambda: batcher.queue_depth == 2)
+    queued.cancel()
+    await _until(lambda: batcher.queue_depth == 0, timeout_s=0.9)
+    assert batcher.in_flight == 1  # the batch in front still runs; its image finishes
+    await running
+
+
+async def test_a_draining_engine_takes_accepted_work_until_its_front_end_is_idle(
+    make_pair,
+) -> None:
+    pair = await make_pair(drain_timeout_s=30)
+    (link,) = pair.remote._links
+    (stop,) = [s for r, _, s, _ in pair.made if r is pair.remote]
+    serving = next(t for r, _, _, t in pair.made if r is pair.remote)
+    stop.set()  # SIGTERM
+    await _until(lambda: pair.remote.state == "draining")
+    # A request the front end accepted before the drain still runs...
+    (answer,) = await pair.remote.submit(
+        [DetectionTask(_image(16, 16, 3), 0.5, 10)], time.monotonic() + 5
+    )
+    assert answer.boxes.shape == (1, 4)
+    await asyncio.sleep(0.1)
+    assert not serving.done(), "the engine stopped before its front end was idle"
+    pair.remote.report_idle()  # ...and the engine stops once the front end has none open
+    await asyncio.wait_for(asyncio.shield(serving), 5)
+    assert link.state == "draining"  # a drained engine is not reported as restarting
