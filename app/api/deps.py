@@ -18,12 +18,6 @@ def get_runtime(request: Request) -> Runtime:
 
 def get_service(request: Request) -> DetectionService:
     runtime = get_runtime(request)
-    if runtime.draining:
-        # The requests accepted before the drain still finish; new ones go elsewhere.
-        raise UnavailableError(
-            "the server is shutting down (draining); retry on another replica",
-            headers={"Retry-After": "1"},
-        )
     if runtime.service is None:
         raise UnavailableError(
             "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
@@ -31,5 +25,17 @@ def get_service(request: Request) -> DetectionService:
     return runtime.service
 
 
+def get_inference_service(request: Request) -> DetectionService:
+    """The service, for a route that runs the model: refused while draining (the requests
+    accepted before the drain still finish; new ones go to another replica)."""
+    if get_runtime(request).draining:
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
+    return get_service(request)
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ServiceDep = Annotated[DetectionService, Depends(get_service)]
+InferenceServiceDep = Annotated[DetectionService, Depends(get_inference_service)]

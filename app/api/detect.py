@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import ServiceDep
+from app.api.deps import InferenceServiceDep
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
@@ -72,7 +72,7 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     responses=_ERRORS,
     openapi_extra=OPENAPI_BODY,
 )
-async def detect(request: Request, service: ServiceDep) -> Response:
+async def detect(request: Request, service: InferenceServiceDep) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
