@@ -279,15 +279,24 @@ async def test_in_flight_counts_items_of_every_running_batch() -> None:
     await batcher.stop(1)
 
 
+async def _behind_a_gated_batch(
+    first_deadline_s: float = 5.0, **kw
+) -> tuple[FakeModel, Batcher, asyncio.Task]:
+    """A batcher of one image per batch whose first batch (item 1) is inside the model, held
+    there until `model.gate` is set."""
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0, **kw)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit([1], deadline(first_deadline_s)))
+    await asyncio.sleep(0.05)
+    return model, batcher, blocker
+
+
 async def test_expired_requests_leave_the_queue_at_once_while_a_batch_runs() -> None:
     """Dead work counts for nothing: a burst that expired behind a long batch no longer fills
     the queue (429), Retry-After or the queue-depth gauge."""
-    model = FakeModel()
-    model.gate = threading.Event()
-    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0, max_queue_size=4)
-    batcher.start()
-    blocker = asyncio.create_task(batcher.submit([1], deadline()))
-    await asyncio.sleep(0.05)  # the first item is now inside the gated model
+    model, batcher, blocker = await _behind_a_gated_batch(max_queue_size=4)
     with pytest.raises(DeadlineExceededError):
         await batcher.submit([2, 3, 4, 5], deadline(0.05))
     assert batcher.queue_depth == 0
@@ -305,12 +314,7 @@ async def test_expired_requests_leave_the_queue_at_once_while_a_batch_runs() -> 
 
 
 async def test_cancelled_request_leaves_the_queue_at_once() -> None:
-    model = FakeModel()
-    model.gate = threading.Event()
-    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
-    batcher.start()
-    blocker = asyncio.create_task(batcher.submit([1], deadline()))
-    await asyncio.sleep(0.05)
+    model, batcher, blocker = await _behind_a_gated_batch()
     gone = asyncio.create_task(batcher.submit([2, 3], deadline()))
     await asyncio.sleep(0.01)
     assert batcher.queue_depth == 2
@@ -328,12 +332,8 @@ async def test_cancelled_request_leaves_the_queue_at_once() -> None:
 async def test_stop_past_its_timeout_answers_every_open_request() -> None:
     """A forward pass that does not end within the drain: its requests and the queued ones are
     all answered ShuttingDownError at the timeout, none is left waiting."""
-    model = FakeModel()
-    model.gate = threading.Event()  # never set: the batch outlives the drain
-    batcher = make_batcher(model, max_batch_size=1, max_delay_s=0)
-    batcher.start()
-    running = asyncio.create_task(batcher.submit([1], deadline(60)))
-    await asyncio.sleep(0.05)
+    # The gate is not set before the stop: the batch outlives the drain.
+    model, batcher, running = await _behind_a_gated_batch(first_deadline_s=60)
     queued = asyncio.create_task(batcher.submit([2], deadline(60)))
     await asyncio.sleep(0.01)
     await batcher.stop(0.1)
