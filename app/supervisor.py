@@ -42,10 +42,11 @@ _MAX_BACKOFF_S = 10.0
 _STABLE_S = 60.0  # an engine that lived this long restarts at once again when it dies
 # Shut-down, after the drain (drain_timeout_s): an engine has this long to answer what is left
 # and exit before SIGKILL; then each front end (its engines gone, nothing left to wait for)
-# has uvicorn's graceful shut-down, then this long for its lifespan's end and its exit.
+# has uvicorn's graceful shut-down, then this long for its lifespan's end (the decode workers'
+# join, up to 5 s: app/decode_pool.py) and its exit.
 ENGINE_EXIT_S = 5.0
 FRONTEND_GRACE_S = 5
-FRONTEND_EXIT_S = 2.0
+FRONTEND_EXIT_S = 6.0
 
 
 def shutdown_bound_s(settings: Settings) -> float:
