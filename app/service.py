@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -46,9 +47,10 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
+from app.images import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
+from app.render import Boxes
 from app.schemas import DetectOptions
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,15 @@ class AnsweredImage:
     height: int
     detections: ImageDetections
     timings: dict[str, float]
+    rendered: bytes | None = None  # the image with its boxes drawn, when asked for
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """How to draw the detections on each image (app/render.py)."""
+
+    fmt: str = "jpeg"  # or "png"
+    labels: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,11 @@ class _Loaded:
     def pixels(self) -> int:
         """Pixels the image holds at its largest (while decoding, or on the device)."""
         return self.info.height * self.info.width if self.jpeg else self.info.decode_pixels
+
+    @property
+    def render_pixels(self) -> int:
+        """Pixels a render holds: the whole image, decoded at full size."""
+        return self.info.height * self.info.width * DECODE_WEIGHT.get(self.info.format, 1)
 
 
 @dataclass
@@ -165,10 +181,19 @@ class DetectionService:
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
         self._decoding = PixelBudget(2 * settings.max_image_pixels)
+        # Renders decode whole images, draw and encode them: at most all but one decode worker
+        # at once, so that detection requests always find one.
+        self._render_slots = CapacityLimiter(max(1, workers - 1))
         spec = PreprocessSpec.from_dir(settings.model)
         self._fit = Fit(spec.output_size, spec.resample)
 
-    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
+    async def detect(
+        self,
+        sources: Sequence[ImageSource],
+        options: DetectOptions,
+        render: RenderSpec | None = None,
+    ) -> DetectResult:
+        """Detections for each image; with `render`, also each image with its boxes drawn."""
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_timeout_s
         if not sources:
@@ -184,12 +209,74 @@ class DetectionService:
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
         loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
+        if render is not None:
+            self._check_render_size(loaded)
         async with self._admit(loaded, deadline) as lease:
             prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
             tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
             queued = time.monotonic()
             outputs = await self._submit(tasks, deadline)
-        return self._response(prepared, outputs, queued)
+        result = self._response(prepared, outputs, queued)
+        if render is None:
+            return result
+        # After the detection's pixels are given back: a render admits its own.
+        drawn = await self._gather(
+            [self._render(x, out, render, deadline) for x, out in zip(loaded, outputs, strict=True)]
+        )
+        images = []
+        for image, (data, render_s) in zip(result.images, drawn, strict=True):
+            timings = {**image.timings, "render_ms": round(render_s * 1e3, 3)}
+            images.append(dataclasses.replace(image, rendered=data, timings=timings))
+        return DetectResult(result.model, images)
+
+    def _check_render_size(self, loaded: list[_Loaded]) -> None:
+        wanted = sum(x.render_pixels for x in loaded)
+        limit = self.settings.max_request_pixels
+        if wanted > limit:
+            raise PayloadTooLargeError(
+                f"drawing the request's {len(loaded)} images at full size takes {wanted} "
+                f"pixels, over the limit of {limit} pixels per request"
+            )
+
+    async def _render(
+        self, loaded: _Loaded, found: ImageDetections, spec: RenderSpec, deadline: float
+    ) -> tuple[bytes, float]:
+        """The image at its own resolution with its boxes drawn, in a decode worker process:
+        admitted by pixels like a decode (429 when the server has no room), at most
+        `_render_slots` at once, stopped at the request's deadline."""
+        index = loaded.index
+        late = DeadlineError(
+            f"the request passed its deadline of {self.settings.request_timeout_s} s before "
+            "this image could be drawn",
+            image_index=index,
+        )
+        boxes = Boxes(found.boxes, found.labels, found.scores, self.info.labels)
+        started = time.perf_counter()
+        weight = min(loaded.render_pixels, self._decoding.capacity)
+        async with self._admit_pixels(loaded.render_pixels, deadline):
+            try:
+                async with (
+                    self._decoding.hold(weight, deadline - time.monotonic()),
+                    self._render_slots,
+                    self._decode_slots,
+                ):
+                    left_s = deadline - time.monotonic()
+                    if left_s <= 0:
+                        raise late
+                    data = await self._decode_pool.render(
+                        loaded.data,
+                        boxes,
+                        max_pixels=self.settings.max_image_pixels,
+                        index=index,
+                        fmt=spec.fmt,
+                        labels=spec.labels,
+                        timeout_s=left_s,
+                    )
+            except BudgetExhaustedError:
+                raise late from None
+        render_s = time.perf_counter() - started
+        self.metrics.stage_latency.labels("render").observe(render_s)
+        return data, render_s
 
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         """Run one job per image concurrently; the first bad image cancels the rest (no download
@@ -225,6 +312,12 @@ class DetectionService:
                 f"the request's {len(loaded)} images decode to {wanted} pixels, over the limit "
                 f"of {limit} pixels per request"
             )
+        async with self._admit_pixels(wanted, deadline) as lease:
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def _admit_pixels(self, wanted: int, deadline: float) -> AsyncIterator[Lease]:
+        """`wanted` pixels of the server-wide budget for the block; 429 when no room comes."""
         wait_s = min(_ADMISSION_WAIT_S, deadline - time.monotonic())
         try:
             async with self._pixels.hold(wanted, wait_s) as lease:
