@@ -24,6 +24,8 @@ const state = {
   picture: null,     // an HTMLImageElement, or null when the browser could not load the image
   busy: false,
   objectUrl: null,   // the object URL of the file shown
+  file: null,        // the file chosen last (the Detect button runs it again)
+  answered: 0,       // requests answered and shown (body[data-answered]: tests wait on it)
 };
 
 function colour(classId) {
@@ -183,6 +185,7 @@ async function detectFile(file) {
   state.objectUrl = url;
   const [result, picture] = await Promise.all([detect(form, {}), loadPicture(url)]);
   show(result, picture);
+  document.body.dataset.answered = String(++state.answered);
 }
 
 async function detectUrl(url) {
@@ -197,6 +200,7 @@ async function detectUrl(url) {
     loadPicture(url),
   ]);
   show(result, picture);
+  document.body.dataset.answered = String(++state.answered);
 }
 
 function show(result, picture) {
@@ -304,12 +308,16 @@ function init() {
     showError("");
     loadModel();
   });
-  $("file").addEventListener("change", () => detectFile($("file").files[0]));
+  $("file").addEventListener("change", () => {
+    state.file = $("file").files[0] || state.file;
+    $("file").value = ""; // choosing the same file again is a change too
+    detectFile(state.file);
+  });
   $("detect-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const url = $("url").value.trim();
     if (url) detectUrl(url);
-    else if ($("file").files[0]) detectFile($("file").files[0]);
+    else if (state.file) detectFile(state.file);
     else showError("Choose an image file or enter an image URL first.");
   });
   const drop = $("drop");
@@ -322,7 +330,10 @@ function init() {
     event.preventDefault();
     drop.classList.remove("over");
     const file = event.dataTransfer.files[0];
-    if (file) detectFile(file);
+    if (file) {
+      state.file = file;
+      detectFile(file);
+    }
   });
   $("threshold").addEventListener("input", redraw);
   loadModel();
