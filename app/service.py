@@ -252,28 +252,19 @@ class DetectionService:
         )
         boxes = Boxes(found.boxes, found.labels, found.scores, self.info.labels)
         started = time.perf_counter()
-        weight = min(loaded.render_pixels, self._decoding.capacity)
-        async with self._admit_pixels(loaded.render_pixels, deadline):
-            try:
-                async with (
-                    self._decoding.hold(weight, deadline - time.monotonic()),
-                    self._render_slots,
-                    self._decode_slots,
-                ):
-                    left_s = deadline - time.monotonic()
-                    if left_s <= 0:
-                        raise late
-                    data = await self._decode_pool.render(
-                        loaded.data,
-                        boxes,
-                        max_pixels=self.settings.max_image_pixels,
-                        index=index,
-                        fmt=spec.fmt,
-                        labels=spec.labels,
-                        timeout_s=left_s,
-                    )
-            except BudgetExhaustedError:
-                raise late from None
+        async with (
+            self._admit_pixels(loaded.render_pixels, deadline),
+            self._in_worker(loaded.render_pixels, deadline, late, self._render_slots) as left_s,
+        ):
+            data = await self._decode_pool.render(
+                loaded.data,
+                boxes,
+                max_pixels=self.settings.max_image_pixels,
+                index=index,
+                fmt=spec.fmt,
+                labels=spec.labels,
+                timeout_s=left_s,
+            )
         render_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("render").observe(render_s)
         return data, render_s
@@ -401,32 +392,43 @@ class DetectionService:
             image_index=index,
         )
         started = time.perf_counter()
-        try:
-            # An image weighing more than the whole decoding budget decodes alone.
-            weight = min(loaded.pixels, self._decoding.capacity)
-            async with (
-                self._decoding.hold(weight, deadline - time.monotonic()),
-                self._decode_slots,
-            ):
-                # Checked once a worker is free: a request whose deadline passed while it
-                # waited starts no decode.
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise late
-                pixels = await self._decode_pool.decode(
-                    loaded.data,
-                    max_pixels=self.settings.max_image_pixels,
-                    index=index,
-                    target=self._fit.target(info.height, info.width),
-                    resample=self._fit.resample,
-                    timeout_s=min(self.settings.decode_timeout_s, left_s),
-                )
-        except BudgetExhaustedError:
-            raise late from None
+        async with self._in_worker(loaded.pixels, deadline, late) as left_s:
+            pixels = await self._decode_pool.decode(
+                loaded.data,
+                max_pixels=self.settings.max_image_pixels,
+                index=index,
+                target=self._fit.target(info.height, info.width),
+                resample=self._fit.resample,
+                timeout_s=min(self.settings.decode_timeout_s, left_s),
+            )
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
         return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s)
+
+    @contextlib.asynccontextmanager
+    async def _in_worker(
+        self, pixels: int, deadline: float, late: DeadlineError, *limiters: CapacityLimiter
+    ) -> AsyncIterator[float]:
+        """Room for `pixels` in the decoding budget, then `limiters` and a decode worker, held
+        for the block; yields the seconds left. `late` when the deadline passes first."""
+        async with contextlib.AsyncExitStack() as stack:
+            # An image weighing more than the whole decoding budget decodes alone.
+            weight = min(pixels, self._decoding.capacity)
+            try:
+                await stack.enter_async_context(
+                    self._decoding.hold(weight, deadline - time.monotonic())
+                )
+            except BudgetExhaustedError:
+                raise late from None
+            for limiter in (*limiters, self._decode_slots):
+                await stack.enter_async_context(limiter)
+            # Checked once a worker is free: a request whose deadline passed while it waited
+            # starts no work.
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise late
+            yield left_s
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
