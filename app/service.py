@@ -210,7 +210,8 @@ class DetectionService:
         class_ids = self.resolve_classes(options.classes)
         loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
         if render is not None:
-            self._check_render_size(loaded)
+            full_size = sum(x.render_pixels for x in loaded)
+            self._check_request_pixels(loaded, full_size, "drawn at full size take")
         async with self._admit(loaded, deadline) as lease:
             prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
             tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
@@ -229,13 +230,13 @@ class DetectionService:
             images.append(dataclasses.replace(image, rendered=data, timings=timings))
         return DetectResult(result.model, images)
 
-    def _check_render_size(self, loaded: list[_Loaded]) -> None:
-        wanted = sum(x.render_pixels for x in loaded)
+    def _check_request_pixels(self, loaded: list[_Loaded], wanted: int, doing: str) -> None:
+        """413 when the request's images take more than max_request_pixels `doing` so."""
         limit = self.settings.max_request_pixels
         if wanted > limit:
             raise PayloadTooLargeError(
-                f"drawing the request's {len(loaded)} images at full size takes {wanted} "
-                f"pixels, over the limit of {limit} pixels per request"
+                f"the request's {len(loaded)} images {doing} {wanted} pixels, over the limit "
+                f"of {limit} pixels per request"
             )
 
     async def _render(
@@ -297,12 +298,7 @@ class DetectionService:
         """Hold the request's pixels in the server-wide budget for the block: 413 beyond the
         per-request limit, 429 when no room comes within a second (or before the deadline)."""
         wanted = sum(x.pixels for x in loaded)
-        limit = self.settings.max_request_pixels
-        if wanted > limit:
-            raise PayloadTooLargeError(
-                f"the request's {len(loaded)} images decode to {wanted} pixels, over the limit "
-                f"of {limit} pixels per request"
-            )
+        self._check_request_pixels(loaded, wanted, "decode to")
         async with self._admit_pixels(wanted, deadline) as lease:
             yield lease
 

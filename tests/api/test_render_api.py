@@ -136,7 +136,7 @@ async def test_render_is_admitted_by_the_full_size_pixels(client_factory) -> Non
     detect = await client.post("/v1/detect", files={"file": ("a.jpg", jpeg)})
     assert detect.status_code == 200, detect.text
     r = await client.post("/v1/render", files={"file": ("a.jpg", jpeg)})
-    assert_error(r, 413, "payload_too_large", "drawing the request's 1 images at full size")
+    assert_error(r, 413, "payload_too_large", "the request's 1 images drawn at full size take")
     r = await client.post("/v1/detect", files={"file": ("a.jpg", jpeg)}, data={"render": "true"})
     assert_error(r, 413, "payload_too_large", "6000000 pixels")
 
