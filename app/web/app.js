@@ -158,7 +158,13 @@ async function detect(body, headers) {
     }
     return (await response.json()).results[0];
   } catch (err) {
-    showError(`Could not reach the server: ${err.message}`);
+    // A server that refuses a large upload (413) may close the connection before the
+    // browser has sent it all: the browser then reports a network error, not the answer.
+    const size = body instanceof FormData ? body.get("file").size : body.length;
+    const hint = size > 8e6
+      ? ` (the request was ${(size / 1e6).toFixed(1)} MB: it may be over the server's limit)`
+      : "";
+    showError(`Could not reach the server: ${err.message}${hint}`);
     return null;
   } finally {
     setBusy(false);
