@@ -188,3 +188,17 @@ async def test_page_is_exempt_from_the_api_key_and_says_it_needs_one(client_fact
     assert (await client.post("/v1/render", files=files)).status_code == 401
     r = await client.post("/v1/render", files=files, headers={"Authorization": "Bearer s3cret-key"})
     assert r.status_code == 200
+
+
+async def test_render_form_fields_choose_png_and_no_labels(client) -> None:
+    png = shapes_image(320, 240, "PNG")
+    files = {"file": ("a.png", png)}
+    form = {"threshold": "0.0", "max_detections": "5"}
+    bare = await client.post(
+        "/v1/render", files=files, data={**form, "labels": "false"}, headers={"Accept": "image/png"}
+    )
+    labelled = await client.post("/v1/render", files=files, data={**form, "format": "png"})
+    assert bare.headers["content-type"] == labelled.headers["content-type"] == "image/png"
+    plain = np.asarray(_image(png).convert("RGB"))
+    changed = [(np.asarray(_image(r.content)) != plain).any(axis=2).sum() for r in (bare, labelled)]
+    assert 0 < changed[0] < changed[1]
