@@ -33,15 +33,22 @@ run: install
 	$(VENV)/bin/detr-serve --host $(HOST) --port $(PORT)
 
 # The Prometheus end-to-end tests need prometheus and promtool (Debian's package, ~330 MB
-# installed); without root we only say so, and those tests skip (or fail under CI=true).
+# installed); the browser tests of the page at / need headless Chromium and its WebDriver
+# (Debian's chromium and chromium-driver, ~300 MB). Without root we only say so, and those
+# tests skip (or fail under CI=true).
+APT_TEST_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
+	$(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
+
 test-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if [ -n "$(strip $(APT_TEST_PACKAGES))" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing Debian's prometheus package (prometheus, promtool) for the tests"; \
+			echo "installing Debian's $(strip $(APT_TEST_PACKAGES)) for the tests"; \
 			apt-get update && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+				$(APT_TEST_PACKAGES); \
 		else \
-			echo "promtool not found: as root, run 'make test-deps' (apt-get install prometheus)"; \
+			echo "missing test tools: as root, run 'make test-deps' (apt-get install" \
+				"$(strip $(APT_TEST_PACKAGES)))"; \
 		fi; \
 	fi
 

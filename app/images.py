@@ -251,10 +251,7 @@ def decode_image(
             source = (width, height) if swapped else (height, width)
             target = fit.target(*source) if fit is not None else None
             if target is None:
-                img.load()
-                rgb = _to_rgb(img)
-                if orientation != 1:
-                    rgb = rgb.transpose(_TRANSPOSE[orientation])
+                rgb = _upright_rgb(img, orientation)
                 return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt)
             assert fit is not None
             if fmt == "JPEG":
@@ -276,6 +273,28 @@ def decode_image(
                 f"the {fmt} data is corrupt or truncated ({type(exc).__name__})", image_index=index
             ) from None
     return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt, source_size=source)
+
+
+def decode_upright(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
+    """The whole image at its own resolution as an RGB Pillow image, EXIF orientation applied
+    (what the renderer draws on); the same guards and errors as decode_image."""
+    with _open(data, max_pixels=max_pixels, index=index) as img:
+        fmt = img.format or "unknown"
+        try:
+            img.seek(0)
+            return _upright_rgb(img, _orientation(img))
+        except Exception as exc:
+            raise InvalidImageError(
+                f"the {fmt} data is corrupt or truncated ({type(exc).__name__})", image_index=index
+            ) from None
+
+
+def _upright_rgb(img: Image.Image, orientation: int) -> Image.Image:
+    img.load()
+    rgb = _to_rgb(img)
+    if orientation != 1:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    return rgb
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).

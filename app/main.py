@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import detect, health, kserve, models
+from app.api import detect, health, kserve, models, page, render
 from app.config import Settings
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -57,6 +57,9 @@ def create_app(
     )
     app.state.runtime = runtime
     app.include_router(detect.router)
+    app.include_router(render.router)
+    app.include_router(page.router)
+    app.mount(page.STATIC_PREFIX.rstrip("/"), page.static_files(), name="ui")
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(kserve.router)
@@ -69,6 +72,8 @@ def create_app(
             ApiKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),
             protect_metrics=settings.protect_metrics,
+            exempt_paths=page.PATHS,
+            exempt_prefixes=(page.STATIC_PREFIX,),
         )
     if settings.cors_origin_list:
         app.add_middleware(
@@ -124,6 +129,9 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
     )
     components.update(request_schema.pop("$defs", {}))
     components["DetectRequest"] = request_schema
+    render_schema = render.openapi_components()
+    components.update(render_schema.pop("$defs", {}))
+    components["RenderRequest"] = render_schema
     app.openapi_schema = schema
     return schema
 

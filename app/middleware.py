@@ -177,14 +177,25 @@ class ApiKeyMiddleware:
     )
     EXEMPT_PREFIXES = ("/docs/static/",)
 
-    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        protect_metrics: bool = False,
+        exempt_paths: frozenset[str] = frozenset(),
+        exempt_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        """`exempt_paths` and `exempt_prefixes` add to EXEMPT (the browser page: it holds no
+        data, and its own requests carry the key)."""
         self.app = app
         self._expected = api_key.encode()
-        self._exempt = self.EXEMPT if protect_metrics else self.EXEMPT | {"/metrics"}
+        exempt = self.EXEMPT | exempt_paths
+        self._exempt = exempt if protect_metrics else exempt | {"/metrics"}
+        self._prefixes = self.EXEMPT_PREFIXES + exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in self._exempt or path.startswith(self.EXEMPT_PREFIXES):
+        if scope["type"] != "http" or path in self._exempt or path.startswith(self._prefixes):
             await self.app(scope, receive, send)
             return
         scheme, _, credentials = (_header(scope, b"authorization") or "").partition(" ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
@@ -50,6 +51,14 @@ class DetectOptions(BaseModel):
         max_length=1000,
         description="Only these classes, by label name or class id.",
     )
+    render: bool = Field(
+        default=False,
+        description="Add each image with its boxes drawn, as base64 JPEG in `image` "
+        "(POST /v1/render answers the image itself).",
+    )
+    labels: bool = Field(
+        default=True, description="When drawing: a label with class name and score per box."
+    )
 
 
 class DetectRequest(DetectOptions):
@@ -64,6 +73,26 @@ class DetectRequest(DetectOptions):
     )
 
     images: list[ImageInput] = Field(min_length=1, description="The images, answered in order.")
+
+
+class RenderRequest(DetectRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [{"data": EXAMPLE_PNG_BASE64}], "threshold": 0.5, "format": "png"}
+            ]
+        },
+    )
+
+    images: list[ImageInput] = Field(
+        min_length=1, max_length=1, description="The one image to draw on."
+    )
+    format: Literal["jpeg", "png"] | None = Field(
+        default=None,
+        description="The answer's format (default: PNG when Accept names image/png and not "
+        "image/jpeg, else JPEG).",
+    )
 
 
 @cache
@@ -101,6 +130,9 @@ class Timings(BaseModel):
     inference_ms: float = Field(description="Pre-processing and forward pass of the whole batch.")
     postprocess_ms: float
     batch_size: int
+    render_ms: float | None = Field(
+        default=None, description="Drawing the boxes on the full-size image (with render)."
+    )
 
 
 class ImageResult(BaseModel):
@@ -108,6 +140,9 @@ class ImageResult(BaseModel):
     height: int
     detections: list[Detection]
     timings: Timings
+    image: str | None = Field(
+        default=None, description="With render: the image with its boxes drawn, base64 JPEG."
+    )
 
 
 class DetectResponse(BaseModel):

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -46,9 +47,10 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
+from app.images import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
+from app.render import Boxes
 from app.schemas import DetectOptions
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,15 @@ class AnsweredImage:
     height: int
     detections: ImageDetections
     timings: dict[str, float]
+    rendered: bytes | None = None  # the image with its boxes drawn, when asked for
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """How to draw the detections on each image (app/render.py)."""
+
+    fmt: str = "jpeg"  # or "png"
+    labels: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,11 @@ class _Loaded:
     def pixels(self) -> int:
         """Pixels the image holds at its largest (while decoding, or on the device)."""
         return self.info.height * self.info.width if self.jpeg else self.info.decode_pixels
+
+    @property
+    def render_pixels(self) -> int:
+        """Pixels a render holds: the whole image, decoded at full size."""
+        return self.info.height * self.info.width * DECODE_WEIGHT.get(self.info.format, 1)
 
 
 @dataclass
@@ -165,10 +181,19 @@ class DetectionService:
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
         self._decoding = PixelBudget(2 * settings.max_image_pixels)
+        # Renders decode whole images, draw and encode them: at most all but one decode worker
+        # at once, so that detection requests always find one.
+        self._render_slots = CapacityLimiter(max(1, workers - 1))
         spec = PreprocessSpec.from_dir(settings.model)
         self._fit = Fit(spec.output_size, spec.resample)
 
-    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
+    async def detect(
+        self,
+        sources: Sequence[ImageSource],
+        options: DetectOptions,
+        render: RenderSpec | None = None,
+    ) -> DetectResult:
+        """Detections for each image; with `render`, also each image with its boxes drawn."""
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_timeout_s
         if not sources:
@@ -184,13 +209,16 @@ class DetectionService:
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
         # The deadline covers the request's whole life: waiting for a download slot,
-        # downloading, waiting for room to decode, decoding, queueing and running. Past it the
-        # answer is 504 at once and the work still going on for it is cancelled (downloads,
-        # decode workers, the images queued in the engine).
+        # downloading, waiting for room to decode, decoding, queueing, running and drawing.
+        # Past it the answer is 504 at once and the work still going on for it is cancelled
+        # (downloads, decode workers, the images queued in the engine).
         stage = "reading its images"
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
+                if render is not None:
+                    full_size = sum(x.render_pixels for x in loaded)
+                    self._check_request_pixels(loaded, full_size, "drawn at full size take")
                 stage = "waiting for room to decode its images"
                 async with self._admit(loaded, deadline) as lease:
                     stage = "decoding its images"
@@ -201,12 +229,67 @@ class DetectionService:
                     stage = "waiting for the model"
                     queued = time.monotonic()
                     outputs = await self._submit(tasks, deadline)
+                result = self._response(prepared, outputs, queued)
+                if render is None:
+                    return result
+                # After the detection's pixels are given back: a render admits its own.
+                stage = "drawing its images"
+                drawn = await self._gather(
+                    [
+                        self._render(x, out, render, deadline)
+                        for x, out in zip(loaded, outputs, strict=True)
+                    ]
+                )
         except TimeoutError:
             raise DeadlineError(
                 f"the request passed its deadline of {self.settings.request_timeout_s:g} s "
                 f"(request_timeout_s) while {stage}"
             ) from None
-        return self._response(prepared, outputs, queued)
+        images = []
+        for image, (data, render_s) in zip(result.images, drawn, strict=True):
+            timings = {**image.timings, "render_ms": round(render_s * 1e3, 3)}
+            images.append(dataclasses.replace(image, rendered=data, timings=timings))
+        return DetectResult(result.model, images)
+
+    def _check_request_pixels(self, loaded: list[_Loaded], wanted: int, doing: str) -> None:
+        """413 when the request's images take more than max_request_pixels `doing` so."""
+        limit = self.settings.max_request_pixels
+        if wanted > limit:
+            raise PayloadTooLargeError(
+                f"the request's {len(loaded)} images {doing} {wanted} pixels, over the limit "
+                f"of {limit} pixels per request"
+            )
+
+    async def _render(
+        self, loaded: _Loaded, found: ImageDetections, spec: RenderSpec, deadline: float
+    ) -> tuple[bytes, float]:
+        """The image at its own resolution with its boxes drawn, in a decode worker process:
+        admitted by pixels like a decode (429 when the server has no room), at most
+        `_render_slots` at once, stopped at the request's deadline."""
+        index = loaded.index
+        late = DeadlineError(
+            f"the request passed its deadline of {self.settings.request_timeout_s} s before "
+            "this image could be drawn",
+            image_index=index,
+        )
+        boxes = Boxes(found.boxes, found.labels, found.scores, self.info.labels)
+        started = time.perf_counter()
+        async with (
+            self._admit_pixels(loaded.render_pixels, deadline),
+            self._in_worker(loaded.render_pixels, deadline, late, self._render_slots) as left_s,
+        ):
+            data = await self._decode_pool.render(
+                loaded.data,
+                boxes,
+                max_pixels=self.settings.max_image_pixels,
+                index=index,
+                fmt=spec.fmt,
+                labels=spec.labels,
+                timeout_s=left_s,
+            )
+        render_s = time.perf_counter() - started
+        self.metrics.stage_latency.labels("render").observe(render_s)
+        return data, render_s
 
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         """Run one job per image concurrently; the first bad image cancels the rest (no download
@@ -236,12 +319,13 @@ class DetectionService:
         """Hold the request's pixels in the server-wide budget for the block: 413 beyond the
         per-request limit, 429 when no room comes within a second (or before the deadline)."""
         wanted = sum(x.pixels for x in loaded)
-        limit = self.settings.max_request_pixels
-        if wanted > limit:
-            raise PayloadTooLargeError(
-                f"the request's {len(loaded)} images decode to {wanted} pixels, over the limit "
-                f"of {limit} pixels per request"
-            )
+        self._check_request_pixels(loaded, wanted, "decode to")
+        async with self._admit_pixels(wanted, deadline) as lease:
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def _admit_pixels(self, wanted: int, deadline: float) -> AsyncIterator[Lease]:
+        """`wanted` pixels of the server-wide budget for the block; 429 when no room comes."""
         wait_s = min(_ADMISSION_WAIT_S, deadline - time.monotonic())
         try:
             async with self._pixels.hold(wanted, wait_s) as lease:
@@ -325,32 +409,43 @@ class DetectionService:
             image_index=index,
         )
         started = time.perf_counter()
-        try:
-            # An image weighing more than the whole decoding budget decodes alone.
-            weight = min(loaded.pixels, self._decoding.capacity)
-            async with (
-                self._decoding.hold(weight, deadline - time.monotonic()),
-                self._decode_slots,
-            ):
-                # Checked once a worker is free: a request whose deadline passed while it
-                # waited starts no decode.
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise late
-                pixels = await self._decode_pool.decode(
-                    loaded.data,
-                    max_pixels=self.settings.max_image_pixels,
-                    index=index,
-                    target=self._fit.target(info.height, info.width),
-                    resample=self._fit.resample,
-                    timeout_s=min(self.settings.decode_timeout_s, left_s),
-                )
-        except BudgetExhaustedError:
-            raise late from None
+        async with self._in_worker(loaded.pixels, deadline, late) as left_s:
+            pixels = await self._decode_pool.decode(
+                loaded.data,
+                max_pixels=self.settings.max_image_pixels,
+                index=index,
+                target=self._fit.target(info.height, info.width),
+                resample=self._fit.resample,
+                timeout_s=min(self.settings.decode_timeout_s, left_s),
+            )
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
         return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s)
+
+    @contextlib.asynccontextmanager
+    async def _in_worker(
+        self, pixels: int, deadline: float, late: DeadlineError, *limiters: CapacityLimiter
+    ) -> AsyncIterator[float]:
+        """Room for `pixels` in the decoding budget, then `limiters` and a decode worker, held
+        for the block; yields the seconds left. `late` when the deadline passes first."""
+        async with contextlib.AsyncExitStack() as stack:
+            # An image weighing more than the whole decoding budget decodes alone.
+            weight = min(pixels, self._decoding.capacity)
+            try:
+                await stack.enter_async_context(
+                    self._decoding.hold(weight, deadline - time.monotonic())
+                )
+            except BudgetExhaustedError:
+                raise late from None
+            for limiter in (*limiters, self._decode_slots):
+                await stack.enter_async_context(limiter)
+            # Checked once a worker is free: a request whose deadline passed while it waited
+            # starts no work.
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise late
+            yield left_s
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
