@@ -168,9 +168,17 @@ class DetectionService:
         spec = PreprocessSpec.from_dir(settings.model)
         self._fit = Fit(spec.output_size, spec.resample)
 
-    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
+    async def detect(
+        self,
+        sources: Sequence[ImageSource],
+        options: DetectOptions,
+        *,
+        timeout_s: float | None = None,
+    ) -> DetectResult:
+        """`timeout_s` (a client's own deadline, e.g. gRPC's) may only shorten the server's."""
         arrived = time.monotonic()
-        deadline = arrived + self.settings.request_timeout_s
+        limit_s = self.settings.request_timeout_s
+        deadline = arrived + (limit_s if timeout_s is None else min(limit_s, timeout_s))
         if not sources:
             raise InvalidRequestError("the request holds no image")
         limit = self.settings.max_images_per_request

@@ -186,8 +186,14 @@ def serve(settings: Settings) -> int:
         workers,
         available_cpus(),
     )
+    if settings.grpc_port:
+        from app.api.kserve_grpc.port import check_port_free
+
+        check_port_free(settings)  # the workers bind it with SO_REUSEPORT, which never fails
     config = uvicorn.Config(
-        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines]),
+        functools.partial(
+            create_frontend_app, settings, [e.socket_path for e in engines], workers
+        ),
         factory=True,
         host=settings.host,
         port=settings.port,
