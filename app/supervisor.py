@@ -191,9 +191,7 @@ def serve(settings: Settings) -> int:
 
         check_port_free(settings)  # the workers bind it with SO_REUSEPORT, which never fails
     config = uvicorn.Config(
-        functools.partial(
-            create_frontend_app, settings, [e.socket_path for e in engines], workers
-        ),
+        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines], workers),
         factory=True,
         host=settings.host,
         port=settings.port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -190,6 +191,24 @@ def test_json_inputs_work_for_utf8_images_and_match_v1(client, server) -> None:
         MODEL, [images_input([bmp], binary=False)], parameters={"max_detections": K}
     )
     assert_same_as_v1(result, v1_detect(server, [bmp], max_detections=K), K)
+
+
+def test_json_inputs_take_base64_images_and_match_v1(client, server) -> None:
+    # tritonclient's JSON mode sends BYTES as text: base64 text of JPEG/PNG is decoded.
+    images = [shapes_image(320, 240), shapes_image(200, 300, "PNG", seed=2)]
+    encoded = [base64.b64encode(image) for image in images]
+    result = client.infer(
+        MODEL, [images_input(encoded, binary=False)], parameters={"max_detections": K}
+    )
+    assert_same_as_v1(result, v1_detect(server, images, max_detections=K), K)
+
+
+def test_json_text_that_is_neither_image_nor_base64_is_a_400(client) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(MODEL, [images_input([b"hello, not base64!"], binary=False)])
+    assert caught.value.status() == "400"
+    assert "image 0: " in caught.value.message()
+    assert "must be base64 text" in caught.value.message()
 
 
 def test_jpeg_over_json_is_refused_by_the_client_and_by_the_server(server) -> None:

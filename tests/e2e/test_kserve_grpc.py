@@ -203,9 +203,7 @@ def test_api_key_is_required_and_checked(client, server) -> None:
             r"parameters\.threshold: Input should be less than or equal to 1",
         ),
         (
-            lambda c: c.infer(
-                MODEL, [grpcclient.InferInput("pixels", [1], "FP32")], headers=AUTH
-            ),
+            lambda c: c.infer(MODEL, [grpcclient.InferInput("pixels", [1], "FP32")], headers=AUTH),
             "INVALID_ARGUMENT",
             r"this model takes one input, 'images' \(BYTES, encoded images\); got 'pixels'",
         ),

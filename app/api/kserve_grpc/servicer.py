@@ -142,7 +142,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         runtime = self.runtime
-        served = runtime.service.info.name if runtime.service else runtime.settings.served_model_name
+        served = (
+            runtime.service.info.name if runtime.service else runtime.settings.served_model_name
+        )
         try:
             codec.check_model(served, request.name, request.version or None)
         except codec.UnknownModelError:
