@@ -282,3 +282,31 @@ def test_request_id_metadata_is_echoed(server) -> None:
         _, call = stub.ServerLive.with_call(pb.ServerLiveRequest())
         generated = dict(call.initial_metadata())["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+
+def test_a_grpc_port_in_use_stops_the_start_with_a_clear_message(tiny_model_dir) -> None:
+    import socket
+    import subprocess
+
+    from scripts.serverproc import detr_serve_command, free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        done = subprocess.run(
+            [
+                *detr_serve_command(),
+                "--model",
+                str(tiny_model_dir),
+                "--port",
+                str(free_port()),
+                "--grpc-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0
+    assert f"the gRPC port {taken} on 127.0.0.1 is in use" in done.stderr + done.stdout

@@ -70,8 +70,10 @@ def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> Iterator[s
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         return
     if isinstance(value, dict):
-        if path.endswith("metadata") and schema.get("type") == "object" and not schema.get(
-            "properties"
+        if (
+            path.endswith("metadata")
+            and schema.get("type") == "object"
+            and not schema.get("properties")
         ):
             return  # ObjectMeta: the API server checks it, the CRD only says "object"
         properties = schema.get("properties", {})

@@ -115,7 +115,7 @@ def _rpc(
     return wrap
 
 
-class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime, version: str) -> None:
         self.runtime = runtime
         self.version = version
