@@ -25,21 +25,17 @@ MODEL = "tiny"
 K = 150  # more than the tiny model's 20 queries x 5 classes: every image gets padding
 
 
+def tiny_server_args(model_dir: Path) -> list[str]:
+    """The tiny model as MODEL, every detection kept, batches given time to fill."""
+    return [
+        *("--model", str(model_dir), "--model-name", MODEL),
+        *("--default-threshold", "0.0", "--max-batch-delay-ms", "20"),
+    ]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    srv = RunningServer(
-        [
-            "--model",
-            str(tiny_model_dir),
-            "--model-name",
-            MODEL,
-            "--default-threshold",
-            "0.0",
-            "--max-batch-delay-ms",
-            "20",
-        ],
-        env={"DETR_SERVE_TORCH_THREADS": "1"},
-    )
+    srv = RunningServer(tiny_server_args(tiny_model_dir), env={"DETR_SERVE_TORCH_THREADS": "1"})
     yield srv
     srv.stop()
 

@@ -16,14 +16,20 @@ from tritonclient.utils import InferenceServerException
 
 from scripts.serverproc import RunningServer
 from tests.conftest import shapes_image
-from tests.e2e.test_kserve import ascii_bmp, assert_same_as_v1, v1_detect
+from tests.e2e.test_kserve import (
+    MODEL,
+    K,
+    ascii_bmp,
+    assert_same_as_v1,
+    tiny_server_args,
+    v1_detect,
+)
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tiny"
 KEY = "grpc-secret"
 AUTH = {"authorization": f"Bearer {KEY}"}
-K = 150  # more than the tiny model's 20 queries x 5 classes: every image gets padding
+
 MAX_UPLOAD = 1 << 20
 QUEUE = 4
 
@@ -32,18 +38,8 @@ QUEUE = 4
 def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     srv = RunningServer(
         [
-            "--model",
-            str(tiny_model_dir),
-            "--model-name",
-            MODEL,
-            "--default-threshold",
-            "0.0",
-            "--max-batch-delay-ms",
-            "20",
-            "--max-upload-bytes",
-            str(MAX_UPLOAD),
-            "--max-queue-size",
-            str(QUEUE),
+            *tiny_server_args(tiny_model_dir),
+            *("--max-upload-bytes", str(MAX_UPLOAD), "--max-queue-size", str(QUEUE)),
         ],
         env={"DETR_SERVE_TORCH_THREADS": "1", "DETR_SERVE_API_KEY": KEY},
     )
