@@ -306,3 +306,31 @@ def test_a_grpc_port_in_use_stops_the_start_with_a_clear_message(tiny_model_dir)
         )
     assert done.returncode != 0
     assert f"the gRPC port {taken} on 127.0.0.1 is in use" in done.stderr + done.stdout
+
+
+def test_sigterm_finishes_accepted_grpc_calls(tiny_model_dir) -> None:
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = RunningServer(
+        ["--model", str(tiny_model_dir), "--model-name", MODEL, "--max-batch-size", "1"],
+        env={"DETR_SERVE_TORCH_THREADS": "1"},
+    )
+    clients = [grpcclient.InferenceServerClient(srv.grpc_url) for _ in range(4)]
+    assert all(c.is_server_ready() for c in clients)  # connections up before the calls
+
+    def infer(client: grpcclient.InferenceServerClient) -> np.ndarray:
+        result = client.infer(MODEL, [images_input([shapes_image()] * 16)], client_timeout=60)
+        return result.as_numpy("num_detections")
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(infer, c) for c in clients]
+        time.sleep(0.5)
+        code = srv.stop(signal.SIGTERM)
+        counts = [f.result() for f in futures]
+    for c in clients:
+        c.close()
+    assert code in (0, -signal.SIGTERM), srv.log()
+    assert [len(c) for c in counts] == [16] * 4
+    assert srv.leftovers == []
