@@ -263,6 +263,16 @@ def test_full_queue_is_unavailable(client, server) -> None:
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
     assert "queue" in caught.value.message().lower()
     assert grpc_metric(server, "ModelInfer", "UNAVAILABLE") == before + 1
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        with pytest.raises(grpc.RpcError) as raw:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                bytes_contents_request([shapes_image()] * (QUEUE + 1)),
+                metadata=list(AUTH.items()),
+            )
+    assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert int(dict(raw.value.trailing_metadata())["retry-after"]) >= 1
 
 
 def test_request_id_metadata_is_echoed(server) -> None:

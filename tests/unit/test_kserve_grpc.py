@@ -121,11 +121,9 @@ class FakeContext:
     async def send_initial_metadata(self, metadata: tuple) -> None:
         self.sent = metadata
 
-    def set_trailing_metadata(self, metadata: tuple) -> None:
-        self.trailing = metadata
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: tuple = ()) -> None:
         self.aborted = (code, details)
+        self.trailing = trailing
         raise grpc.aio.AbortError()
 
 

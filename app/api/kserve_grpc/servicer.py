@@ -105,9 +105,7 @@ def _rpc(
                     level = logging.WARNING
                 logger.log(level, "gRPC %s -> %s in %.1f ms", name, code.name, elapsed * 1e3)
                 request_id_var.reset(token)
-            if trailing:
-                context.set_trailing_metadata(trailing)
-            await context.abort(code, message)  # raises: the call ends here
+            await context.abort(code, message, trailing)  # raises: the call ends here
             raise AssertionError("unreachable")
 
         return call
