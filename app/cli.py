@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     from app.server_limits import uvicorn_limits
 
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, grpc_workers=1),
         host=settings.host,
         port=settings.port,
         log_config=None,

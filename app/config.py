@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the KServe v2 gRPC endpoint (Triton's default); 0: no gRPC.",
+    )
     backend: Literal["torch", "onnx", "null"] = Field(
         default="torch",
         description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
@@ -309,6 +315,11 @@ class Settings(BaseSettings):
                 f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
                 f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
                 "max_inflight_pixels or lower max_request_pixels"
+            )
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"--grpc-port and --port are both {self.port}: give gRPC another port "
+                "(8001 by default) or turn it off with --grpc-port 0"
             )
         if self.devices and not self.device.startswith(("auto", "cuda")):
             raise ValueError(

@@ -35,6 +35,13 @@ _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def has_image_signature(data: bytes) -> bool:
+    """Whether the bytes start like a file of a format the server decodes (magic bytes only)."""
+    return data.startswith(
+        (b"\xff\xd8\xff", _PNG_SIGNATURE, b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+    ) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
+
+
 def structure_problem(data: bytes) -> str | None:
     """What is wrong with the file's structure, or None. A file whose structure cannot be
     walked (truncated, not one of these formats) gives None: the decoder says what is wrong."""

@@ -34,16 +34,29 @@ def create_app(
     engine: Engine | None = None,
     *,
     engine_sockets: Sequence[str] | None = None,
+    grpc_workers: int = 0,
 ) -> FastAPI:
     """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
-    makes it a front end of the engine process(es) listening there (app/supervisor.py)."""
+    makes it a front end of the engine process(es) listening there (app/supervisor.py).
+    With `grpc_workers` (how many processes serve the gRPC port, this one among them) and a
+    --grpc-port, the lifespan also runs the KServe v2 gRPC server (app/api/kserve_grpc/)."""
     runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
         await runtime.settle()
+        grpc_server = None
+        if grpc_workers and settings.grpc_port:
+            from app.api.kserve_grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(
+                settings, runtime, app.version, workers=grpc_workers
+            )
         yield
+        if grpc_server is not None:
+            # Calls in progress finish (up to the drain timeout); new ones are refused.
+            await grpc_server.stop(settings.drain_timeout_s)
         await runtime.stop()
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed package
@@ -136,8 +149,11 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
     return schema
 
 
-def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
-    """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
+def create_frontend_app(
+    settings: Settings, engine_sockets: Sequence[str], workers: int = 1
+) -> FastAPI:
+    """The app of one front-end worker process (uvicorn calls this factory in each of the
+    `workers`)."""
     from app.logging_setup import configure_logging
     from app.malloc_tuning import return_large_frees
     from app.supervisor import die_with_parent
@@ -145,4 +161,4 @@ def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> Fa
     die_with_parent()
     return_large_frees()
     configure_logging(settings.log_level, settings.json_logs)
-    return create_app(settings, engine_sockets=engine_sockets)
+    return create_app(settings, engine_sockets=engine_sockets, grpc_workers=workers)

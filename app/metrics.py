@@ -90,6 +90,19 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "detr_serve_grpc_requests_total",
+            "gRPC calls answered (KServe v2 GRPCInferenceService), by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_latency = Histogram(
+            "detr_serve_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.stage_latency = Histogram(
             "detr_serve_stage_duration_seconds",
             "Time one image spends in each stage (fetch, decode, queue, inference, postprocess).",

@@ -192,10 +192,14 @@ class DetectionService:
         sources: Sequence[ImageSource],
         options: DetectOptions,
         render: RenderSpec | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> DetectResult:
-        """Detections for each image; with `render`, also each image with its boxes drawn."""
+        """Detections for each image; with `render`, also each image with its boxes drawn.
+        `timeout_s` (a client's own deadline, e.g. gRPC's) may only shorten the server's."""
         arrived = time.monotonic()
-        deadline = arrived + self.settings.request_timeout_s
+        limit_s = self.settings.request_timeout_s
+        deadline = arrived + (limit_s if timeout_s is None else min(limit_s, timeout_s))
         if not sources:
             raise InvalidRequestError("the request holds no image")
         limit = self.settings.max_images_per_request
@@ -242,8 +246,8 @@ class DetectionService:
                 )
         except TimeoutError:
             raise DeadlineError(
-                f"the request passed its deadline of {self.settings.request_timeout_s:g} s "
-                f"(request_timeout_s) while {stage}"
+                f"the request passed its deadline of {deadline - arrived:g} s "
+                f"(request_timeout_s, or the client's own if shorter) while {stage}"
             ) from None
         images = []
         for image, (data, render_s) in zip(result.images, drawn, strict=True):

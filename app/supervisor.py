@@ -175,6 +175,14 @@ def serve(settings: Settings) -> int:
             "prometheus_client was imported before the supervisor set PROMETHEUS_MULTIPROC_DIR: "
             "the metrics would not be merged across processes"
         )
+    if settings.grpc_port:
+        from app.api.kserve_grpc.port import GrpcPortInUseError, check_port_free
+
+        try:
+            check_port_free(settings)  # the workers bind it with SO_REUSEPORT: never refused
+        except GrpcPortInUseError as exc:
+            logger.critical("%s", exc)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="detr-serve-"))
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir()
@@ -201,7 +209,7 @@ def serve(settings: Settings) -> int:
         available_cpus(),
     )
     config = uvicorn.Config(
-        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines]),
+        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines], workers),
         factory=True,
         host=settings.host,
         port=settings.port,

@@ -284,8 +284,8 @@ async def _infer(
         if not parsed.images_from_json:
             raise
         raise InvalidRequestError(
-            f"{exc.message} (images sent as JSON strings arrive as their UTF-8 bytes: send "
-            "encoded images with the binary tensor data extension)"
+            f"{exc.message} (an image sent as a JSON string must be base64 text, or an image "
+            "whose bytes are all UTF-8; or send it with the binary tensor data extension)"
         ) from None
     k = parsed.options.max_detections or service.settings.default_max_detections
     content, header_length = codec.encode_infer_response(

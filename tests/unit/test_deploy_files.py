@@ -281,7 +281,10 @@ def test_dockerfile_image_is_slim_non_root_and_serves_the_baked_default_model(
         "PIP_DISABLE_PIP_VERSION_CHECK",
     }
     assert json.loads(_docker_args("VOLUME")[0]) == ["/models"]
-    assert _docker_args("EXPOSE") == [env["DETR_SERVE_PORT"]]
+    assert _docker_args("EXPOSE")[0].split() == [
+        env["DETR_SERVE_PORT"],
+        env["DETR_SERVE_GRPC_PORT"],
+    ]
     assert json.loads(_docker_args("ENTRYPOINT")[0]) == ["detr-serve"]
     healthcheck = _docker_args("HEALTHCHECK")[0]
     assert "/readyz" in healthcheck and app_serves("/readyz")
@@ -325,7 +328,9 @@ def test_compose_detectors_use_real_settings_routes_and_a_grace_above_the_drain(
         assert not missing, f"{name}: add {sorted(missing)} to the environment list"
         assert env["DETR_SERVE_HOST"] == "0.0.0.0"
         container_port = env["DETR_SERVE_PORT"]
-        assert all(p.endswith(":" + container_port) for p in service["ports"])
+        http_port, grpc_port = service["ports"]
+        assert http_port.endswith(":" + container_port)
+        assert grpc_port.endswith(":" + env["DETR_SERVE_GRPC_PORT"])
         probe = " ".join(service["healthcheck"]["test"])
         path = re.search(r"127\.0\.0\.1:(\d+)(/\w+)", probe)
         assert path and path.group(1) == container_port and app_serves(path.group(2))
@@ -343,7 +348,7 @@ def test_prometheus_scrapes_the_detectors_metrics_route(app_serves: Callable[[st
     assert app_serves(job["metrics_path"])
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["detector"]
-    assert str(sd["port"]) == _docker_args("EXPOSE")[0]
+    assert str(sd["port"]) == _docker_args("EXPOSE")[0].split()[0]
     prometheus = _compose()["services"]["prometheus"]
     mount = "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
     assert mount in prometheus["volumes"]
@@ -427,7 +432,10 @@ def test_k8s_configmap_holds_valid_settings_and_feeds_the_pods(checkpoint_stub: 
     assert data["DETR_SERVE_HOST"] == "0.0.0.0"
     container = _container(_deployment())
     assert container["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
-    assert [p["containerPort"] for p in container["ports"]] == [int(data["DETR_SERVE_PORT"])]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": int(data["DETR_SERVE_PORT"]),
+        "grpc": int(data["DETR_SERVE_GRPC_PORT"]),
+    }
     values = {k.removeprefix("DETR_SERVE_").lower(): v for k, v in data.items()}
     Settings.model_validate({**values, "model": checkpoint_stub})
 

@@ -29,6 +29,8 @@ def test_environment_is_read_and_flags_win(tiny_model_dir: Path, monkeypatch) ->
     ("argv", "message"),
     [
         (["--port", "70000"], "--port / DETR_SERVE_PORT"),
+        (["--grpc-port", "-1"], "--grpc-port / DETR_SERVE_GRPC_PORT"),
+        (["--port", "9000", "--grpc-port", "9000"], "give gRPC another port"),
         (["--device", "tpu"], "use one of auto, cpu, cuda or cuda:N"),
         (["--max-batch-size", "0"], "--max-batch-size"),
         (["--default-threshold", "2"], "--default-threshold"),
