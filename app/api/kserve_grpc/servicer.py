@@ -184,13 +184,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         service = self._service()
+        if self.runtime.draining:
+            # As the HTTP inference routes (app/api/deps.py): accepted calls finish, new go
+            # to another replica.
+            raise UnavailableError("the server is shutting down (draining); retry elsewhere")
         codec.check_model(service.info.name, request.model_name, request.model_version or None)
         parsed = parse_infer_request(request, service.settings.max_images_per_request)
-        result = await service.detect(
-            [ImageSource(raw=b) for b in parsed.images],
-            parsed.options,
-            timeout_s=context.time_remaining(),
-        )
+        # Counted as open like an HTTP inference request: the drain waits for it.
+        self.runtime.request_started()
+        try:
+            result = await service.detect(
+                [ImageSource(raw=b) for b in parsed.images],
+                parsed.options,
+                timeout_s=context.time_remaining(),
+            )
+        finally:
+            self.runtime.request_finished()
         k = parsed.options.max_detections or service.settings.default_max_detections
         return infer_response(
             model_name=service.info.name,
