@@ -141,10 +141,43 @@ class FakeService:
         return DetectResult("tiny", [])
 
 
+class FakeRuntime(SimpleNamespace):
+    """What the servicer reads of app.runtime.Runtime: the service, the drain and its count."""
+
+    def __init__(self, settings: Settings, service: FakeService) -> None:
+        super().__init__(settings=settings, metrics=Metrics(), service=service)
+        self.draining = False
+        self.open_requests = 0
+        self.most_open = 0
+
+    def request_started(self) -> None:
+        self.open_requests += 1
+        self.most_open = max(self.most_open, self.open_requests)
+
+    def request_finished(self) -> None:
+        self.open_requests -= 1
+
+
 def servicer(tiny_model_dir, error: Exception | None = None, **settings: Any) -> KServeServicer:
     s = Settings(model=tiny_model_dir, model_name="tiny", **settings)
-    runtime = SimpleNamespace(settings=s, metrics=Metrics(), service=FakeService(s, error))
+    runtime = FakeRuntime(s, FakeService(s, error))
     return KServeServicer(runtime, "0.1.0")  # type: ignore[arg-type]
+
+
+async def test_model_infer_counts_as_open_for_the_drain_and_is_refused_while_draining(
+    tiny_model_dir,
+) -> None:
+    svc = servicer(tiny_model_dir)
+    await svc.ModelInfer(triton_request([b"\xff\xd8\xffjpeg"]), FakeContext(None))
+    assert (svc.runtime.most_open, svc.runtime.open_requests) == (1, 0)
+    svc.runtime.draining = True
+    context = FakeContext(None)
+    with pytest.raises(grpc.aio.AbortError):
+        await svc.ModelInfer(triton_request([b"\xff\xd8\xffjpeg"]), context)
+    assert context.aborted is not None
+    code, details = context.aborted
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "draining" in details
 
 
 async def test_the_grpc_deadline_reaches_the_service(tiny_model_dir) -> None:
