@@ -281,7 +281,9 @@ async def test_bad_request_does_not_slow_or_fail_a_concurrent_one(client, image_
 
 
 async def test_full_queue_answers_429_with_retry_after(client_factory) -> None:
-    client, _ = await client_factory(max_queue_size=1, max_batch_size=1, max_batch_delay_ms=0)
+    client, _ = await client_factory(
+        max_queue_size=1, max_images_per_request=1, max_batch_size=1, max_batch_delay_ms=0
+    )
     CountingEngine.delay_s = 0.3
     body = {"images": [{"data": b64(shapes_image())}]}
     responses = await asyncio.gather(*(client.post("/v1/detect", json=body) for _ in range(6)))

@@ -144,7 +144,9 @@ async def test_concurrent_requests_from_one_front_end_share_a_batch(make_pair) -
 
 
 async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make_pair) -> None:
-    pair = await make_pair(max_queue_size=2, max_batch_size=1, max_batch_delay_ms=0)
+    pair = await make_pair(
+        max_queue_size=2, max_images_per_request=2, max_batch_size=1, max_batch_delay_ms=0
+    )
     pair.fake.delay_s = 0.3
     deadline = time.monotonic() + 10
     results = await asyncio.gather(
