@@ -107,15 +107,27 @@ def main(argv: list[str] | None = None) -> None:
     from app.main import create_app
     from app.server_limits import uvicorn_limits
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
-        **uvicorn_limits(settings),
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_failure() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop_on_load_failure)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+            **uvicorn_limits(settings),
+        )
     )
+    server.run()
+    if app.state.runtime.state == "failed":
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +33,14 @@ def create_app(
     engine: Engine | None = None,
     *,
     engine_sockets: Sequence[str] | None = None,
+    on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
-    makes it a front end of the engine process(es) listening there (app/supervisor.py)."""
-    runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
+    makes it a front end of the engine process(es) listening there (app/supervisor.py);
+    `on_load_failure` (one process): see Runtime."""
+    runtime = Runtime(
+        settings, engine, engine_sockets=engine_sockets, on_load_failure=on_load_failure
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
