@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from app.engine.host_staging import staging_for
 from app.errors import ApiError, InvalidImageError
 from app.images import EncodedJpeg, decode_image
 
@@ -164,10 +165,10 @@ class DeviceJpegDecoder:
 
 
 def to_device_chw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 HWC array -> [3, H, W] on `device`. On CUDA the rows go through pinned memory with a
-    non-blocking copy, and the permute happens on the device (a strided CPU view would be made
-    contiguous in pageable memory first)."""
-    hwc = torch.from_numpy(pixels)
+    """uint8 HWC array -> [3, H, W] on `device`. On CUDA the rows go through the device's one
+    pinned staging buffer of fixed size (app/engine/host_staging.py; not pin_memory() per image,
+    which grows torch's pinned cache), and the permute happens on the device (a strided CPU view
+    would be made contiguous in pageable memory first)."""
     if device.type == "cuda":
-        hwc = hwc.pin_memory().to(device, non_blocking=True)
-    return hwc.permute(2, 0, 1)
+        return staging_for(device).to_device(pixels)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
