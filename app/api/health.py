@@ -35,7 +35,7 @@ async def healthz(runtime: RuntimeDep) -> Status:
 )
 async def readyz(runtime: RuntimeDep) -> Response:
     state = runtime.state
-    body = {"status": state}
+    body: dict[str, str] = {"status": state}
     if state == "failed" and runtime.failure is not None:
         body["reason"] = runtime.failure
     return JSONResponse(body, status_code=200 if state == "ready" else 503)
