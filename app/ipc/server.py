@@ -60,7 +60,13 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
     die_with_parent()
 
     configure_logging(settings.log_level, settings.json_logs)
-    sys.exit(asyncio.run(_main(settings, socket_path)))
+    code = asyncio.run(_main(settings, socket_path))
+    if code == LOAD_FAILED:
+        # Nothing to drain or save: skip the interpreter's teardown of torch and transformers
+        # (seconds on a loaded machine) so that the supervisor hears of it at once.
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 async def _main(settings: Settings, socket_path: str) -> int:
