@@ -334,11 +334,29 @@ class Settings(BaseSettings):
         return self.model_name or self.model.name
 
 
+# (setting, limit, what would happen): the setting may not be over the limit.
+_AT_MOST = [
+    (
+        "max_images_per_request",
+        "max_queue_size",
+        "a request of that many images would be refused with 429 every time",
+    ),
+    ("max_batch_size", "max_queue_size", "a batch is taken from the queue and could never fill"),
+    ("max_request_pixels", "max_inflight_pixels", "such a request could never be admitted"),
+    (
+        "max_upload_bytes",
+        "max_download_buffer_bytes",
+        "a download of an image of the allowed size could never fit the buffer (429 every time)",
+    ),
+]
+
+
 def contradictions(s: Settings) -> list[str]:
     """Pairs of settings that cannot both hold: one of them could never take effect, or some
     request could never be served. Each message names both settings and how to fix them.
 
-    Not contradictions, and so not refused: url_timeout_s or decode_timeout_s over
+    Not contradictions, and so not refused: max_image_pixels over max_request_pixels (a large
+    JPEG counts at the 1/2-1/8 scale it is decoded at, so it can pass both), url_timeout_s or decode_timeout_s over
     request_timeout_s (the request's deadline cuts them short), max_inflated_bytes over
     max_upload_bytes (documented as capped by it), request_timeout_s over drain_timeout_s
     (a drain may end requests before their deadline; that is the drain's purpose)."""
@@ -352,42 +370,18 @@ def contradictions(s: Settings) -> list[str]:
             f"--devices lists CUDA devices but --device is {s.device}: "
             "leave --device at auto (or cuda) with --devices"
         )
-    if s.max_images_per_request > s.max_queue_size:
-        found.append(
-            f"max_images_per_request ({s.max_images_per_request}) is over max_queue_size "
-            f"({s.max_queue_size}): a request of that many images would be refused with 429 "
-            "every time; raise max_queue_size or lower max_images_per_request"
-        )
-    if s.max_batch_size > s.max_queue_size:
-        found.append(
-            f"max_batch_size ({s.max_batch_size}) is over max_queue_size ({s.max_queue_size}): "
-            "a batch is taken from the queue and could never fill; raise max_queue_size or "
-            "lower max_batch_size"
-        )
+    for larger, limit, consequence in _AT_MOST:
+        value, bound = getattr(s, larger), getattr(s, limit)
+        if value > bound:
+            found.append(
+                f"{larger} ({value}) is over {limit} ({bound}): {consequence}; raise {limit} "
+                f"or lower {larger}"
+            )
     if s.max_batch_delay_ms / 1e3 >= s.request_timeout_s:
         found.append(
             f"max_batch_delay_ms ({s.max_batch_delay_ms} ms) is not under request_timeout_s "
             f"({s.request_timeout_s} s): a request alone would reach its deadline while its "
             "batch waits to fill; lower max_batch_delay_ms or raise request_timeout_s"
-        )
-    if s.max_image_pixels > s.max_request_pixels:
-        found.append(
-            f"max_image_pixels ({s.max_image_pixels}) is over max_request_pixels "
-            f"({s.max_request_pixels}): an image the per-image limit accepts would be refused "
-            "by the per-request one; raise max_request_pixels or lower max_image_pixels"
-        )
-    if s.max_request_pixels > s.max_inflight_pixels:
-        found.append(
-            f"max_request_pixels ({s.max_request_pixels}) is over max_inflight_pixels "
-            f"({s.max_inflight_pixels}): such a request could never be admitted; raise "
-            "max_inflight_pixels or lower max_request_pixels"
-        )
-    if s.max_download_buffer_bytes < s.max_upload_bytes:
-        found.append(
-            f"max_download_buffer_bytes ({s.max_download_buffer_bytes}) is under "
-            f"max_upload_bytes ({s.max_upload_bytes}): a download of an image of the allowed "
-            "size could never fit the buffer (429 every time); raise max_download_buffer_bytes "
-            "or lower max_upload_bytes"
         )
     if s.protect_metrics and s.api_key is None:
         found.append(

@@ -78,11 +78,6 @@ CONTRADICTIONS = [
         "request_timeout_s",
     ),
     (
-        {"max_image_pixels": 50_000_000, "max_request_pixels": 40_000_000},
-        "max_image_pixels",
-        "max_request_pixels",
-    ),
-    (
         {"max_request_pixels": 10, "max_inflight_pixels": 5, "max_image_pixels": 5},
         "max_request_pixels",
         "max_inflight_pixels",
