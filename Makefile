@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps fuzz lint fmt bench clean
+.PHONY: install run test test-deps test-floors fuzz lint fmt bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,19 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The dependency floors of pyproject.toml, proven: a fresh .venv-floors with every dependency at
+# its floor (constraints/floors.txt; torch at TORCH_FLOOR, the oldest release tested), then the
+# unit, API and process-split tests there.
+TORCH_FLOOR ?= torch==2.13.0
+FLOORS_VENV ?= .venv-floors
+test-floors:
+	rm -rf $(FLOORS_VENV) && python3 -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet $(PIP_TORCH_ARGS) '$(TORCH_FLOOR)'
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c constraints/floors.txt -e . \
+		pytest pytest-asyncio hypothesis psutil 'tritonclient[http]' brotli
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/api \
+		tests/e2e/test_process_split.py
 
 # The dedicated fuzzing run of the API (schemathesis, over 1000 generated cases).
 fuzz: install

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
@@ -22,11 +22,35 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _CUDA_INDEX_RE = re.compile(r"^(cuda:)?(\d+)$")
 
 
+def model_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be a model folder, or None."""
+    if not path.is_dir():
+        return (
+            f"{path} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
+            "checkpoint folder holding config.json and preprocessor_config.json"
+        )
+    missing = [n for n in ("config.json", "preprocessor_config.json") if not (path / n).is_file()]
+    if missing:
+        return (
+            f"{path} lacks {', '.join(missing)}: save the model and its image processor there "
+            "with save_pretrained()"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DETR_SERVE_", extra="forbid", validate_default=True, protected_namespaces=()
     )
 
+    # Before `model`: its validator reads it (a missing folder is then a load failure).
+    exit_on_load_failure: bool = Field(
+        default=True,
+        description="When the model cannot be loaded (missing folder, corrupt weights, unknown "
+        "architecture), exit with status 1 and a log line naming the model and the cause (as "
+        "Triton does). false: stay up, /readyz answers 503 {status: failed, reason} and every "
+        "inference route 503 with the reason.",
+    )
     model: Path = Field(
         default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME,
         description="Hugging Face-format checkpoint directory (config.json, weights, "
@@ -287,45 +311,20 @@ class Settings(BaseSettings):
 
     @field_validator("model")
     @classmethod
-    def _check_model_dir(cls, value: Path) -> Path:
+    def _check_model_dir(cls, value: Path, info: ValidationInfo) -> Path:
         value = value.expanduser()
-        if not value.is_dir():
-            raise ValueError(
-                f"{value} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
-                "checkpoint folder holding config.json and preprocessor_config.json"
-            )
-        missing = [
-            n for n in ("config.json", "preprocessor_config.json") if not (value / n).is_file()
-        ]
-        if missing:
-            raise ValueError(
-                f"{value} lacks {', '.join(missing)}: save the model and its image "
-                "processor there with save_pretrained()"
-            )
+        problem = model_dir_problem(value)
+        # With --no-exit-on-load-failure the server stays up and says why it cannot serve.
+        if problem is not None and info.data.get("exit_on_load_failure", True):
+            raise ValueError(problem)
         return value.resolve()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ValueError(
-                "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
-            )
-        if self.max_request_pixels > self.max_inflight_pixels:
-            raise ValueError(
-                f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
-                f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
-                "max_inflight_pixels or lower max_request_pixels"
-            )
-        if self.grpc_port and self.grpc_port == self.port:
-            raise ValueError(
-                f"--grpc-port and --port are both {self.port}: give gRPC another port "
-                "(8001 by default) or turn it off with --grpc-port 0"
-            )
-        if self.devices and not self.device.startswith(("auto", "cuda")):
-            raise ValueError(
-                f"--devices lists CUDA devices but --device is {self.device}: "
-                "leave --device at auto (or cuda) with --devices"
-            )
+        """Settings that contradict each other: every pair found, each message naming both."""
+        problems = contradictions(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -346,3 +345,77 @@ class Settings(BaseSettings):
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.model.name
+
+
+# (setting, limit, what would happen): the setting may not be over the limit.
+_AT_MOST = [
+    (
+        "max_images_per_request",
+        "max_queue_size",
+        "a request of that many images would be refused with 429 every time",
+    ),
+    ("max_batch_size", "max_queue_size", "a batch is taken from the queue and could never fill"),
+    ("max_request_pixels", "max_inflight_pixels", "such a request could never be admitted"),
+    (
+        "max_upload_bytes",
+        "max_download_buffer_bytes",
+        "a download of an image of the allowed size could never fit the buffer (429 every time)",
+    ),
+]
+
+
+def contradictions(s: Settings) -> list[str]:
+    """Pairs of settings that cannot both hold: one of them could never take effect, or some
+    request could never be served. Each message names both settings and how to fix them.
+
+    Not contradictions, and so not refused: max_image_pixels over max_request_pixels (a large
+    JPEG counts at the 1/2-1/8 scale it is decoded at, so it can pass both), url_timeout_s or
+    decode_timeout_s over request_timeout_s (the request's deadline cuts them short),
+    max_inflated_bytes over max_upload_bytes (documented as capped by it), request_timeout_s
+    over drain_timeout_s (a drain may end requests before their deadline; that is the drain's
+    purpose)."""
+    found = []
+    if s.device == "cpu" and s.dtype == "float16":
+        found.append(
+            "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
+        )
+    if s.devices and not s.device.startswith(("auto", "cuda")):
+        found.append(
+            f"--devices lists CUDA devices but --device is {s.device}: "
+            "leave --device at auto (or cuda) with --devices"
+        )
+    for larger, limit, consequence in _AT_MOST:
+        value, bound = getattr(s, larger), getattr(s, limit)
+        if value > bound:
+            found.append(
+                f"{larger} ({value}) is over {limit} ({bound}): {consequence}; raise {limit} "
+                f"or lower {larger}"
+            )
+    if s.max_batch_delay_ms / 1e3 >= s.request_timeout_s:
+        found.append(
+            f"max_batch_delay_ms ({s.max_batch_delay_ms} ms) is not under request_timeout_s "
+            f"({s.request_timeout_s} s): a request alone would reach its deadline while its "
+            "batch waits to fill; lower max_batch_delay_ms or raise request_timeout_s"
+        )
+    if s.grpc_port and s.grpc_port == s.port:
+        found.append(
+            f"grpc_port and port are both {s.port}: give gRPC another port (8001 by default) "
+            "or turn it off with grpc_port 0"
+        )
+    if s.protect_metrics and s.api_key is None:
+        found.append(
+            "protect_metrics is set but api_key is not: there is no key to protect /metrics "
+            "with; set api_key or drop protect_metrics"
+        )
+    if s.image_decoder == "nvjpeg" and s.device == "cpu":
+        found.append(
+            "image_decoder nvjpeg decodes on a CUDA device, but device is cpu; use "
+            "image_decoder auto or pillow, or a CUDA device"
+        )
+    if s.image_decoder == "nvjpeg" and len(s.device_list) > 1:
+        found.append(
+            f"image_decoder nvjpeg serves one device, but devices lists {len(s.device_list)} "
+            "(torchvision's one global decoder is rebuilt on every device change); use "
+            "image_decoder auto or pillow with several devices"
+        )
+    return found

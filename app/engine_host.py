@@ -11,15 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from app.batching import Batcher, BatchStats
-from app.config import Settings
+from app.config import Settings, model_dir_problem
 from app.engine.pool import BatchRunner, EnginePool
 from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
 from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+_MAX_REASON_CHARS = 600
+
+
+def describe_load_failure(model: Path, exc: BaseException) -> str:
+    """One line for the log, /readyz and the 503s: the model folder and the cause."""
+    detail = " ".join(str(exc).split())
+    if len(detail) > _MAX_REASON_CHARS:
+        detail = detail[:_MAX_REASON_CHARS] + "..."
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"the model at {model} could not be loaded: {cause}"
+
+
+class ModelFolderError(FileNotFoundError):
+    """The model folder is missing or incomplete (accepted by the settings only with
+    --no-exit-on-load-failure)."""
 
 
 class EngineHost:
@@ -38,6 +55,9 @@ class EngineHost:
         """Build (or warm the injected engine), then start the batcher. Raises what loading
         raised."""
         s = self.settings
+        problem = None if self._injected is not None else model_dir_problem(s.model)
+        if problem is not None:
+            raise ModelFolderError(problem)
         if self._injected is not None:
             engines = [self._injected]
             warmup = getattr(self._injected, "warmup", None)

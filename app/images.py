@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.image_structure import structure_problem
+from app.image_structure import structure_problem, walk_jpeg
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -114,15 +114,19 @@ _EXIF_ORIENTATION = 0x0112
 
 def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg | None:
     """The JPEG as an EncodedJpeg when the device decoder gives the same pixels as Pillow: a
-    three-channel (YCbCr or RGB) JPEG with no EXIF rotation. None for anything else (other formats,
-    greyscale or CMYK JPEGs, rotated ones, unreadable headers): decode_image takes those, with
-    its own errors. Raises ImageTooLargeError from the header, and InvalidImageError for a
-    structure no real JPEG has, like decode_image."""
+    three-channel (YCbCr or RGB) JPEG with no EXIF rotation, whose marker walk reaches its
+    end-of-image marker (nvjpeg decodes truncated files that Pillow refuses). None for anything
+    else (other formats, greyscale or CMYK JPEGs, rotated ones, unreadable headers, truncated or
+    malformed segments): decode_image takes those, with the CPU path's own answer. Raises
+    ImageTooLargeError from the header, and InvalidImageError for a structure no real JPEG has,
+    like decode_image. Bytes after the end-of-image marker (Pillow ignores them) are dropped."""
     if not data.startswith(_JPEG_MAGIC):
         return None
-    problem = structure_problem(data)
+    problem, end = walk_jpeg(data)
     if problem is not None:
         raise InvalidImageError(problem, image_index=index)
+    if end is None:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -146,7 +150,7 @@ def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg
         )
     if orientation not in (None, 1):
         return None
-    return EncodedJpeg(data, height, width, index)
+    return EncodedJpeg(data if end == len(data) else data[:end], height, width, index)
 
 
 def _open(data: bytes, *, max_pixels: int, index: int) -> Image.Image:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +35,16 @@ def create_app(
     *,
     engine_sockets: Sequence[str] | None = None,
     grpc_workers: int = 0,
+    on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
-    makes it a front end of the engine process(es) listening there (app/supervisor.py).
-    With `grpc_workers` (how many processes serve the gRPC port, this one among them) and a
-    --grpc-port, the lifespan also runs the KServe v2 gRPC server (app/api/kserve_grpc/)."""
-    runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
+    makes it a front end of the engine process(es) listening there (app/supervisor.py);
+    `on_load_failure` (one process): see Runtime. With `grpc_workers` (how many processes
+    serve the gRPC port, this one among them) and a --grpc-port, the lifespan also runs the
+    KServe v2 gRPC server (app/api/kserve_grpc/)."""
+    runtime = Runtime(
+        settings, engine, engine_sockets=engine_sockets, on_load_failure=on_load_failure
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -189,3 +189,6 @@ class ModelList(BaseModel):
 
 class Status(BaseModel):
     status: str
+    reason: str | None = Field(
+        default=None, description="With status failed: the model folder and why it failed."
+    )

@@ -102,7 +102,12 @@ class EngineProcess:
             # Its "live" gauges (queue depth, memory) must not count any more.
             multiprocess.mark_process_dead(process.pid)
             if process.exitcode == LOAD_FAILED:
-                logger.critical("engine %d could not load the model: stopping", self.index)
+                # The engine logged the cause; restarting cannot help (no restart loop).
+                logger.critical(
+                    "engine %d could not load the model at %s: stopping detr-serve (exit status 1)",
+                    self.index,
+                    self.settings.model,
+                )
                 self.failed.set()
                 return
             if time.monotonic() - started > _STABLE_S:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import UnavailableError
+from app.errors import ModelLoadFailedError, UnavailableError
 from app.runtime import Runtime
 from app.service import DetectionService
 
@@ -18,6 +18,9 @@ def get_runtime(request: Request) -> Runtime:
 
 def get_service(request: Request) -> DetectionService:
     runtime = get_runtime(request)
+    failure = runtime.failure
+    if failure is not None:
+        raise ModelLoadFailedError(failure)
     if runtime.service is None:
         raise UnavailableError(
             "the model is still loading; poll /readyz", headers={"Retry-After": "2"}

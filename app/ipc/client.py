@@ -80,7 +80,8 @@ class _Link:
 
     path: str
     conn: _Conn | None = None
-    state: str = "loading"  # loading | ready | stuck | draining | restarting
+    state: str = "loading"  # loading | ready | stuck | draining | restarting | failed
+    failure: str | None = None  # why the engine could not load the model (state "failed")
 
 
 class RemoteEngine:
@@ -145,10 +146,15 @@ class RemoteEngine:
             self._on_draining()
 
     @property
+    def failure(self) -> str | None:
+        """Why an engine could not load the model (--no-exit-on-load-failure), or None."""
+        return next((link.failure for link in self._links if link.failure is not None), None)
+
+    @property
     def state(self) -> str:
         """ready only when every engine is; else the first trouble found."""
         states = [link.state for link in self._links]
-        for bad in ("draining", "restarting", "stuck", "loading"):
+        for bad in ("failed", "draining", "restarting", "stuck", "loading"):
             if bad in states:
                 return bad
         return "ready"
@@ -169,6 +175,10 @@ class RemoteEngine:
                 write_message(writer, ("hello", arena.name))
                 hello = await read_message(reader)
                 arena.unlink()  # the engine has it mapped now (see _Conn)
+                if hello[0] == "failed":
+                    await self._hold_failure(link, reader, hello[1])
+                    continue
+                link.failure = None
                 _, info, max_batch_size, jpeg_on_device, state = hello
                 self.info, self.max_batch_size, self.jpeg_on_device = (
                     info,
@@ -201,6 +211,16 @@ class RemoteEngine:
                 # Not arena.close(): a copy into it may still run on a thread. The mapping goes
                 # with the last reference (the _Conn, held by that copy's coroutine).
             await asyncio.sleep(_RECONNECT_S)
+
+    @staticmethod
+    async def _hold_failure(link: _Link, reader: asyncio.StreamReader, reason: str) -> None:
+        """The engine could not load the model and stays up to say so: the link is "failed"
+        with its reason until that engine goes."""
+        if link.failure is None:
+            logger.error("the engine at %s failed to start: %s", link.path, reason)
+        link.state, link.failure = "failed", reason
+        await reader.read()  # until the engine process ends
+        link.state = "restarting"
 
     def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:
         kind = message[0]

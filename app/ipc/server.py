@@ -10,6 +10,8 @@ Messages (pickled tuples; see wire.py):
                         ("cancel", rid)                 the request gave up (deadline, client gone)
                         ("idle",)                       draining, and no request open there
   engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
+                        ("failed", reason)     instead of hello: the model could not be loaded
+                                               (--no-exit-on-load-failure); nothing else follows
                         ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
                         ("error", rid, kind, detail)
                         ("state", state)                       when ready/stuck/draining changes
@@ -67,27 +69,62 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
 
 
 async def _main(settings: Settings, socket_path: str) -> int:
-    from app.engine_host import EngineHost
+    from app.engine_host import EngineHost, describe_load_failure
     from app.metrics import Metrics
 
     metrics = Metrics()
     host = EngineHost(settings, metrics)
+    failure = None
     try:
         await host.load()
     except Exception as exc:
-        logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
-        return LOAD_FAILED
-    server = EngineServer(host, metrics)
+        failure = describe_load_failure(settings.model, exc)
+        logger.critical("%s", failure, exc_info=exc)
+        if settings.exit_on_load_failure:
+            return LOAD_FAILED
+    # SIGTERM while loading ends the process at once (the default action); from here on it
+    # drains.
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await server.serve(socket_path, stop)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if failure is not None:
+        await serve_load_failure(socket_path, failure, stop)
+    else:
+        await EngineServer(host, metrics).serve(socket_path, stop)
     return 0
 
 
 # After the batcher has stopped, how long the last answers may take to be written.
 _ANSWER_S = 1.0
 _DRAIN_POLL_S = 0.01
+
+
+async def serve_load_failure(socket_path: str, reason: str, stop: asyncio.Event) -> None:
+    """--no-exit-on-load-failure: answer every front end ("failed", reason) until SIGTERM,
+    so that they say why (/readyz, the 503s) instead of "loading" for ever. The connection
+    stays open: its end tells the front end that this engine is gone."""
+    connections: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.add(writer)
+        try:
+            await read_message(reader)  # the hello; its arena is not mapped
+            write_message(writer, ("failed", reason))
+            await writer.drain()
+            await reader.read()  # until the front end goes
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            connections.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_unix_server(answer, path=socket_path)
+    logger.info("engine serving its load failure on %s", socket_path)
+    await stop.wait()
+    server.close()
+    for writer in list(connections):
+        writer.close()
+    with contextlib.suppress(OSError):
+        os.unlink(socket_path)
 
 
 class EngineServer:

@@ -4,6 +4,7 @@ a real unix socket and a real shared-memory arena, with a fake model behind the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from app.ipc.client import EngineUnavailableError, RemoteEngine
 from app.ipc.server import EngineServer
 from app.ipc.wire import ArenaAllocator
 from app.metrics import Metrics
+from tests.conftest import until
 
 INFO = ModelInfo("fake", "fake", "cpu", "float32", {0: "a", 1: "b"}, "Fake")
 
@@ -31,7 +33,14 @@ class FakeEngine:
     delay_s = 0.0
     refuse_index: int | None = None
 
+    def __init__(self) -> None:
+        self.gate: threading.Event | None = None  # holds every batch until set
+        self.entered = threading.Event()  # a batch reached the model
+
     def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageResult]:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.delay_s:
             time.sleep(self.delay_s)
         out: list[ImageResult] = []
@@ -147,7 +156,9 @@ async def test_concurrent_requests_from_one_front_end_share_a_batch(make_pair) -
 
 
 async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make_pair) -> None:
-    pair = await make_pair(max_queue_size=2, max_batch_size=1, max_batch_delay_ms=0)
+    pair = await make_pair(
+        max_queue_size=2, max_images_per_request=2, max_batch_size=1, max_batch_delay_ms=0
+    )
     pair.fake.delay_s = 0.3
     deadline = time.monotonic() + 10
     results = await asyncio.gather(
@@ -165,15 +176,16 @@ async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make
 
 async def test_request_past_its_deadline_gets_deadline_exceeded(make_pair) -> None:
     pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 0.5
+    pair.fake.gate = threading.Event()
     slow = asyncio.ensure_future(
-        pair.remote.submit([DetectionTask(_image(32, 32, 0), 0.5, 10)], time.monotonic() + 10)
+        pair.remote.submit([DetectionTask(_image(32, 32, 0), 0.5, 10)], time.monotonic() + 60)
     )
-    await asyncio.sleep(0.05)
+    await until(pair.fake.entered.is_set, "the first request is inside the gated model")
     with pytest.raises(DeadlineExceededError):
         await pair.remote.submit(
             [DetectionTask(_image(32, 32, 1), 0.5, 10)], time.monotonic() + 0.1
         )
+    pair.fake.gate.set()
     await slow
 
 
@@ -195,22 +207,24 @@ async def test_an_image_error_keeps_its_type_index_and_message(make_pair) -> Non
 
 async def test_engine_gone_fails_held_requests_at_once_and_frees_their_blocks(make_pair) -> None:
     pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 1.0
+    pair.fake.gate = threading.Event()
     held = [
         asyncio.ensure_future(
-            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], time.monotonic() + 30)
+            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], time.monotonic() + 60)
         )
         for i in range(3)
     ]
-    await asyncio.sleep(0.2)
+    await until(pair.fake.entered.is_set, "a request is inside the gated model")
     (link,) = pair.remote._links
     conn = link.conn
-    assert conn is not None and conn.allocator.used > 0
-    started = time.monotonic()
+    assert conn is not None
+    await until(lambda: conn.allocator.used > 0 and len(conn.pending) == 3, "all three sent")
     for writer in list(pair.server._writers):  # what the engine's death looks like
         writer.transport.abort()
     results = await asyncio.gather(*held, return_exceptions=True)
-    assert time.monotonic() - started < 0.9  # not after the forward pass: at once
+    # Answered while the forward pass is still held: at once, not after it.
+    assert not pair.fake.gate.is_set()
+    pair.fake.gate.set()
     assert all(isinstance(r, EngineUnavailableError) for r in results), results
     assert conn.allocator.used == 0
     assert pair.remote.state in ("restarting", "ready")  # it reconnects by itself
@@ -234,20 +248,15 @@ def test_arena_allocator_first_fit_and_merging() -> None:
 
 async def test_watchdog_in_the_engine_reaches_the_front_end_and_clears(make_pair) -> None:
     pair = await make_pair(watchdog_s=0.3, max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 1.5
+    pair.fake.gate = threading.Event()  # the forward pass runs until released
     slow = asyncio.ensure_future(
-        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 10)
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 60)
     )
-    seen = set()
-    while not slow.done():
-        seen.add(pair.remote.state)
-        await asyncio.sleep(0.02)
+    await until(lambda: pair.remote.state == "stuck", "the front end hears of the watchdog")
+    assert not slow.done()
+    pair.fake.gate.set()
     await slow
-    assert "stuck" in seen
-    deadline = time.monotonic() + 3
-    while pair.remote.state != "ready":
-        assert time.monotonic() < deadline, pair.remote.state
-        await asyncio.sleep(0.02)
+    await until(lambda: pair.remote.state == "ready", "the watchdog clears")
 
 
 async def _until(predicate, timeout_s: float = 5.0) -> None:  # noqa: ANN001
