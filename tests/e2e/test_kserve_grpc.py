@@ -32,6 +32,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 MAX_UPLOAD = 1 << 20
 QUEUE = 4
+MAX_REQUEST_PIXELS = 500_000
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def server(tiny_model_dir: Path) -> Iterator[RunningServer]:
         [
             *tiny_server_args(tiny_model_dir),
             *("--max-upload-bytes", str(MAX_UPLOAD), "--max-queue-size", str(QUEUE)),
+            *("--max-request-pixels", str(MAX_REQUEST_PIXELS)),
         ],
         env={"DETR_SERVE_TORCH_THREADS": "1", "DETR_SERVE_API_KEY": KEY},
     )
@@ -252,6 +254,14 @@ def test_message_over_the_upload_limit_is_resource_exhausted(client) -> None:
         client.infer(MODEL, [images_input([big])], headers=AUTH)
     assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert str(MAX_UPLOAD) in caught.value.message()
+
+
+def test_pixels_over_the_request_budget_are_resource_exhausted(client) -> None:
+    png = shapes_image(1000, 600, "PNG")  # 600,000 pixels: PNGs decode at full size
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(MODEL, [images_input([png])], headers=AUTH)
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert f"over the limit of {MAX_REQUEST_PIXELS} pixels per request" in (caught.value.message())
 
 
 def test_full_queue_is_unavailable(client, server) -> None:
