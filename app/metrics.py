@@ -145,6 +145,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Written by the front ends: what a drain waits for (app/open_requests.py).
+        self.open_requests = Gauge(
+            "detr_serve_open_requests",
+            "Inference requests accepted and not answered yet.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # A gauge at 1 rather than an Info: Info has no multiprocess mode. Same exposition.
         self.model_info = Gauge(
             "detr_serve_model_info",

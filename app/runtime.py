@@ -70,9 +70,11 @@ class Runtime:
     # -- the drain: accepted requests are counted, the engines wait for them ------------------
     def request_started(self) -> None:
         self.open_requests += 1
+        self.metrics.open_requests.inc()
 
     def request_finished(self) -> None:
         self.open_requests -= 1
+        self.metrics.open_requests.dec()
         self._report_if_idle()
 
     @property

@@ -168,8 +168,8 @@ def disconnects(clients: int = 64, hang_up_s: float | None = 0.05) -> Row:
     """`clients` requests whose clients hang up `hang_up_s` after sending (None: once all their
     images are in the engine), on an engine whose batches (up to 16 images) take 3 s: the images
     computed (detr_serve_batch_size_sum) against those sent; all of them run in 4 batches when
-    nothing is cancelled. A request sent last, and answered, proves everything still live
-    before it was computed."""
+    nothing is cancelled. A request sent last, and answered, proves everything still live before
+    it was computed."""
     when = "once queued" if hang_up_s is None else f"{hang_up_s * 1e3:g} ms"
     row = Row(f"disconnects ({when})", sent=clients + 1)
     server = start(
