@@ -43,6 +43,11 @@ _MULTIPART_SCHEMA = {
             "type": "string",
             "description": "Comma-separated class names or ids (the field may also repeat).",
         },
+        "tiling": {
+            "type": "string",
+            "description": 'Tiled inference: true, auto, or the options object as JSON text '
+            '(e.g. {"tile_size": 320, "overlap": 0.2}).',
+        },
     },
 }
 
@@ -138,6 +143,7 @@ async def _from_multipart(
                 "threshold": form.get("threshold") or None,
                 "max_detections": form.get("max_detections") or None,
                 "classes": classes,
+                "tiling": form.get("tiling") or None,
             }
         )
     except ValidationError as exc:

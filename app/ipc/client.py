@@ -196,8 +196,8 @@ class RemoteEngine:
         if kind == "ok":
             pending.future.set_result(
                 [
-                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s)
-                    for scores, labels, boxes, batch, inference_s, post_s in message[2]
+                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s, tiles)
+                    for scores, labels, boxes, batch, inference_s, post_s, tiles in message[2]
                 ]
             )
         else:
@@ -278,7 +278,13 @@ class RemoteEngine:
         assert buf is not None
         items: list[tuple[Any, ...]] = []
         for task in tasks:
-            options = (task.threshold, task.max_detections, task.class_ids, task.source_size)
+            options = (
+                task.threshold,
+                task.max_detections,
+                task.class_ids,
+                task.source_size,
+                task.tiling,
+            )
             if task.pixels is None:
                 items.append(("jpeg", task.jpeg, *options))
                 continue
