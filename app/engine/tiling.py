@@ -167,7 +167,7 @@ def expand(
             out.append(
                 replace(
                     task,
-                    pixels=np.asarray(small),
+                    pixels=np.array(small),  # writable (torch.from_numpy wants that)
                     tiling=None,
                     source_size=(height, width),
                 )

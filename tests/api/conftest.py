@@ -21,10 +21,12 @@ class CountingEngine(Engine):
 
     delay_s = 0.0
     images_seen = 0
+    batches_run = 0
     fail = False
 
     def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageDetections]:
         type(self).images_seen += len(tasks)
+        type(self).batches_run += 1
         if self.fail:
             raise RuntimeError("the model blew up")
         if self.delay_s:
@@ -62,6 +64,7 @@ async def client_factory(tiny_model_dir: Path):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
         stack.append((client, lifespan))
         CountingEngine.images_seen = 0  # forget the warm-up
+        CountingEngine.batches_run = 0
         return client, engine
 
     yield make
