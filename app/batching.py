@@ -252,9 +252,7 @@ class Batcher(Generic[T, R]):
                     break
         taken = {id(p) for p in batch}
         # What is left keeps its arrival order (answered and expired items leave the queue).
-        self._queue = deque(
-            p for p in self._queue if not p.future.done() and id(p) not in taken
-        )
+        self._queue = deque(p for p in self._queue if not p.future.done() and id(p) not in taken)
         return batch
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:

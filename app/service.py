@@ -38,8 +38,8 @@ from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetecti
 from app.errors import (
     ApiError,
     DeadlineError,
-    InferenceError,
     ImageTooLargeError,
+    InferenceError,
     InvalidImageError,
     InvalidRequestError,
     PayloadTooLargeError,
@@ -200,9 +200,7 @@ class DetectionService:
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
         tiling, auto = self.tile_spec(options)
-        loaded = await self._gather(
-            [self._load(i, s, tiling, auto) for i, s in enumerate(sources)]
-        )
+        loaded = await self._gather([self._load(i, s, tiling, auto) for i, s in enumerate(sources)])
         self._check_tiles(loaded)
         async with self._admit(loaded, deadline) as lease:
             prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
@@ -412,9 +410,7 @@ class DetectionService:
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
-        return _Prepared(
-            pixels, info.height, info.width, loaded.fetch_s, decode_s, loaded.tiling
-        )
+        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s, loaded.tiling)
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:

@@ -80,5 +80,5 @@ def axis_starts(length: int, size: int, step: int) -> list[int]:
 
 
 def wants_tiles(height: int, width: int, model_side: int, auto_factor: float) -> bool:
-    """"auto": tile an image whose longer side is over `auto_factor` times the model's input."""
+    """ "auto": tile an image whose longer side is over `auto_factor` times the model's input."""
     return max(height, width) > auto_factor * model_side

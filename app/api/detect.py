@@ -45,7 +45,7 @@ _MULTIPART_SCHEMA = {
         },
         "tiling": {
             "type": "string",
-            "description": 'Tiled inference: true, auto, or the options object as JSON text '
+            "description": "Tiled inference: true, auto, or the options object as JSON text "
             '(e.g. {"tile_size": 320, "overlap": 0.2}).',
         },
     },

@@ -29,7 +29,9 @@ from app.tiling import TileSpec
 _PAIR_CHUNK = 2048
 
 
-def pair_overlaps(boxes: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_overlaps(
+    boxes: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(i, j, value) for every pair i < j (positions in `boxes`) whose boxes intersect with a
     positive area, with their IoU or IoS. A sweep along x finds the candidates (boxes sorted
     by x1 can only meet the ones whose x1 is before their x2), so the work grows with the pairs
@@ -45,6 +47,7 @@ def pair_overlaps(boxes: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch
     ends = torch.searchsorted(x1s, sorted_boxes[:, 2].contiguous(), side="left")
     areas = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
     found_i, found_j, found_v = [], [], []
+    y1s, y2s = sorted_boxes[:, 1].contiguous(), sorted_boxes[:, 3].contiguous()
     for start in range(0, n, _PAIR_CHUNK):
         a = torch.arange(start, min(start + _PAIR_CHUNK, n), device=boxes.device)
         counts = (ends[a] - a - 1).clamp(min=0)
@@ -53,15 +56,19 @@ def pair_overlaps(boxes: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch
             continue
         src = torch.repeat_interleave(a, counts)
         first = torch.cumsum(counts, 0) - counts  # where each a's run begins
-        dst = src + 1 + (torch.arange(total, device=boxes.device) - torch.repeat_interleave(first, counts))
-        bi, bj = order[src], order[dst]
+        step = torch.arange(total, device=boxes.device) - torch.repeat_interleave(first, counts)
+        dst = src + 1 + step
+        # Along x they overlap by construction (x1[a] <= x1[b] < x2[a]); test y first, on the
+        # cheap, and compute the measure only for the few pairs that pass.
+        meet = (torch.minimum(y2s[src], y2s[dst]) > torch.maximum(y1s[src], y1s[dst])).nonzero()
+        if meet.numel() == 0:
+            continue
+        bi, bj = order[src[meet[:, 0]]], order[dst[meet[:, 0]]]
         p, q = boxes[bi], boxes[bj]
         w = (torch.minimum(p[:, 2], q[:, 2]) - torch.maximum(p[:, 0], q[:, 0])).clamp(min=0)
         h = (torch.minimum(p[:, 3], q[:, 3]) - torch.maximum(p[:, 1], q[:, 1])).clamp(min=0)
         inter = w * h
         hit = inter > 0
-        if not bool(hit.any()):
-            continue
         bi, bj, inter = bi[hit], bj[hit], inter[hit]
         if metric == "iou":
             denom = areas[bi] + areas[bj] - inter

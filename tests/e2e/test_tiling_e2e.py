@@ -60,10 +60,13 @@ def test_tiles_cross_to_the_engine_and_run_as_batch_items(server: RunningServer)
     after = httpx.get(server.url + "/metrics").text
     ok = 'detr_serve_batches_total{outcome="ok"}'
     assert _metric(after, ok) - _metric(before, ok) == 3
-    assert _metric(after, "detr_serve_tiles_total") - _metric(before, "detr_serve_tiles_total") == 24
-    assert _metric(after, "detr_serve_batch_size_sum") - _metric(
-        before, "detr_serve_batch_size_sum"
-    ) == 24
+    assert (
+        _metric(after, "detr_serve_tiles_total") - _metric(before, "detr_serve_tiles_total") == 24
+    )
+    assert (
+        _metric(after, "detr_serve_batch_size_sum") - _metric(before, "detr_serve_batch_size_sum")
+        == 24
+    )
 
 
 def test_an_image_larger_than_the_arena_travels_inline_and_is_tiled(

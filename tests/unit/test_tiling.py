@@ -86,11 +86,17 @@ def _t(rows: list[list[float]]) -> torch.Tensor:
 def test_pair_overlaps_iou_and_ios_by_hand() -> None:
     boxes = _t([[0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 110, 110], [2, 2, 4, 4]])
     i, j, v = pair_overlaps(boxes, "iou")
-    got = {(min(a, b), max(a, b)): round(float(x), 4) for a, b, x in zip(i.tolist(), j.tolist(), v)}
+    got = {
+        (min(a, b), max(a, b)): round(float(x), 4)
+        for a, b, x in zip(i.tolist(), j.tolist(), v, strict=True)
+    }
     # 0-1: inter 50, union 150; 0-3: inter 4, union 100; 1-3: none (x 5..15 vs 2..4).
     assert got == {(0, 1): round(50 / 150, 4), (0, 3): 0.04}
     i, j, v = pair_overlaps(boxes, "ios")
-    got = {(min(a, b), max(a, b)): round(float(x), 4) for a, b, x in zip(i.tolist(), j.tolist(), v)}
+    got = {
+        (min(a, b), max(a, b)): round(float(x), 4)
+        for a, b, x in zip(i.tolist(), j.tolist(), v, strict=True)
+    }
     assert got == {(0, 1): 0.5, (0, 3): 1.0}
 
 
@@ -143,8 +149,12 @@ def test_nms_chain_where_the_middle_box_falls_keeps_the_third() -> None:
     # transitive).
     boxes = _t([[0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]])
     _, s, _ = merge_detections(
-        boxes, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long),
-        method="nms", metric="iou", threshold=0.5,
+        boxes,
+        torch.tensor([0.9, 0.8, 0.7]),
+        torch.zeros(3, dtype=torch.long),
+        method="nms",
+        metric="iou",
+        threshold=0.5,
     )
     # A-B: 70/130 = 0.54; B-C: 0.54; A-C: 40/160 = 0.25.
     assert s.tolist() == pytest.approx([0.9, 0.7])
@@ -197,8 +207,12 @@ def test_greedy_nmm_gives_a_suppressed_box_to_the_best_kept_box_that_matches_it(
     # K1 (0.9) and K2 (0.8) do not match each other; S (0.5) matches both: it folds into K1.
     k1, k2, sb = [0, 0, 10, 10], [20, 0, 30, 10], [8, 0, 22, 10]
     b, s, _ = merge_detections(
-        _t([k1, k2, sb]), torch.tensor([0.9, 0.8, 0.5]), torch.zeros(3, dtype=torch.long),
-        method="greedy_nmm", metric="ios", threshold=0.1,
+        _t([k1, k2, sb]),
+        torch.tensor([0.9, 0.8, 0.5]),
+        torch.zeros(3, dtype=torch.long),
+        method="greedy_nmm",
+        metric="ios",
+        threshold=0.1,
     )
     assert s.tolist() == pytest.approx([0.9, 0.8])
     assert b.tolist() == [[0, 0, 22, 10], k2]
