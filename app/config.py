@@ -185,7 +185,10 @@ class Settings(BaseSettings):
         default=0.2, ge=0.0, le=MAX_OVERLAP, description="Default share of overlapping tiles."
     )
     tiling_full_image: bool = Field(
-        default=True, description="Tiled images also run whole (resized) by default."
+        default=False,
+        description="Tiled images also run whole (resized) by default; off because a "
+        "high-resolution frame squashed to the model's input mostly adds false boxes "
+        "(measured: README, tiled inference).",
     )
     tiling_merge: Literal["nms", "greedy_nmm"] = Field(
         default="greedy_nmm", description="Default merge of the tiles' boxes."

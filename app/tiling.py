@@ -27,7 +27,7 @@ class TileSpec:
 
     tile_size: int
     overlap: float = 0.2
-    full_image: bool = True
+    full_image: bool = False
     merge: Merge = "greedy_nmm"
     match_metric: MatchMetric = "ios"
     match_threshold: float = 0.5

@@ -25,7 +25,7 @@ def test_axis_starts_exact_fit_has_no_shifted_duplicate() -> None:
 
 
 def test_image_smaller_than_a_tile_is_one_tile_of_its_own_size() -> None:
-    spec = TileSpec(tile_size=256)
+    spec = TileSpec(tile_size=256, full_image=True)
     assert spec.tiles(100, 50) == [(0, 0, 50, 100)]
     assert spec.count(100, 50) == 1  # no full-image pass: the one tile is the image
     # Smaller along one axis only: tiles span that axis whole.
@@ -33,7 +33,7 @@ def test_image_smaller_than_a_tile_is_one_tile_of_its_own_size() -> None:
 
 
 def test_every_tile_is_full_size_and_inside_and_the_image_is_covered() -> None:
-    spec = TileSpec(tile_size=256, overlap=0.2)
+    spec = TileSpec(tile_size=256, overlap=0.2, full_image=True)
     height, width = 2160, 3840
     tiles = spec.tiles(height, width)
     covered = np.zeros((height, width), dtype=bool)
@@ -57,7 +57,7 @@ def test_neighbours_overlap_by_at_least_the_requested_share() -> None:
 
 
 def test_huge_image_tile_count_is_computed_without_materialising_anything() -> None:
-    spec = TileSpec(tile_size=640, overlap=0.2)
+    spec = TileSpec(tile_size=640, overlap=0.2, full_image=True)
     # 40000 x 40000: 1.6 gigapixels; the count comes from the axes alone.
     per_axis = len(axis_starts(40_000, 640, 640 - 128))
     assert spec.count(40_000, 40_000) == per_axis * per_axis + 1
