@@ -374,7 +374,10 @@ def tiling_evaluation(args: argparse.Namespace) -> dict:
     max_batch = int(card["max_batch_size"])
     from scripts.bench import bench_raw
 
-    rows = bench_raw(args.model, "cpu", max_batch, args.raw_seconds, samples[0].jpeg)
+    # A tile of the first scene at the model's input size: what each tiled batch item is.
+    tile = io.BytesIO()
+    samples[0].image.crop((0, 0, 256, 256)).save(tile, format="JPEG", quality=90)
+    rows = bench_raw(args.model, "cpu", max_batch, args.raw_seconds, tile.getvalue())
     raw = next(r for r in rows if r["batch"] == max_batch)
     print(f"raw forward pass at batch {max_batch}: {raw['forward_img_s']:.1f} img/s", flush=True)
     tiling = json.loads(args.tiling_options) if args.tiling_options else True

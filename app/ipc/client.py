@@ -235,9 +235,16 @@ class RemoteEngine:
             raise ShuttingDownError()
         conn = self._pick()
         rid = next(self._ids)
-        pending = _Pending(asyncio.get_running_loop().create_future(), [], len(tasks))
+        # A tiled image weighs its tiles in the choice of the least busy engine.
+        images = sum(
+            t.tiling.count(*t.pixels.shape[:2])
+            if t.tiling is not None and t.pixels is not None
+            else 1
+            for t in tasks
+        )
+        pending = _Pending(asyncio.get_running_loop().create_future(), [], images)
         conn.pending[rid] = pending  # from here on the blocks are freed whatever happens
-        conn.outstanding += len(tasks)
+        conn.outstanding += images
         try:
             items = await self._place(conn, pending, tasks)
         except BaseException:
