@@ -32,50 +32,68 @@ _PAIR_CHUNK = 2048
 def pair_overlaps(
     boxes: torch.Tensor, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(i, j, value) for every pair i < j (positions in `boxes`) whose boxes intersect with a
-    positive area, with their IoU or IoS. A sweep along x finds the candidates (boxes sorted
-    by x1 can only meet the ones whose x1 is before their x2), so the work grows with the pairs
-    that touch, not with the square of the count."""
+    """(i, j, value) for every pair of boxes (positions in `boxes`, each pair once) that
+    intersect with a positive area, with their IoU or IoS.
+
+    A banded sweep finds the candidates, so the work grows with the boxes that are near each
+    other, not with the square of the count: the image is cut into horizontal strips as high
+    as the highest box, so boxes that meet lie in the same strip or in neighbouring ones; each
+    box joins the band of its strip and of the strip above (band k = strips k and k + 1), and
+    within a band, boxes sorted by x1 can only meet those whose x1 is before their x2. A pair
+    is kept in the band of its upper box's strip only (it may share two bands)."""
+    if metric not in ("iou", "ios"):
+        raise ValueError(f"match_metric must be iou or ios, got {metric!r}")
     n = boxes.shape[0]
     empty = boxes.new_zeros(0, dtype=torch.long)
     if n < 2:
         return empty, empty, boxes.new_zeros(0)
-    order = torch.argsort(boxes[:, 0], stable=True)
-    sorted_boxes = boxes[order]
-    x1s = sorted_boxes[:, 0].contiguous()
-    # For sorted box a, the candidates are b in (a, end[a]): x1[b] < x2[a].
-    ends = torch.searchsorted(x1s, sorted_boxes[:, 2].contiguous(), side="left")
-    areas = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    device = boxes.device
+    x1, y1, x2, y2 = boxes.unbind(1)
+    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    strip_height = max(float((y2 - y1).max()), 1.0)
+    strip = torch.floor((y1 - y1.min()) / strip_height).long()
+    box_of = torch.cat([torch.arange(n, device=device), torch.arange(n, device=device)])
+    band = torch.cat([strip, strip - 1])
+    # Sort by (band, x1); the sweep's key puts each band in a range of its own.
+    x_low = float(x1.min())
+    span = float(x2.max()) - x_low + 1.0
+    by_x = torch.argsort(x1[box_of], stable=True)
+    order = by_x[torch.argsort(band[by_x], stable=True)]
+    box_of, band = box_of[order], band[order]
+    base = band.double() * span
+    starts = (base + (x1[box_of] - x_low).double()).contiguous()
+    # For sorted entry a, the candidates are b in (a, end[a]): same band, x1[b] < x2[a].
+    ends = torch.searchsorted(starts, (base + (x2[box_of] - x_low).double()).contiguous())
     found_i, found_j, found_v = [], [], []
-    y1s, y2s = sorted_boxes[:, 1].contiguous(), sorted_boxes[:, 3].contiguous()
-    for start in range(0, n, _PAIR_CHUNK):
-        a = torch.arange(start, min(start + _PAIR_CHUNK, n), device=boxes.device)
+    total_entries = box_of.shape[0]
+    for start in range(0, total_entries, _PAIR_CHUNK):
+        a = torch.arange(start, min(start + _PAIR_CHUNK, total_entries), device=device)
         counts = (ends[a] - a - 1).clamp(min=0)
         total = int(counts.sum())
         if total == 0:
             continue
         src = torch.repeat_interleave(a, counts)
         first = torch.cumsum(counts, 0) - counts  # where each a's run begins
-        step = torch.arange(total, device=boxes.device) - torch.repeat_interleave(first, counts)
+        step = torch.arange(total, device=device) - torch.repeat_interleave(first, counts)
         dst = src + 1 + step
-        # Along x they overlap by construction (x1[a] <= x1[b] < x2[a]); test y first, on the
-        # cheap, and compute the measure only for the few pairs that pass.
-        meet = (torch.minimum(y2s[src], y2s[dst]) > torch.maximum(y1s[src], y1s[dst])).nonzero()
-        if meet.numel() == 0:
+        bi, bj = box_of[src], box_of[dst]
+        # Along x they overlap by construction; test y and the band rule on the cheap, and
+        # compute the measure only for the few pairs that pass.
+        keep = (torch.minimum(y2[bi], y2[bj]) > torch.maximum(y1[bi], y1[bj])) & (
+            band[src] == torch.minimum(strip[bi], strip[bj])
+        )
+        bi, bj = bi[keep], bj[keep]
+        if bi.numel() == 0:
             continue
-        bi, bj = order[src[meet[:, 0]]], order[dst[meet[:, 0]]]
-        p, q = boxes[bi], boxes[bj]
-        w = (torch.minimum(p[:, 2], q[:, 2]) - torch.maximum(p[:, 0], q[:, 0])).clamp(min=0)
-        h = (torch.minimum(p[:, 3], q[:, 3]) - torch.maximum(p[:, 1], q[:, 1])).clamp(min=0)
+        w = (torch.minimum(x2[bi], x2[bj]) - torch.maximum(x1[bi], x1[bj])).clamp(min=0)
+        h = torch.minimum(y2[bi], y2[bj]) - torch.maximum(y1[bi], y1[bj])
         inter = w * h
         hit = inter > 0
         bi, bj, inter = bi[hit], bj[hit], inter[hit]
         if metric == "iou":
             denom = areas[bi] + areas[bj] - inter
-        elif metric == "ios":
-            denom = torch.minimum(areas[bi], areas[bj])
         else:
-            raise ValueError(f"match_metric must be iou or ios, got {metric!r}")
+            denom = torch.minimum(areas[bi], areas[bj])
         found_i.append(bi)
         found_j.append(bj)
         found_v.append(inter / denom.clamp(min=1e-12))
