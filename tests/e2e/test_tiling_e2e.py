@@ -73,7 +73,9 @@ def test_an_image_larger_than_the_arena_travels_inline_and_is_tiled(
     server: RunningServer,
 ) -> None:
     # 1600 x 1200 x 3 = 5.8 MB: over the 4 MB arena, so its pixels cross over the socket.
-    r = _post(server.url, shapes_image(1600, 1200), {"tile_size": 400, "overlap": 0.0, "full_image": True})
+    r = _post(
+        server.url, shapes_image(1600, 1200), {"tile_size": 400, "overlap": 0.0, "full_image": True}
+    )
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
     assert (result["width"], result["height"]) == (1600, 1200)
