@@ -3,6 +3,13 @@
 It knows nothing of HTTP or models: a handler takes a list of items and returns one output
 per item (or an exception instance for an item that failed alone). The handler runs on the
 executor given (one worker thread per device), never on the event loop.
+
+Fairness: a batch is filled round-robin across the submissions waiting, one item from each in
+turn, submissions in arrival order. A request that brings many items (a tiled image's tiles)
+fills batches when it is alone, but a request arriving behind it takes a place in the next
+batch formed instead of waiting for all of them: with k submissions waiting, each gets at
+least floor(max_batch_size / k) places in every batch (one in each, when k exceeds it, the
+oldest first).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
     enqueued: float
     deadline: float
+    group: int = 0  # the submission it came with (batches interleave submissions)
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Batcher(Generic[T, R]):
         self._running: dict[int, tuple[float, list[_Pending[T, R]]]] = {}  # id -> (started, batch)
         self._runners: set[asyncio.Task[None]] = set()
         self._batch_ids = 0
+        self._groups = 0
         self._batch_time = _Ewma()
 
     # -- state ------------------------------------------------------------------------------
@@ -168,7 +177,9 @@ class Batcher(Generic[T, R]):
             raise QueueFullError(self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._groups += 1
+        group = self._groups
+        pendings = [_Pending(item, loop.create_future(), now, deadline, group) for item in items]
         self._queue.extend(pendings)
         self._wake.set()
         futures = [p.future for p in pendings]
@@ -234,16 +245,28 @@ class Batcher(Generic[T, R]):
                 return
 
     def _take_batch(self) -> list[_Pending[T, R]]:
-        batch: list[_Pending[T, R]] = []
+        """The next batch: live items, round-robin across submissions (see the module doc)."""
         now = time.monotonic()
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
+        lanes: dict[int, deque[_Pending[T, R]]] = {}
+        for pending in self._queue:
             if pending.future.done():  # its request gave up (deadline or disconnect)
                 continue
             if pending.deadline <= now:
                 pending.future.set_exception(DeadlineExceededError())
                 continue
-            batch.append(pending)
+            lanes.setdefault(pending.group, deque()).append(pending)
+        batch: list[_Pending[T, R]] = []
+        while lanes and len(batch) < self.max_batch_size:
+            for group in list(lanes):
+                lane = lanes[group]
+                batch.append(lane.popleft())
+                if not lane:
+                    del lanes[group]
+                if len(batch) == self.max_batch_size:
+                    break
+        taken = {id(p) for p in batch}
+        # What is left keeps its arrival order (answered and expired items leave the queue).
+        self._queue = deque(p for p in self._queue if not p.future.done() and id(p) not in taken)
         return batch
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
+from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "rtdetr-shapes"
@@ -204,6 +205,52 @@ class Settings(BaseSettings):
         description="Decoded pixels the server holds at once (being decoded, queued, in a "
         "batch); a request that does not fit waits up to a second, then gets 429.",
     )
+    max_tiled_image_pixels: int = Field(
+        default=120_000_000,
+        ge=1,
+        description="Largest width*height accepted for an image that runs tiled (such an "
+        "image is decoded whole and cut into tiles); taken as at least max_image_pixels and "
+        "at most max_request_pixels.",
+    )
+    tiling_tile_size: int | None = Field(
+        default=None,
+        ge=MIN_TILE_SIZE,
+        le=MAX_TILE_SIZE,
+        description="Default tile side in pixels (default: the model's input side).",
+    )
+    tiling_overlap: float = Field(
+        default=0.2, ge=0.0, le=MAX_OVERLAP, description="Default share of overlapping tiles."
+    )
+    tiling_full_image: bool = Field(
+        default=False,
+        description="Tiled images also run whole (resized) by default; off because a "
+        "high-resolution frame squashed to the model's input mostly adds false boxes "
+        "(measured: README, tiled inference).",
+    )
+    tiling_merge: Literal["nms", "greedy_nmm"] = Field(
+        default="greedy_nmm", description="Default merge of the tiles' boxes."
+    )
+    tiling_match_metric: Literal["iou", "ios"] = Field(
+        default="ios", description="Default overlap measure of the merge (ios: over the smaller)."
+    )
+    tiling_match_threshold: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Default match threshold of the merge."
+    )
+    tiling_class_agnostic: bool = Field(
+        default=False, description="Merge boxes of different classes by default."
+    )
+    tiling_auto_factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        description='"tiling": "auto" tiles an image whose longer side is over this many '
+        "times the model's input side.",
+    )
+    tiling_max_tiles: int = Field(
+        default=256,
+        ge=1,
+        description="Tiles (full-image passes included) one request may make, all images "
+        "together; 413 beyond. Taken as at most max_queue_size.",
+    )
     default_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
     )
@@ -331,6 +378,18 @@ class Settings(BaseSettings):
     def device_list(self) -> list[str]:
         """The devices to serve on, one engine each."""
         return self.devices.split(",") if self.devices else [self.device]
+
+    @property
+    def tiled_image_pixels(self) -> int:
+        """The pixel limit of a tiled image: never below the plain one, never over what one
+        request may hold."""
+        return min(max(self.max_tiled_image_pixels, self.max_image_pixels), self.max_request_pixels)
+
+    @property
+    def max_tiles(self) -> int:
+        """Tiles one request may make: never more than the queue holds (that would be 429
+        forever)."""
+        return min(self.tiling_max_tiles, self.max_queue_size)
 
     @property
     def cors_origin_list(self) -> list[str]:

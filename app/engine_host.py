@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from app.batching import Batcher, BatchStats
+from app.batching import Batcher, BatchStats, ShuttingDownError
 from app.config import Settings, model_dir_problem
 from app.engine.pool import BatchRunner, EnginePool
+from app.engine.preprocess_spec import PreprocessSpec
 from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
 from app.metrics import Metrics
 
@@ -50,6 +52,7 @@ class EngineHost:
         self.pool: EnginePool[DetectionTask, ImageResult] | None = None
         self.batcher: Batcher[DetectionTask, ImageDetections] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._spec: PreprocessSpec | None = None
 
     async def load(self) -> None:
         """Build (or warm the injected engine), then start the batcher. Raises what loading
@@ -102,6 +105,32 @@ class EngineHost:
             s.max_batch_size,
             per_engine,
         )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.settings.max_batch_size
+
+    async def submit(
+        self, tasks: Sequence[DetectionTask], deadline: float
+    ) -> list[ImageDetections]:
+        """The batcher's submit, with tiled tasks run as their tiles (one batcher submission:
+        the tiles fill batches with each other and with other requests' images, and count as
+        images in the queue bound and the deadline) and merged back into one answer each."""
+        batcher = self.batcher
+        if batcher is None:
+            raise ShuttingDownError()
+        if not any(t.tiling is not None for t in tasks):
+            return await batcher.submit(tasks, deadline)
+        from app.engine import tiling
+
+        spec = self._spec or PreprocessSpec.from_dir(self.settings.model)
+        self._spec = spec
+        items, parts = await asyncio.to_thread(
+            tiling.expand, tasks, spec.output_size, spec.resample
+        )
+        self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
+        outputs = await batcher.submit(items, deadline)
+        return await asyncio.to_thread(tiling.collect, tasks, parts, outputs, self.info.device)
 
     @property
     def info(self) -> ModelInfo:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import ApiError, InvalidRequestError
+from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.image_structure import has_image_signature
 from app.request_body import check_value_count, loads, parse_count
 from app.schemas import DetectOptions
@@ -42,7 +42,7 @@ _RESERVED_PARAMETERS = frozenset(
         "content_type",
     }
 )
-_OPTION_PARAMETERS = ("threshold", "max_detections", "classes")
+_OPTION_PARAMETERS = ("threshold", "max_detections", "classes", "tiling")
 _UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "classification")
 _LENGTH_PREFIX = struct.Struct("<I")
 
@@ -415,10 +415,14 @@ def _options(parameters: Mapping[str, Any]) -> DetectOptions:
             value = int(value)
         values[key] = value
     values["classes"] = _classes(parameters.get("classes"))
+    values["tiling"] = parameters.get("tiling")
     try:
         return DetectOptions.model_validate(values)
     except ValidationError as exc:
-        raise InvalidRequestError(_describe(exc, prefix="parameters.")) from None
+        message = _describe(exc, prefix="parameters.")
+        if any(err["loc"][:1] == ("tiling",) for err in exc.errors()):
+            raise ValidationFailedError(message) from None  # 422, as on /v1
+        raise InvalidRequestError(message) from None
 
 
 def _classes(value: Any) -> list[str | int] | None:
@@ -547,6 +551,9 @@ def model_metadata(
                 "threshold": f"minimum score, 0..1 (default {default_threshold})",
                 "max_detections": f"K, 1..1000 (default {default_max_detections})",
                 "classes": "only these classes: comma-separated names or ids",
+                "tiling": 'tiled inference: true, "auto", or the options object (or its JSON '
+                "text): tile_size, overlap, full_image, merge, match_metric, "
+                "match_threshold, class_agnostic, auto",
             },
             "labels": {str(i): labels[i] for i in sorted(labels)},
         },

@@ -125,6 +125,11 @@ class Metrics:
         self.images = Counter(
             "detr_serve_images_total", "Images answered with detections.", registry=r
         )
+        self.tiles = Counter(
+            "detr_serve_tiles_total",
+            "Tiles (and full-image passes) that tiled images ran as; each is one batch item.",
+            registry=r,
+        )
         self.image_errors = Counter(
             "detr_serve_image_errors_total",
             "Images refused or failed, by error type.",

@@ -198,7 +198,7 @@ class Runtime:
         assert batcher is not None and pool is not None
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.metrics.observe_device_memory(pool.memory_usage)
-        self.service = self._make_service(host.info, batcher, host.jpeg_on_device)
+        self.service = self._make_service(host.info, host, host.jpeg_on_device)
         # Ready once the decode workers are up: their start-up is not the first request's.
         await asyncio.to_thread(self.service.wait_started)
         self._state = "ready"

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -39,6 +39,7 @@ from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetecti
 from app.errors import (
     ApiError,
     DeadlineError,
+    ImageTooLargeError,
     InferenceError,
     InvalidImageError,
     InvalidRequestError,
@@ -47,11 +48,19 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
+from app.images import (
+    DECODE_WEIGHT,
+    REDUCE_ABOVE_PIXELS,
+    EncodedJpeg,
+    Fit,
+    ImageInfo,
+    probe_image,
+)
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
 from app.render import Boxes
 from app.schemas import DetectOptions
+from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +132,7 @@ class _Loaded:
     info: ImageInfo
     jpeg: EncodedJpeg | None  # set when the JPEG goes to the device decoder
     fetch_s: float
+    tiling: TileSpec | None = None  # runs as tiles: decoded at full size
 
     @property
     def pixels(self) -> int:
@@ -142,12 +152,15 @@ class _Prepared:
     width: int
     fetch_s: float
     decode_s: float
+    tiling: TileSpec | None = None
 
     def task(
         self, threshold: float, max_det: int, class_ids: frozenset[int] | None
     ) -> DetectionTask:
         if isinstance(self.image, EncodedJpeg):
             return DetectionTask(None, threshold, max_det, class_ids, jpeg=self.image)
+        if self.tiling is not None:  # full-size pixels, cut into tiles by the engine
+            return DetectionTask(self.image, threshold, max_det, class_ids, tiling=self.tiling)
         # The pixels may be reduced to the model's input: boxes come back in the original's.
         return DetectionTask(
             self.image, threshold, max_det, class_ids, source_size=(self.height, self.width)
@@ -186,6 +199,9 @@ class DetectionService:
         self._render_slots = CapacityLimiter(max(1, workers - 1))
         spec = PreprocessSpec.from_dir(settings.model)
         self._fit = Fit(spec.output_size, spec.resample)
+        # The model's input side: the default tile size, and what "auto" compares images with.
+        self._model_side = max(spec.output_size(1024, 1024))
+        self._auto_factor = settings.tiling_auto_factor
 
     async def detect(
         self,
@@ -219,7 +235,11 @@ class DetectionService:
         stage = "reading its images"
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
-                loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
+                tiling, auto = self.tile_spec(options)
+                loaded = await self._gather(
+                    [self._load(i, s, tiling, auto) for i, s in enumerate(sources)]
+                )
+                self._check_tiles(loaded)
                 if render is not None:
                     full_size = sum(x.render_pixels for x in loaded)
                     self._check_request_pixels(loaded, full_size, "drawn at full size take")
@@ -339,6 +359,40 @@ class DetectionService:
                 str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from None
 
+    def tile_spec(self, options: DetectOptions) -> tuple[TileSpec | None, bool]:
+        """The request's tiling (its options over the server's defaults), and whether it is
+        "auto" (only images large enough run tiled)."""
+        given = options.tiling_options
+        if given is None:
+            return None, False
+        s = self.settings
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        size = given.tile_size or s.tiling_tile_size or self._model_side
+        spec = TileSpec(
+            tile_size=min(max(size, MIN_TILE_SIZE), MAX_TILE_SIZE),
+            overlap=pick(given.overlap, s.tiling_overlap),
+            full_image=pick(given.full_image, s.tiling_full_image),
+            merge=pick(given.merge, s.tiling_merge),
+            match_metric=pick(given.match_metric, s.tiling_match_metric),
+            match_threshold=pick(given.match_threshold, s.tiling_match_threshold),
+            class_agnostic=pick(given.class_agnostic, s.tiling_class_agnostic),
+        )
+        return spec, bool(given.auto)
+
+    def _check_tiles(self, loaded: list[_Loaded]) -> None:
+        tiles = sum(x.tiling.count(x.info.height, x.info.width) for x in loaded if x.tiling)
+        limit = self.settings.max_tiles
+        if tiles > limit:
+            spec = next(x.tiling for x in loaded if x.tiling)
+            raise PayloadTooLargeError(
+                f"tiling.tile_size {spec.tile_size} with overlap {spec.overlap} cuts the "
+                f"request's images into {tiles} tiles, over the limit of {limit} per request: "
+                "send a larger tile_size, a smaller overlap, or fewer images"
+            )
+
     def wait_started(self) -> None:
         """Block until the decode workers are up (blocking: call it from a thread)."""
         self._decode_pool.wait_started()
@@ -368,8 +422,11 @@ class DetectionService:
             ids.add(cid)
         return frozenset(ids)
 
-    async def _load(self, index: int, source: ImageSource) -> _Loaded:
-        """The image's bytes and what its header says; nothing decoded yet."""
+    async def _load(
+        self, index: int, source: ImageSource, tiling: TileSpec | None = None, auto: bool = False
+    ) -> _Loaded:
+        """The image's bytes and what its header says; nothing decoded yet. With tiling, the
+        image may be up to the tiled pixel limit and is held at full size."""
         started = time.perf_counter()
         if source.url is not None:
             data = await self.fetcher.fetch(source.url, index=index)
@@ -390,12 +447,31 @@ class DetectionService:
         fetched = time.perf_counter()
         if source.url is not None:
             self.metrics.stage_latency.labels("fetch").observe(fetched - started)
-        max_pixels, fit = self.settings.max_image_pixels, self._fit
+        plain_limit = self.settings.max_image_pixels
+        max_pixels, fit = plain_limit, self._fit
+        if tiling is not None:
+            max_pixels = self.settings.tiled_image_pixels
 
         def probe() -> ImageInfo:
             return probe_image(data, max_pixels=max_pixels, index=index, fit=fit)
 
         info = probe() if len(data) <= _INLINE_PROBE_BYTES else await to_thread.run_sync(probe)
+        if tiling is not None and (
+            not auto or wants_tiles(info.height, info.width, self._model_side, self._auto_factor)
+        ):
+            # Decoded whole (the tiles are cut from it): held at full size until answered.
+            full = info.height * info.width
+            info = replace(
+                info, decode_pixels=full * DECODE_WEIGHT.get(info.format, 1), held_pixels=full
+            )
+            return _Loaded(index, data, info, None, fetched - started, tiling)
+        if info.height * info.width > plain_limit:
+            raise ImageTooLargeError(
+                f"the image has {info.width}x{info.height} = {info.height * info.width} pixels, "
+                f"over the limit of {plain_limit} (images that run tiled may have up to "
+                f"{self.settings.tiled_image_pixels})",
+                image_index=index,
+            )
         jpeg = None
         loaded_pixels = info.height * info.width
         # Larger JPEGs are decoded by Pillow at a reduced scale rather than in full on the device.
@@ -413,19 +489,22 @@ class DetectionService:
             image_index=index,
         )
         started = time.perf_counter()
+        tiled = loaded.tiling is not None
         async with self._in_worker(loaded.pixels, deadline, late) as left_s:
             pixels = await self._decode_pool.decode(
                 loaded.data,
-                max_pixels=self.settings.max_image_pixels,
+                max_pixels=self.settings.tiled_image_pixels
+                if tiled
+                else self.settings.max_image_pixels,
                 index=index,
-                target=self._fit.target(info.height, info.width),
+                target=None if tiled else self._fit.target(info.height, info.width),
                 resample=self._fit.resample,
                 timeout_s=min(self.settings.decode_timeout_s, left_s),
             )
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
-        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s)
+        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s, loaded.tiling)
 
     @contextlib.asynccontextmanager
     async def _in_worker(
@@ -489,6 +568,8 @@ class DetectionService:
                 "postprocess_ms": round(out.postprocess_s * 1e3, 3),
                 "batch_size": out.batch_size,
             }
+            if out.tiles:
+                timings["tiles"] = out.tiles
             images.append(AnsweredImage(p.width, p.height, out, timings))
         self.metrics.detections.inc(detections)
         self.metrics.images.inc(len(images))

@@ -53,6 +53,11 @@ def multipart_schema(
                 "type": "string",
                 "description": "Comma-separated class names or ids (the field may also repeat).",
             },
+            "tiling": {
+                "type": "string",
+                "description": "Tiled inference: true, auto, or the options object as JSON text "
+                '(e.g. {"tile_size": 320, "overlap": 0.2}).',
+            },
             **extra,
         },
     }
@@ -143,7 +148,7 @@ async def _from_json(
 
 
 # Options a multipart body may carry as form fields (besides 'classes' and the files).
-_FORM_OPTIONS = ("threshold", "max_detections", "render", "labels", "format")
+_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format")
 
 
 async def _from_multipart(

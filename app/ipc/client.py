@@ -236,8 +236,8 @@ class RemoteEngine:
         if kind == "ok":
             pending.future.set_result(
                 [
-                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s)
-                    for scores, labels, boxes, batch, inference_s, post_s in message[2]
+                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s, tiles)
+                    for scores, labels, boxes, batch, inference_s, post_s, tiles in message[2]
                 ]
             )
         else:
@@ -277,9 +277,16 @@ class RemoteEngine:
             raise ShuttingDownError()
         conn = self._pick()
         rid = next(self._ids)
-        pending = _Pending(asyncio.get_running_loop().create_future(), [], len(tasks))
+        # A tiled image weighs its tiles in the choice of the least busy engine.
+        images = sum(
+            t.tiling.count(*t.pixels.shape[:2])
+            if t.tiling is not None and t.pixels is not None
+            else 1
+            for t in tasks
+        )
+        pending = _Pending(asyncio.get_running_loop().create_future(), [], images)
         conn.pending[rid] = pending  # from here on the blocks are freed whatever happens
-        conn.outstanding += len(tasks)
+        conn.outstanding += images
         try:
             items = await self._place(conn, pending, tasks)
         except BaseException:
@@ -320,7 +327,13 @@ class RemoteEngine:
         assert buf is not None
         items: list[tuple[Any, ...]] = []
         for task in tasks:
-            options = (task.threshold, task.max_detections, task.class_ids, task.source_size)
+            options = (
+                task.threshold,
+                task.max_detections,
+                task.class_ids,
+                task.source_size,
+                task.tiling,
+            )
             if task.pixels is None:
                 items.append(("jpeg", task.jpeg, *options))
                 continue

@@ -12,13 +12,15 @@ Messages (pickled tuples; see wire.py):
   engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
                         ("failed", reason)     instead of hello: the model could not be loaded
                                                (--no-exit-on-load-failure); nothing else follows
-                        ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
+                        ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s,
+                                     tiles), ...])
                         ("error", rid, kind, detail)
                         ("state", state)                       when ready/stuck/draining changes
-  item: ("shm", offset, height, width, threshold, max_det, class_ids, source_size)
-        ("inline", pixels, threshold, max_det, class_ids, source_size)  did not fit the arena
-        ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size) for the device
-        (source_size: the original (height, width) when the pixels were reduced at decode)
+  item: ("shm", offset, height, width, threshold, max_det, class_ids, source_size, tiling)
+        ("inline", pixels, threshold, max_det, class_ids, source_size, tiling)  not in the arena
+        ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size, tiling) for the device
+        (source_size: the original (height, width) when the pixels were reduced at decode;
+        tiling: an app.tiling.TileSpec, or None; a tiled image's pixels are its full size)
 """
 
 from __future__ import annotations
@@ -275,14 +277,22 @@ class EngineServer:
         reply: tuple[Any, ...]
         try:
             tasks = [_task(arena, item) for item in items]
-            pending = batcher.submit(tasks, deadline)
+            pending = self.host.submit(tasks, deadline)  # tiled images run as their tiles
             self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
             outputs = await pending
             reply = (
                 "ok",
                 rid,
                 [
-                    (o.scores, o.labels, o.boxes, o.batch_size, o.inference_s, o.postprocess_s)
+                    (
+                        o.scores,
+                        o.labels,
+                        o.boxes,
+                        o.batch_size,
+                        o.inference_s,
+                        o.postprocess_s,
+                        o.tiles,
+                    )
                     for o in outputs
                 ],
             )
@@ -322,13 +332,17 @@ def _task(arena: mmap.mmap, item: tuple[Any, ...]) -> DetectionTask:
 
     kind = item[0]
     if kind == "shm":
-        _, offset, height, width, threshold, max_det, class_ids, source = item
+        _, offset, height, width, threshold, max_det, class_ids, source, tiling = item
         pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena, offset=offset)
-        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
+        return DetectionTask(
+            pixels, threshold, max_det, class_ids, source_size=source, tiling=tiling
+        )
     if kind == "inline":
-        _, pixels, threshold, max_det, class_ids, source = item
-        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
+        _, pixels, threshold, max_det, class_ids, source, tiling = item
+        return DetectionTask(
+            pixels, threshold, max_det, class_ids, source_size=source, tiling=tiling
+        )
     if kind == "jpeg":
-        _, jpeg, threshold, max_det, class_ids, source = item
+        _, jpeg, threshold, max_det, class_ids, source, _tiling = item
         return DetectionTask(None, threshold, max_det, class_ids, jpeg=jpeg, source_size=source)
     raise ValueError(f"unknown item kind {kind!r}")

@@ -22,6 +22,7 @@ class CountingEngine(Engine):
 
     delay_s = 0.0
     images_seen = 0
+    batches_run = 0
     fail = False
     gate: threading.Event | None = None  # holds every batch until set
     entered = threading.Event()  # a batch reached the model
@@ -31,6 +32,7 @@ class CountingEngine(Engine):
         type(self).entered.set()
         if self.gate is not None:
             self.gate.wait(30)
+        type(self).batches_run += 1
         if self.fail:
             raise RuntimeError("the model blew up")
         if self.delay_s:
@@ -70,6 +72,7 @@ async def client_factory(tiny_model_dir: Path):
         stack.append((client, lifespan))
         CountingEngine.images_seen = 0  # forget the warm-up
         CountingEngine.entered = threading.Event()
+        CountingEngine.batches_run = 0
         return client, engine
 
     yield make

@@ -350,3 +350,46 @@ async def test_stop_past_its_timeout_answers_every_open_request() -> None:
         with pytest.raises(ShuttingDownError):
             await asyncio.wait_for(task, 2)
     model.gate.set()
+
+
+async def test_many_item_submission_shares_batches_with_a_later_request() -> None:
+    """Fair interleaving: a request of 24 items (a tiled image's tiles) does not make a
+    request that arrives behind it wait for all of them; batches alternate between the two."""
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.0)
+    batcher.start()
+    try:
+        # A first batch occupies the (single) slot, so both requests are queued together.
+        first = asyncio.create_task(batcher.submit([1000], deadline()))
+        while not model.batches:
+            await asyncio.sleep(0.005)
+        big = asyncio.create_task(batcher.submit(list(range(100, 124)), deadline()))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(batcher.submit([1, 2, 3], deadline()))
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        assert await small == [2, 4, 6]
+        assert await big == [i * 2 for i in range(100, 124)]
+        await first
+    finally:
+        await batcher.stop(5)
+    # The batch after the first one holds the small request's three items, each beside one
+    # of the big request's (round-robin), not the big request's first eight.
+    second = model.batches[1]
+    assert sorted(second) == [1, 2, 3, 100, 101, 102, 103, 104]
+    assert second[:6] == [100, 1, 101, 2, 102, 3]
+    # The big request's 24 items ran in ceil(27 / 8) = 4 batches after the first, full but one.
+    assert [len(b) for b in model.batches[1:]] == [8, 8, 8, 3]
+    assert sorted(x for b in model.batches[1:] for x in b) == [1, 2, 3, *range(100, 124)]
+
+
+async def test_items_of_one_submission_keep_their_order_across_batches() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.0)
+    batcher.start()
+    try:
+        assert await batcher.submit(list(range(24)), deadline()) == [i * 2 for i in range(24)]
+    finally:
+        await batcher.stop(5)
+    assert model.batches == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
