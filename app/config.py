@@ -37,10 +37,22 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
-    backend: Literal["torch", "onnx", "null"] = Field(
-        default="torch",
-        description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
-        "null: no model, one fixed detection per image (measures the serving path alone).",
+    backend: Literal["auto", "torch", "onnx", "null"] = Field(
+        default="auto",
+        description="auto: onnxruntime on the CPU (exported once into onnx_cache_dir; torch if "
+        "the export fails), torch with CUDA graphs on CUDA; torch: eager transformers model; "
+        "onnx: onnxruntime; null: no model, one fixed detection per image (measures the "
+        "serving path alone). The choice and its reason are logged and shown in /v1/models.",
+    )
+    precision: Literal["float", "int8"] = Field(
+        default="float",
+        description="float: the dtype setting decides; int8: the statically quantized ONNX "
+        "model written by scripts/export_onnx.py --int8 (onnx or auto backend, CPU).",
+    )
+    onnx_cache_dir: Path | None = Field(
+        default=None,
+        description="Folder where ONNX exports are kept, one per model version, and reused "
+        "(default: the user's cache folder, $XDG_CACHE_HOME/detr-serve/onnx).",
     )
     msda_kernel: bool = Field(
         default=True,
@@ -91,7 +103,10 @@ class Settings(BaseSettings):
         "batch while the current one runs (default: 2 on CUDA, 1 on the CPU).",
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
+        default=None,
+        ge=1,
+        description="Intra-op CPU threads of the model, torch's and onnxruntime's (default: the "
+        "CPUs this process may use, container limits included).",
     )
     decode_threads: int | None = Field(
         default=None,
@@ -302,6 +317,15 @@ class Settings(BaseSettings):
                 f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
                 f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
                 "max_inflight_pixels or lower max_request_pixels"
+            )
+        if self.precision == "int8" and self.backend not in ("auto", "onnx"):
+            raise ValueError(
+                f"precision int8 is an ONNX model; backend {self.backend} cannot serve it: "
+                "use --backend auto or onnx"
+            )
+        if self.precision == "int8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"precision int8 takes float32 inputs: leave --dtype at auto, not {self.dtype}"
             )
         if self.devices and not self.device.startswith(("auto", "cuda")):
             raise ValueError(

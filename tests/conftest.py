@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,21 @@ def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
     RTDetrForObjectDetection(config).save_pretrained(path)
     RTDetrImageProcessor(size={"height": size, "width": size}).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Servers and engines of the session export into one temporary cache (each model once),
+    never into the user's: the environment variable reaches the servers the tests start."""
+    name = "DETR_SERVE_ONNX_CACHE_DIR"
+    previous = os.environ.get(name)
+    path = tmp_path_factory.mktemp("onnx-cache")
+    os.environ[name] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[name]
+    else:
+        os.environ[name] = previous
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,83 @@
+"""Static INT8 quantization of an exported model with onnxruntime's quantization tooling.
+
+What is quantized: the convolutions and matrix products of the main graph (QDQ format: unsigned
+8-bit activations with a calibrated range, signed 8-bit weights per output channel), which is
+where a DETR's CPU time goes. What stays float: everything else, and in particular each
+multi-scale deformable attention node (``detr_serve::MultiscaleDeformableAttnPlugin_TRT``) and its
+function body. The quantizer only rewrites main-graph nodes of the listed op types, so the node
+receives dequantized float inputs and its gather-based bilinear sampling runs in float32 exactly
+as in the float model (sampling locations and attention weights in 8 bits would move the sample
+points by up to a pixel at the coarse levels). The calibration images are the caller's
+(scripts/export_onnx.py --int8 generates them with scripts/synthetic_shapes.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from app.export.onnx_export import written_atomically
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over model inputs computed on demand."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # onnxruntime >= 1.17 may iterate
+        return self._feeds
+
+
+def quantize_int8(
+    source: Path,
+    output: Path,
+    calibration: Iterable[dict[str, np.ndarray]],
+    *,
+    metadata: dict[str, str] | None = None,
+    op_types: tuple[str, ...] = QUANTIZED_OP_TYPES,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write ``output``: ``source`` (a float32 export) statically quantized, its activation
+    ranges calibrated (min/max) on the ``calibration`` feeds (``{"pixel_values": ...}`` batches
+    as the served model receives them). ``metadata`` is added to the file's metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(source))
+    msda_nodes = [n.name for n in model.graph.node if n.domain.startswith("detr_serve")]
+    log(
+        f"quantizing {source.name}: {', '.join(op_types)} to INT8 (QDQ, per-channel weights); "
+        f"{len(msda_nodes)} deformable-attention nodes and their function body stay float32"
+    )
+    with written_atomically(output) as temporary:
+        quantize_static(
+            str(source),
+            str(temporary),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=msda_nodes,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        quantized = onnx.load(str(temporary))
+        keep = {p.key: p.value for p in model.metadata_props}
+        keep.update(metadata or {})
+        onnx.helper.set_model_props(quantized, keep)
+        onnx.save_model(quantized, str(temporary))
+    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+    return output
