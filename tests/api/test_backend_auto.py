@@ -132,8 +132,10 @@ async def test_a_failed_export_with_backend_onnx_asked_for_is_not_ready(
             assert (await client.get("/readyz")).status_code == 503
 
 
-def test_int8_without_a_quantized_file_serves_float32_and_says_how_to_make_one(model_dir, tmp_path):
-    choice = choose_backend(settings(model_dir, tmp_path, precision="int8"), "cpu")
+def test_int8_without_a_quantized_file_serves_float32_and_says_how_to_make_one(
+    model_dir, onnx_cache_dir
+):
+    choice = choose_backend(settings(model_dir, onnx_cache_dir, precision="int8"), "cpu")
     assert choice.backend == "onnx" and not choice.int8
     assert "scripts/export_onnx.py" in choice.reason and "--int8" in choice.reason
 
