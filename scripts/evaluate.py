@@ -260,26 +260,13 @@ def int8_gate(float32: dict[str, float], int8: dict[str, float]) -> tuple[bool, 
     return drop <= INT8_MAP50_TOLERANCE, drop
 
 
-def ensure_int8(model: Path) -> None:
-    """model.int8.onnx where the server looks for it (its cache), made now if missing."""
-    from app.config import Settings
-    from app.engine.backend_choice import onnx_cache_dir
-    from app.export.cache import find_export
-
-    cache = onnx_cache_dir(Settings(model=model))
-    if find_export(model.resolve(), cache, "int8") is None:
-        from scripts.export_onnx import main as export_main
-
-        print(f"no INT8 model of {model}: exporting and quantizing into {cache}", flush=True)
-        export_main([str(model), "--cache-dir", str(cache), "--int8"])
-
-
 def compare_int8(
     model: Path, samples: Sequence[shapes.Sample], coco_gt: dict, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
     """Both precisions through HTTP, each on a server of its own, one after the other."""
     import httpx
 
+    from scripts.export_onnx import ensure_int8
     from scripts.serverproc import RunningServer
 
     ensure_int8(model)

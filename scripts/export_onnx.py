@@ -32,6 +32,7 @@ from app.export.cache import (  # noqa: E402
     META_EXPORT_KEY,
     cache_path,
     export_key,
+    recorded_key,
 )
 from app.export.onnx_export import (  # noqa: E402, F401 (re-exported for scripts and tests)
     DEFAULT_OPSET,
@@ -80,6 +81,19 @@ def write_int8(model_dir: Path, float_path: Path, output: Path, count: int, opse
     )
 
 
+def ensure_int8(model: Path) -> None:
+    """The INT8 model of ``model`` where a server started now looks for it (the model folder or
+    its cache: --onnx-cache-dir / DETR_SERVE_ONNX_CACHE_DIR), made into the cache if missing."""
+    from app.config import Settings
+    from app.engine.backend_choice import onnx_cache_dir
+    from app.export.cache import find_export
+
+    cache = onnx_cache_dir(Settings(model=model))
+    if find_export(model.resolve(), cache, "int8") is None:
+        print(f"no INT8 model of {model}: exporting and quantizing into {cache}", flush=True)
+        main([str(model), "--cache-dir", str(cache), "--int8"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="Hugging Face checkpoint folder")
@@ -99,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         help="skip onnxscript's graph optimizer (faster export; onnxruntime optimizes anyway)",
     )
     parser.add_argument(
+        "--force", action="store_true", help="export even when the output is up to date"
+    )
+    parser.add_argument(
         "--int8", action="store_true", help="also write the statically quantized INT8 model"
     )
     parser.add_argument(
@@ -114,15 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         output = cache_path(args.cache_dir.expanduser(), model_dir, key, "float32")
     else:
         output = args.output or model_dir / FILE_NAMES["float32"]
-    summary = export_onnx(
-        model_dir,
-        output,
-        opset=args.opset,
-        verify=not args.no_verify,
-        optimize=not args.no_optimize,
-        metadata={META_EXPORT_KEY: key},
-    )
-    print("\n".join(summary.lines()))
+    if not args.force and output.is_file() and recorded_key(output) == key:
+        print(f"{output} is up to date (export key {key[:16]}): kept (--force exports again)")
+    else:
+        summary = export_onnx(
+            model_dir,
+            output,
+            opset=args.opset,
+            verify=not args.no_verify,
+            optimize=not args.no_optimize,
+            metadata={META_EXPORT_KEY: key},
+        )
+        print("\n".join(summary.lines()))
     if args.int8:
         if args.cache_dir is not None:
             int8_key = export_key(model_dir, "int8", args.opset)

@@ -45,7 +45,7 @@ def quantize_int8(
     calibration: Iterable[dict[str, np.ndarray]],
     *,
     metadata: dict[str, str] | None = None,
-    op_types: tuple[str, ...] = QUANTIZED_OP_TYPES,
+    op_types: tuple[str, ...] | None = QUANTIZED_OP_TYPES,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``output``: ``source`` (a float32 export) statically quantized, its activation
@@ -57,9 +57,10 @@ def quantize_int8(
     model = onnx.load(str(source))
     msda_nodes = [n.name for n in model.graph.node if n.domain.startswith("detr_serve")]
     log(
-        f"quantizing {source.name}: {', '.join(op_types)} to INT8 (QDQ, per-channel weights); "
+        f"quantizing {source.name}: {', '.join(op_types or ['every quantizable op'])} to INT8 (QDQ, per-channel weights); "
         f"{len(msda_nodes)} deformable-attention nodes and their function body stay float32"
     )
+    output.parent.mkdir(parents=True, exist_ok=True)
     with written_atomically(output) as temporary:
         quantize_static(
             str(source),
@@ -69,7 +70,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            op_types_to_quantize=list(op_types),
+            op_types_to_quantize=list(op_types) if op_types else None,
             nodes_to_exclude=msda_nodes,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
