@@ -61,7 +61,7 @@ def calibration_feeds(
     preprocess = Preprocessor(spec, torch.device("cpu"), torch.float32)
     for index in range(count):
         sample = shapes.generate_sample(seed, index)
-        image = torch.from_numpy(np.asarray(sample.image)).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)
         pixels, mask = preprocess([image])
         feed = {"pixel_values": pixels.numpy()}
         if mask is not None:

@@ -56,8 +56,9 @@ def quantize_int8(
 
     model = onnx.load(str(source))
     msda_nodes = [n.name for n in model.graph.node if n.domain.startswith("detr_serve")]
+    which = ", ".join(op_types or ["every quantizable op"])
     log(
-        f"quantizing {source.name}: {', '.join(op_types or ['every quantizable op'])} to INT8 (QDQ, per-channel weights); "
+        f"quantizing {source.name}: {which} to INT8 (QDQ, per-channel weights); "
         f"{len(msda_nodes)} deformable-attention nodes and their function body stay float32"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
