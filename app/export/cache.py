@@ -146,7 +146,9 @@ def ensure_export(
         if target.is_file() and recorded_key(target) == key:  # another process exported it
             return OnnxFile(target, "cache")
         if exporter is None:
-            from app.export.onnx_export import export_onnx as exporter
+            from app.export import onnx_export
+
+            exporter = onnx_export.export_onnx
         say(f"exporting {model_dir} to {target} (no up-to-date export; once per model)")
         summary = exporter(model_dir, target, verify=True, log=say, metadata={META_EXPORT_KEY: key})
         for line in getattr(summary, "lines", list)():

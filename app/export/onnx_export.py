@@ -109,7 +109,7 @@ def symbolic_len(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for mod in patched:
-            del mod.len  # type: ignore[attr-defined]
+            del mod.len
 
 
 @contextlib.contextmanager
@@ -186,6 +186,8 @@ def export_onnx(
             optimize=optimize,
             verbose=False,
         )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value"):

@@ -14,8 +14,10 @@ points by up to a pixel at the coarse levels). The calibration images are the ca
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,20 @@ from app.export.onnx_export import written_atomically
 logger = logging.getLogger(__name__)
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+# The modules (transformers' names under the detector's `model`) whose nodes are quantized when
+# `scopes` is given: the CNN backbone, the hybrid encoder and the projections between them.
+BACKBONE_AND_ENCODER = ("backbone", "encoder", "encoder_input_proj", "decoder_input_proj")
+_SCOPE = re.compile(r"'model\.model\.([A-Za-z_]+)")
+
+
+def module_of(node: Any) -> str | None:
+    """The top module under the detector a node was exported from (torch.onnx's name scopes in
+    the node's metadata), e.g. "backbone", "decoder"; None when the export did not record it."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            match = _SCOPE.search(prop.value)
+            return match.group(1) if match else None
+    return None
 
 
 class _Reader:
@@ -46,6 +62,7 @@ def quantize_int8(
     *,
     metadata: dict[str, str] | None = None,
     op_types: tuple[str, ...] | None = QUANTIZED_OP_TYPES,
+    scopes: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``output``: ``source`` (a float32 export) statically quantized, its activation
@@ -56,6 +73,12 @@ def quantize_int8(
 
     model = onnx.load(str(source))
     msda_nodes = [n.name for n in model.graph.node if n.domain.startswith("detr_serve")]
+    chosen: list[str] | None = None
+    if scopes is not None:
+        chosen = [n.name for n in model.graph.node if module_of(n) in scopes]
+        if not chosen:
+            raise ValueError(f"{source} records no module of {scopes} in its nodes' metadata")
+        log(f"quantizing the {len(chosen)} nodes of {', '.join(scopes)}; the rest stays float")
     which = ", ".join(op_types or ["every quantizable op"])
     log(
         f"quantizing {source.name}: {which} to INT8 (QDQ, per-channel weights); "
@@ -72,6 +95,7 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_quantize=chosen,
             nodes_to_exclude=msda_nodes,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
