@@ -67,6 +67,7 @@ def test_int8_keeps_map50_within_the_gate_and_attention_in_float(int8_cache):
     import onnx
 
     from app.export.cache import FILE_NAMES, find_export
+    from app.export.quantize import module_of
 
     model, cache = int8_cache
     float_file = find_export(model, cache, "float32")
@@ -87,6 +88,19 @@ def test_int8_keeps_map50_within_the_gate_and_attention_in_float(int8_cache):
         for name in node.input:
             producer = produced_by.get(name)
             assert producer is None or producer.op_type != "QuantizeLinear", node.name
+    # The backbone and encoder are quantized; the decoder's products stay float32.
+    decoder = [n for n in quantized.graph.node if module_of(n) == "decoder"]
+    products = [n for n in decoder if n.op_type in ("MatMul", "Gemm", "Conv")]
+    assert products, "no decoder node recorded"
+    for node in products:
+        fed = {produced_by[i].op_type for i in node.input if i in produced_by}
+        assert "DequantizeLinear" not in fed, node.name
+    backbone_convs = [
+        n for n in quantized.graph.node if module_of(n) == "backbone" and n.op_type == "Conv"
+    ]
+    assert backbone_convs and all(
+        produced_by[n.input[1]].op_type == "DequantizeLinear" for n in backbone_convs
+    )
 
     coco_gt, samples = shapes.coco_dataset(shapes.HELDOUT_SEED, GATE_IMAGES)
     columns = {}
