@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: MODEL_DIR/model.onnx, written by scripts/export_onnx.py.
+"""ONNX Runtime backend: an exported model (app/export/: MODEL_DIR/model.onnx, or the cache's
+export that app/engine/backend_choice.py found or made; model.int8.onnx for --precision int8).
 
 Execution providers are taken from what the installed onnxruntime offers, best first:
 TensorRT, CUDA, CPU. Deformable attention is the custom node
