@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="float: the dtype setting decides; int8: the statically quantized ONNX "
         "model written by scripts/export_onnx.py --int8 (onnx or auto backend, CPU).",
     )
+    onnx_spinning: bool = Field(
+        default=False,
+        description="Let onnxruntime's intra-op threads spin between ops instead of sleeping: "
+        "less latency on idle cores, CPU taken from decoding and HTTP on busy ones.",
+    )
     onnx_cache_dir: Path | None = Field(
         default=None,
         description="Folder where ONNX exports are kept, one per model version, and reused "

@@ -75,6 +75,7 @@ class OnnxBackend:
         dtype: str = "auto",
         threads: int | None = None,
         path: Path | None = None,
+        spinning: bool = False,
     ) -> OnnxBackend:
         """``path``: the ONNX file (default MODEL_DIR/model.onnx; app/engine/backend_choice.py
         passes the up-to-date export it found or made)."""
@@ -100,6 +101,10 @@ class OnnxBackend:
         # default the CPUs this process may use), which we reuse.
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Spinning threads burn the cores the front ends decode on (measured: README, Threads).
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         used = session.get_providers()
         dev = resolve_device("cuda" if _GPU_PROVIDERS.intersection(used) else "cpu")

@@ -70,6 +70,7 @@ def build_engine(settings: Settings, device: str) -> Engine:
             backend=choice.backend,
             msda_kernel=s.msda_kernel,
             onnx_path=choice.onnx_path,
+            onnx_spinning=s.onnx_spinning,
         )
 
     if choice.backend == "onnx" and s.backend == "auto":

@@ -123,6 +123,7 @@ class Engine:
         backend: str = "torch",
         msda_kernel: bool = True,
         onnx_path: Path | None = None,
+        onnx_spinning: bool = False,
     ) -> Engine:
         """backend: "torch" (eager transformers model; msda_kernel swaps its deformable
         attention for detr-serve's op) or "onnx" (onnx_path, default MODEL_DIR/model.onnx, in
@@ -132,7 +133,9 @@ class Engine:
         if backend == "onnx":
             from app.backends.onnx_backend import OnnxBackend
 
-            runner = OnnxBackend.load(model_dir, device=device, dtype=dtype, path=onnx_path)
+            runner = OnnxBackend.load(
+                model_dir, device=device, dtype=dtype, path=onnx_path, spinning=onnx_spinning
+            )
         elif backend == "torch":
             runner = TorchBackend.load(
                 model_dir, device=device, dtype=dtype, msda_kernel=msda_kernel

@@ -153,3 +153,13 @@ def test_onnx_backend_gives_the_eager_detections_on_the_default_model(tmp_path, 
     # Without onnxscript's optimizer (~4 s less; the tiny model's test covers the full export).
     export_onnx(model_dir, verify=False, optimize=False, log=lambda *_: None)
     run_both(model_dir, decoded_images()[:3], max_detections=50)
+
+
+def test_onnx_threads_sleep_between_ops_unless_spinning_is_asked_for(onnx_tiny_dir):
+    from app.backends.onnx_backend import OnnxBackend
+
+    for spinning, entry in ((False, "0"), (True, "1")):
+        backend = OnnxBackend.load(onnx_tiny_dir, device="cpu", threads=2, spinning=spinning)
+        options = backend.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+        assert options.intra_op_num_threads == 2
