@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import threading
@@ -73,8 +74,16 @@ def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rtdetr"))
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> Path:
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rtdetr"))
+    # Exported once here, into the session's cache: servers started on it (backend auto) then
+    # start from the cache, within their readiness timeouts; tests/e2e/test_onnx_default.py and
+    # tests/api/test_backend_auto.py cover the export at start-up on fresh caches.
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from app.export.cache import ensure_export
+
+        ensure_export(path, onnx_cache_dir)
+    return path
 
 
 def shapes_image(width: int = 320, height: int = 240, fmt: str = "JPEG", seed: int = 0) -> bytes:
