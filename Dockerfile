@@ -37,6 +37,13 @@ RUN extras='[onnx]'; \
     if [ "$TORCH_VARIANT" = cuda ]; then extras='[gpu]'; fi; \
     pip install --no-cache-dir "./$extras"
 
+# The default model's ONNX exports, made once here so that a container starts without exporting
+# (--backend auto serves an up-to-date model.onnx from the model folder): float32, and the INT8
+# model that --precision int8 serves (calibrated on generated images: scripts/synthetic_shapes.py).
+COPY scripts/__init__.py scripts/export_onnx.py scripts/synthetic_shapes.py scripts/
+COPY models/rtdetr-shapes/ models/rtdetr-shapes/
+RUN python scripts/export_onnx.py models/rtdetr-shapes --int8
+
 
 FROM python:3.11-slim AS runtime
 
@@ -55,6 +62,8 @@ RUN groupadd --system --gid 10001 detr && \
 
 COPY --from=build /opt/venv /opt/venv
 COPY models/ /opt/detr-serve/models/
+COPY --from=build /src/models/rtdetr-shapes/model.onnx /src/models/rtdetr-shapes/model.int8.onnx \
+     /opt/detr-serve/models/rtdetr-shapes/
 
 # Users' checkpoints: mount a folder here, e.g. DETR_SERVE_MODEL=/models/my-detector.
 VOLUME ["/models"]

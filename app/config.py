@@ -68,10 +68,27 @@ class Settings(BaseSettings):
         le=65535,
         description="TCP port of the KServe v2 gRPC endpoint (Triton's default); 0: no gRPC.",
     )
-    backend: Literal["torch", "onnx", "null"] = Field(
-        default="torch",
-        description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
-        "null: no model, one fixed detection per image (measures the serving path alone).",
+    backend: Literal["auto", "torch", "onnx", "null"] = Field(
+        default="auto",
+        description="auto: onnxruntime on the CPU (exported once into onnx_cache_dir; torch if "
+        "the export fails), torch with CUDA graphs on CUDA; torch: eager transformers model; "
+        "onnx: onnxruntime; null: no model, one fixed detection per image (measures the "
+        "serving path alone). The choice and its reason are logged and shown in /v1/models.",
+    )
+    precision: Literal["float", "int8"] = Field(
+        default="float",
+        description="float: the dtype setting decides; int8: the statically quantized ONNX "
+        "model written by scripts/export_onnx.py --int8 (onnx or auto backend, CPU).",
+    )
+    onnx_spinning: bool = Field(
+        default=False,
+        description="Let onnxruntime's intra-op threads spin between ops instead of sleeping: "
+        "less latency on idle cores, CPU taken from decoding and HTTP on busy ones.",
+    )
+    onnx_cache_dir: Path | None = Field(
+        default=None,
+        description="Folder where ONNX exports are kept, one per model version, and reused "
+        "(default: the user's cache folder, $XDG_CACHE_HOME/detr-serve/onnx).",
     )
     null_batch_ms: float = Field(
         default=0.0,
@@ -129,7 +146,10 @@ class Settings(BaseSettings):
         "batch while the current one runs (default: 2 on CUDA, 1 on the CPU).",
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="Intra-op CPU threads for torch (default: torch's choice)."
+        default=None,
+        ge=1,
+        description="Intra-op CPU threads of the model, torch's and onnxruntime's (default: the "
+        "CPUs this process may use, container limits included).",
     )
     decode_threads: int | None = Field(
         default=None,
@@ -456,6 +476,13 @@ def contradictions(s: Settings) -> list[str]:
             f"({s.request_timeout_s} s): a request alone would reach its deadline while its "
             "batch waits to fill; lower max_batch_delay_ms or raise request_timeout_s"
         )
+    if s.precision == "int8" and s.backend not in ("auto", "onnx"):
+        found.append(
+            f"precision int8 is an ONNX model; backend {s.backend} cannot serve it: "
+            "use backend auto or onnx"
+        )
+    if s.precision == "int8" and s.dtype not in ("auto", "float32"):
+        found.append(f"precision int8 takes float32 inputs: leave dtype at auto, not {s.dtype}")
     if s.grpc_port and s.grpc_port == s.port:
         found.append(
             f"grpc_port and port are both {s.port}: give gRPC another port (8001 by default) "

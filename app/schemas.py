@@ -289,6 +289,9 @@ class ModelCard(BaseModel):
     backend: str
     device: str
     dtype: str
+    backend_reason: str = Field(
+        default="", description="why this backend serves (--backend auto's choice, fallbacks)"
+    )
     architecture: str
     labels: dict[int, str]
     max_batch_size: int

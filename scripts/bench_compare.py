@@ -2,7 +2,9 @@
 same run, with the same client (scripts/httpload.py: aiohttp, closed loop) and the same 640x480
 JPEG, sent as base64 JSON and as multipart.
 
---compare    detr-serve as shipped (engine process + front-end workers), LitServe on the same
+--compare    detr-serve as shipped (engine process + front-end workers, --backend auto: onnxruntime
+             on the CPU), detr-serve with --backend torch and with --precision int8 (its INT8
+             model made first if missing), LitServe on the same
              checkpoint (scripts/litserve_server.py: transformers' processor and model, LitServe's
              batching with max_batch_size and batch_timeout equal to detr-serve's), the naive
              endpoint (scripts/naive_server.py), and the raw forward pass of the checkpoint in a
@@ -49,15 +51,23 @@ def _detr_env_remove() -> tuple[str, ...]:
     return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
 
 
+# detr-serve's rows: as shipped (--backend auto: onnxruntime on the CPU), and the other backends.
+DETR_ROWS = {
+    "detr-serve": [],
+    "detr-serve-torch": ["--backend", "torch"],
+    "detr-serve-int8": ["--backend", "onnx", "--precision", "int8"],
+}
+
+
 def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: int | None):
     py = [sys.executable]
-    if name == "detr-serve":
-        args = ["--model", str(model), "--max-batch-size", str(max_batch)]
+    if name in DETR_ROWS:
+        args = ["--model", str(model), "--max-batch-size", str(max_batch), *DETR_ROWS[name]]
         args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
         args += ["--log-level", "warning"]
         if workers:
             args += ["--workers", str(workers)]
-        return RunningServer(args, ready_timeout_s=300, env_remove=_detr_env_remove())
+        return RunningServer(args, ready_timeout_s=600, env_remove=_detr_env_remove())
     if name == "detr-serve-null":
         args = ["--model", str(model), "--backend", "null", "--max-batch-size", str(max_batch)]
         args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
@@ -132,7 +142,13 @@ def _range(values: list[float]) -> str:
 
 
 def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
-    names = ["detr-serve", "litserve", "naive"]
+    names = [*DETR_ROWS, "litserve", "naive"]
+    from scripts.export_onnx import ensure_int8
+
+    # Made before the rounds: no server's start-up in the timings exports or quantizes.
+    ensure_int8(args.model)
+    for name in ("detr-serve", "detr-serve-int8"):
+        _server(name, args.model, args.max_batch, args.delay_ms, args.workers).stop()
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -169,12 +185,14 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
                 server.stop()
         row: dict[str, Any] = {"raw": raw, "http": {}, "ratios": {}}
         for fmt in FORMATS:
-            d, lit, naive = (results[n][fmt].img_s for n in names)
+            d, torch_, int8, lit, naive = (results[n][fmt].img_s for n in names)
             row["http"][fmt] = {
                 n: {**results[n][fmt].as_dict(), "cpu_ms_per_image": cpu[n][fmt]} for n in names
             }
             row["ratios"][fmt] = {
                 "detr_over_litserve": _ratio(d, lit),
+                "torch_over_litserve": _ratio(torch_, lit),
+                "int8_over_default": _ratio(int8, d),
                 "detr_over_naive": _ratio(d, naive),
                 "e2e_over_raw": _ratio(d, raw["forward_img_s"]),
                 "litserve_over_raw": _ratio(lit, raw["forward_img_s"]),
@@ -182,7 +200,9 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             }
             q = row["ratios"][fmt]
             print(
-                f"  => {fmt:9s} detr-serve/LitServe {q['detr_over_litserve']:.2f}  "
+                f"  => {fmt:9s} detr-serve (default)/LitServe {q['detr_over_litserve']:.2f}  "
+                f"torch/LitServe {q['torch_over_litserve']:.2f}  "
+                f"INT8/default {q['int8_over_default']:.2f}  "
                 f"detr-serve/naive {q['detr_over_naive']:.2f}  "
                 f"end-to-end/raw {q['e2e_over_raw']:.2f}  "
                 f"(LitServe/raw {q['litserve_over_raw']:.2f}); CPU per image "
@@ -194,7 +214,9 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for fmt in FORMATS:
         for key, target in (
-            ("detr_over_litserve", 1.15),
+            ("detr_over_litserve", 1.3),
+            ("torch_over_litserve", None),
+            ("int8_over_default", 1.3),
             ("detr_over_naive", None),
             ("e2e_over_raw", 0.9),
             ("litserve_over_raw", None),

@@ -10,6 +10,13 @@ a running server. With both, the difference shows what serving changes (it shoul
 --tiling (issue 14) evaluates on high-resolution scenes (3840x2160, 4000x3000, objects of
 16-64 px) through HTTP, tiling off then on: mAP@0.5, recall, images/s both ways, and the tiles/s
 of the tiled run against the raw forward pass of the same model at the server's batch size.
+
+    python scripts/evaluate.py --compare-int8 --count 500   # float32 and INT8 servers, HTTP
+
+--compare-int8 starts detr-serve twice on --model with the onnx backend, --precision float then
+int8 (making model.int8.onnx into the server's cache first if there is none: scripts/export_onnx.py
+--int8), evaluates both through HTTP and prints them side by side with the INT8 gate: INT8 ships
+only while its mAP@0.5 is within 0.01 of float32's (tests/api/test_int8.py enforces it).
 """
 
 from __future__ import annotations
@@ -261,6 +268,48 @@ def evaluate(
     return coco_map(coco_gt, detections) | recall_precision(samples, detections)
 
 
+# INT8 ships as an option only while its mAP@0.5 stays this close to float32's.
+INT8_MAP50_TOLERANCE = 0.01
+
+
+def int8_gate(float32: dict[str, float], int8: dict[str, float]) -> tuple[bool, float]:
+    """(passes, float32 mAP@0.5 - INT8 mAP@0.5)."""
+    drop = float32["mAP50"] - int8["mAP50"]
+    return drop <= INT8_MAP50_TOLERANCE, drop
+
+
+def compare_int8(
+    model: Path, samples: Sequence[shapes.Sample], coco_gt: dict, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Both precisions through HTTP, each on a server of its own, one after the other."""
+    import httpx
+
+    from scripts.export_onnx import ensure_int8
+    from scripts.serverproc import RunningServer
+
+    ensure_int8(model)
+    columns = {}
+    for precision, column in (("float", "http-float32"), ("int8", "http-int8")):
+        server = RunningServer(
+            ["--model", str(model), "--backend", "onnx", "--precision", precision],
+            ready_timeout_s=600,
+        )
+        try:
+            card = httpx.get(server.url + "/v1/models").json()["models"][0]
+            want = "int8" if precision == "int8" else "float32"
+            if card["dtype"] != want:
+                raise RuntimeError(f"asked for {want}, the server serves {card}")
+            t0 = time.perf_counter()
+            _, dets = detect_http(
+                server.url, samples, args.threshold, args.max_detections, args.batch_size
+            )
+            print(f"{column}: {time.perf_counter() - t0:.1f} s through HTTP", flush=True)
+        finally:
+            server.stop()
+        columns[column] = evaluate(samples, coco_gt, dets)
+    return columns
+
+
 # The default model's acceptance bar (issue 3): through HTTP, on 500 held-out images.
 BAR_MAP50, BAR_MAP, BAR_SERVING_DIFFERENCE = 0.90, 0.65, 0.005
 CARD_BEGIN, CARD_END = "<!-- evaluate.py: begin -->", "<!-- evaluate.py: end -->"
@@ -479,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-detections", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in direct mode")
+    parser.add_argument(
+        "--compare-int8",
+        action="store_true",
+        help="serve --model in float32 and INT8 (onnx backend) and evaluate both through HTTP",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
     parser.add_argument(
         "--card",
@@ -529,7 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": args.threshold,
         "max_detections": args.max_detections,
     }
-    if not args.no_direct:
+    if args.compare_int8:
+        columns |= compare_int8(args.model, samples, coco_gt, args)
+        ok, drop = int8_gate(columns["http-float32"], columns["http-int8"])
+        report["int8_gate"] = {"passes": ok, "map50_drop": drop}
+    elif not args.no_direct:
         import torch
         import transformers  # noqa: F401 (imported here so the timing below is inference only)
 
@@ -554,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {report[k]:.1f} s ({report[k] / len(samples) * 1000:.0f} ms/image)")
     for line in bar_lines(columns):
         print(f"bar: {line}")
+    if "int8_gate" in report:
+        gate = report["int8_gate"]
+        print(
+            f"INT8 gate: mAP@0.5 drop {gate['map50_drop']:+.4f} (allowed <= "
+            f"{INT8_MAP50_TOLERANCE}): {'PASS' if gate['passes'] else 'FAIL'}"
+        )
     if args.json_out:
         args.json_out.write_text(json.dumps(report | columns, indent=2))
     if args.card:

@@ -1,293 +1,110 @@
-"""Export a checkpoint to ONNX for `detr-serve --backend onnx`: MODEL_DIR -> MODEL_DIR/model.onnx.
+"""Export a checkpoint to ONNX by hand: MODEL_DIR -> MODEL_DIR/model.onnx (and model.int8.onnx).
 
     python scripts/export_onnx.py models/rtdetr-shapes
+    python scripts/export_onnx.py models/rtdetr-shapes --int8          # + model.int8.onnx
+    python scripts/export_onnx.py MODEL_DIR --cache-dir ~/.cache/detr-serve/onnx --int8
     python scripts/export_onnx.py MODEL_DIR --output /tmp/model.onnx --opset 20 --no-verify
-    python scripts/export_onnx.py MODEL_DIR --no-optimize      # quicker, a few more nodes
 
-The graph has a dynamic batch dimension and a fixed image size (the image processor's size, or
-its pad_size). Each multi-scale deformable attention is ONE node
-``detr_serve::MultiscaleDeformableAttnPlugin_TRT`` carrying an ONNX function body of standard ops,
-so stock onnxruntime runs the file and a runtime with a fused kernel can claim the node (README,
-"Deformable attention op and ONNX"). After writing, the file is checked (onnx.checker with
-strict shape inference) and, unless --no-verify, run in onnxruntime at batch 1 and 3 against
-eager PyTorch.
+The server does not need this: `--backend auto` (the default) and `--backend onnx` export into
+their cache at start-up when no up-to-date export exists (app/export/). The files written here
+carry the same key in their metadata, so the server serves them as they are: in the model folder
+(the Docker image does this at build time) or, with --cache-dir, in the server's cache (the model
+folder may be read-only). --int8 also writes a statically quantized copy (app/export/quantize.py:
+convolutions and matrix products in INT8, deformable attention in float32), calibrated on
+generated shapes images (scripts/synthetic_shapes.py); `--precision int8` serves it.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
-import contextlib
-import hashlib
-import os
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+from app.export.cache import (  # noqa: E402
+    FILE_NAMES,
+    META_EXPORT_KEY,
+    cache_path,
+    export_key,
+    recorded_key,
+)
+from app.export.onnx_export import (  # noqa: E402, F401 (re-exported for scripts and tests)
+    DEFAULT_OPSET,
+    ExportSummary,
+    export_onnx,
+    input_size,
+    symbolic_len,
+)
 
-from app.engine.processing import FixedSize, PreprocessSpec  # noqa: E402
-from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE  # noqa: E402
-from app.ops.onnx_function import add_msda_function  # noqa: E402
-from app.ops.patch import install_msda  # noqa: E402
-
-DEFAULT_OPSET = 20
-WEIGHTS_FILE = "model.safetensors"
-# Metadata keys the ONNX backend reads back.
-META_WEIGHTS_SHA256 = "detr_serve.weights_sha256"
-META_INPUT_SIZE = "detr_serve.input_size"
-_CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
-
-
-@dataclass
-class ExportSummary:
-    path: Path
-    opset: int
-    nodes: int
-    custom_nodes: int
-    functions: list[str]
-    size_bytes: int
-    input_size: tuple[int, int]
-    inputs: list[str]
-    seconds: float
-    checks: dict[str, str] = field(default_factory=dict)
-    max_abs_diff: dict[str, float] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        out = [
-            f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s",
-            f"  opset {self.opset}, {self.nodes} nodes, {self.custom_nodes} x "
-            f"{ONNX_DOMAIN}::{ONNX_OP_TYPE} (functions: {', '.join(self.functions) or 'none'})",
-            f"  inputs {', '.join(self.inputs)}: [batch, 3, {self.input_size[0]}, "
-            f"{self.input_size[1]}], batch dynamic",
-        ]
-        out += [f"  check {name}: {result}" for name, result in self.checks.items()]
-        out += [f"  max |onnxruntime - torch| {k}: {v:.2e}" for k, v in self.max_abs_diff.items()]
-        return out
+# Calibration: images of the held-out-free calibration stream (neither training nor evaluation).
+CALIBRATION_SEED = 7919
+CALIBRATION_IMAGES = 32
 
 
-class _Detector(torch.nn.Module):
-    """The transformers model with plain tensor inputs and outputs, as the exporter wants."""
+def calibration_feeds(
+    model_dir: Path, count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED
+) -> Iterator[dict[str, np.ndarray]]:
+    """``{"pixel_values"}`` batches of one generated shapes image each, pre-processed exactly as
+    the server does (app/engine/processing.py)."""
+    import torch
 
-    def __init__(self, model: torch.nn.Module, with_mask: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.with_mask = with_mask
+    from app.engine.processing import Preprocessor, PreprocessSpec
+    from scripts import synthetic_shapes as shapes
 
-    def forward(
-        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs: dict[str, Any] = {"pixel_values": pixel_values}
-        if self.with_mask:
-            kwargs["pixel_mask"] = pixel_mask
-        out = self.model(**kwargs)
-        return out.logits, out.pred_boxes
-
-
-def _tensor_len(obj: Any) -> Any:
-    # len(tensor) returns a Python int and so pins a dynamic batch to the example's size.
-    return obj.shape[0] if isinstance(obj, torch.Tensor) else builtins.len(obj)
-
-
-@contextlib.contextmanager
-def symbolic_len(model: torch.nn.Module) -> Iterator[None]:
-    """While exporting, let ``len(tensor)`` in transformers' modeling code stay symbolic.
-
-    RT-DETR's forward takes ``batch_size = len(source_flatten)``; a module-level ``len`` in the
-    modeling modules of ``model`` (removed afterwards) returns ``tensor.shape[0]`` instead, the
-    same value in eager mode and a SymInt under torch.export.
-    """
-    modules = {
-        sys.modules[type(m).__module__]
-        for m in model.modules()
-        if type(m).__module__.startswith("transformers.models.")
-    }
-    patched = [mod for mod in modules if "len" not in vars(mod)]
-    for mod in patched:
-        mod.len = _tensor_len  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for mod in patched:
-            del mod.len  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def no_runtime_checks() -> Iterator[None]:
-    """transformers' torch_compilable_check becomes aten._is_all_true when traced, which the
-    ONNX exporter cannot translate (RT-DETRv2, D-FINE); transformers' own switch turns it off."""
-    previous = os.environ.get(_CHECK_SWITCH)
-    os.environ[_CHECK_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[_CHECK_SWITCH]
-        else:
-            os.environ[_CHECK_SWITCH] = previous
-
-
-def input_size(spec: PreprocessSpec) -> tuple[int, int]:
-    if spec.do_pad and spec.pad_size is not None:
-        return spec.pad_size
-    if isinstance(spec.resize, FixedSize):
-        return spec.resize.height, spec.resize.width
-    raise ValueError(
-        "ONNX export needs a fixed input size: the image processor resizes to a fixed "
-        '{"height", "width"} or pads to pad_size; set pad_size in preprocessor_config.json'
-    )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def export_onnx(
-    model_dir: Path,
-    output: Path | None = None,
-    *,
-    opset: int = DEFAULT_OPSET,
-    verify: bool = True,
-    optimize: bool = True,
-    log: Any = print,
-) -> ExportSummary:
-    import onnx
-    from transformers import AutoModelForObjectDetection
-
-    started = time.perf_counter()
-    model_dir = Path(model_dir)
-    output = Path(output) if output is not None else model_dir / "model.onnx"
     spec = PreprocessSpec.from_dir(model_dir)
-    height, width = input_size(spec)
-    log(f"[1/4] loading {model_dir} (float32, CPU), input [batch, 3, {height}, {width}]")
-    model = AutoModelForObjectDetection.from_pretrained(model_dir, dtype=torch.float32).eval()
-    replaced = install_msda(model)
-    if not replaced:
-        log("  warning: no deformable attention found; the graph has no MSDA node")
-    detector = _Detector(model, with_mask=spec.do_pad).eval()
-    example: tuple[torch.Tensor, ...] = (torch.rand(2, 3, height, width),)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic: tuple[dict[int, Any], ...] = ({0: batch},)
-    names = ["pixel_values"]
-    if spec.do_pad:
-        example += (torch.ones(2, height, width, dtype=torch.int64),)
-        dynamic += ({0: batch},)
-        names.append("pixel_mask")
+    preprocess = Preprocessor(spec, torch.device("cpu"), torch.float32)
+    for index in range(count):
+        sample = shapes.generate_sample(seed, index)
+        image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)
+        pixels, mask = preprocess([image])
+        feed = {"pixel_values": pixels.numpy()}
+        if mask is not None:
+            feed["pixel_mask"] = mask.numpy()
+        yield feed
 
-    log(f"[2/4] exporting with torch.onnx (dynamo), opset {opset}, {replaced} MSDA modules")
-    with torch.inference_mode(False), torch.no_grad(), symbolic_len(model), no_runtime_checks():
-        program = torch.onnx.export(
-            detector,
-            example,
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            input_names=names,
-            output_names=["logits", "pred_boxes"],
-            opset_version=opset,
-            optimize=optimize,
-            verbose=False,
-        )
-    proto = program.model_proto
-    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    if batch_dim.HasField("dim_value"):
-        raise RuntimeError(
-            f"the exported batch dimension is fixed to {batch_dim.dim_value}: some model code "
-            "turned the batch size into a Python int"
-        )
-    custom = add_msda_function(proto)
-    meta = {META_INPUT_SIZE: f"{height}x{width}"}
-    weights = model_dir / WEIGHTS_FILE
-    if weights.is_file():
-        meta[META_WEIGHTS_SHA256] = _sha256(weights)
-    onnx.helper.set_model_props(proto, meta)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, output)
 
-    log("[3/4] checking the file (onnx.checker, strict shape inference)")
-    checks: dict[str, str] = {}
-    onnx.checker.check_model(str(output), full_check=True)
-    checks["onnx.checker (full)"] = "ok"
-    inferred = onnx.shape_inference.infer_shapes(onnx.load(output), strict_mode=True)
-    shapes = {
-        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-        for o in inferred.graph.output
-    }
-    checks["shape inference"] = ", ".join(f"{k} {v}" for k, v in shapes.items())
+def write_int8(model_dir: Path, float_path: Path, output: Path, count: int, opset: int) -> Path:
+    from app.export.quantize import quantize_int8
 
-    summary = ExportSummary(
-        path=output,
-        opset=opset,
-        nodes=len(proto.graph.node),
-        custom_nodes=custom,
-        functions=[f"{f.domain}::{f.name}" for f in proto.functions],
-        size_bytes=output.stat().st_size,
-        input_size=(height, width),
-        inputs=names,
-        seconds=0.0,
-        checks=checks,
+    key = export_key(model_dir, "int8", opset)
+    return quantize_int8(
+        float_path,
+        output,
+        calibration_feeds(model_dir, count),
+        metadata={META_EXPORT_KEY: key},
     )
-    if verify:
-        log("[4/4] running onnxruntime at batch 1 and 3 against eager PyTorch")
-        summary.max_abs_diff = _verify(output, model, spec.do_pad, (height, width))
-        worst = max(summary.max_abs_diff.values())
-        checks["onnxruntime batch 1, 3"] = (
-            "ok"
-            if worst <= 1e-3
-            else (
-                f"DIFFERS by {worst:.2g}: a trained model agrees to ~1e-5; a randomly initialised "
-                "one can tie in its query selection, and top-k among ties is implementation-defined"
-            )
-        )
-    else:
-        log("[4/4] onnxruntime check skipped (--no-verify)")
-    summary.seconds = time.perf_counter() - started
-    return summary
 
 
-def _verify(
-    path: Path, model: torch.nn.Module, with_mask: bool, size: tuple[int, int]
-) -> dict[str, float]:
-    import onnxruntime as ort
+def ensure_int8(model: Path) -> None:
+    """The INT8 model of ``model`` where a server started now looks for it (the model folder or
+    its cache: --onnx-cache-dir / DETR_SERVE_ONNX_CACHE_DIR), made into the cache if missing."""
+    from app.config import Settings
+    from app.engine.backend_choice import onnx_cache_dir
+    from app.export.cache import find_export
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = {"logits": 0.0, "pred_boxes": 0.0}
-    generator = torch.Generator().manual_seed(0)
-    for batch in (1, 3):
-        pixels = torch.rand(batch, 3, *size, generator=generator)
-        feeds = {"pixel_values": pixels.numpy()}
-        kwargs: dict[str, Any] = {"pixel_values": pixels}
-        if with_mask:
-            mask = torch.ones(batch, *size, dtype=torch.int64)
-            feeds["pixel_mask"] = mask.numpy()
-            kwargs["pixel_mask"] = mask
-        logits, boxes = session.run(["logits", "pred_boxes"], feeds)
-        with torch.inference_mode():
-            ref = model(**kwargs)
-        for name, got, want in (
-            ("logits", logits, ref.logits),
-            ("pred_boxes", boxes, ref.pred_boxes),
-        ):
-            if got.shape != tuple(want.shape):
-                raise RuntimeError(f"{name}: onnxruntime gave {got.shape}, torch {want.shape}")
-            worst[name] = max(worst[name], float((torch.from_numpy(got) - want).abs().max()))
-    return worst
+    cache = onnx_cache_dir(Settings(model=model))
+    if find_export(model.resolve(), cache, "int8") is None:
+        print(f"no INT8 model of {model}: exporting and quantizing into {cache}", flush=True)
+        main([str(model), "--cache-dir", str(cache), "--int8"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="Hugging Face checkpoint folder")
-    parser.add_argument("--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx")
+    where.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="write into this cache folder (the server's --onnx-cache-dir) instead",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     parser.add_argument(
@@ -295,15 +112,44 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip onnxscript's graph optimizer (faster export; onnxruntime optimizes anyway)",
     )
-    args = parser.parse_args(argv)
-    summary = export_onnx(
-        args.model_dir,
-        args.output,
-        opset=args.opset,
-        verify=not args.no_verify,
-        optimize=not args.no_optimize,
+    parser.add_argument(
+        "--force", action="store_true", help="export even when the output is up to date"
     )
-    print("\n".join(summary.lines()))
+    parser.add_argument(
+        "--int8", action="store_true", help="also write the statically quantized INT8 model"
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help="generated images the INT8 activation ranges are calibrated on",
+    )
+    args = parser.parse_args(argv)
+    model_dir = args.model_dir.resolve()
+    key = export_key(model_dir, "float32", args.opset)
+    if args.cache_dir is not None:
+        output = cache_path(args.cache_dir.expanduser(), model_dir, key, "float32")
+    else:
+        output = args.output or model_dir / FILE_NAMES["float32"]
+    if not args.force and output.is_file() and recorded_key(output) == key:
+        print(f"{output} is up to date (export key {key[:16]}): kept (--force exports again)")
+    else:
+        summary = export_onnx(
+            model_dir,
+            output,
+            opset=args.opset,
+            verify=not args.no_verify,
+            optimize=not args.no_optimize,
+            metadata={META_EXPORT_KEY: key},
+        )
+        print("\n".join(summary.lines()))
+    if args.int8:
+        if args.cache_dir is not None:
+            int8_key = export_key(model_dir, "int8", args.opset)
+            int8_out = cache_path(args.cache_dir.expanduser(), model_dir, int8_key, "int8")
+        else:
+            int8_out = output.with_name(FILE_NAMES["int8"])
+        write_int8(model_dir, output, int8_out, args.calibration_images, args.opset)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,9 +58,32 @@ def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Servers and engines of the session export into one temporary cache (each model once),
+    never into the user's: the environment variable reaches the servers the tests start."""
+    name = "DETR_SERVE_ONNX_CACHE_DIR"
+    previous = os.environ.get(name)
+    path = tmp_path_factory.mktemp("onnx-cache")
+    os.environ[name] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[name]
+    else:
+        os.environ[name] = previous
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rtdetr"))
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> Path:
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rtdetr"))
+    # Exported once here, into the session's cache: servers started on it (backend auto) then
+    # start from the cache, within their readiness timeouts; tests/e2e/test_onnx_default.py and
+    # tests/api/test_backend_auto.py cover the export at start-up on fresh caches.
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from app.export.cache import ensure_export
+
+        ensure_export(path, onnx_cache_dir)
+    return path
 
 
 def shapes_image(width: int = 320, height: int = 240, fmt: str = "JPEG", seed: int = 0) -> bytes:

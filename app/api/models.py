@@ -25,6 +25,7 @@ async def list_models(service: ServiceDep) -> ModelList:
                 backend=info.backend,
                 device=info.device,
                 dtype=info.dtype,
+                backend_reason=info.backend_reason,
                 architecture=info.architecture,
                 labels=info.labels,
                 max_batch_size=service.engine.max_batch_size,

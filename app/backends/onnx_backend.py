@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: MODEL_DIR/model.onnx, written by scripts/export_onnx.py.
+"""ONNX Runtime backend: an exported model (app/export/: MODEL_DIR/model.onnx, or the cache's
+export that app/engine/backend_choice.py found or made; model.int8.onnx for --precision int8).
 
 Execution providers are taken from what the installed onnxruntime offers, best first:
 TensorRT, CUDA, CPU. Deformable attention is the custom node
@@ -73,8 +74,12 @@ class OnnxBackend:
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
+        path: Path | None = None,
+        spinning: bool = False,
     ) -> OnnxBackend:
-        path = Path(model_dir) / ONNX_FILE
+        """``path``: the ONNX file (default MODEL_DIR/model.onnx; app/engine/backend_choice.py
+        passes the up-to-date export it found or made)."""
+        path = Path(path) if path is not None else Path(model_dir) / ONNX_FILE
         if not path.is_file():
             raise OnnxModelMissingError(
                 f"{path} not found: --backend onnx serves an exported model; run "
@@ -92,9 +97,14 @@ class OnnxBackend:
         providers = choose_providers(ort.get_available_providers(), device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One knob for both backends: --torch-threads sets torch's count, which we reuse.
+        # One knob for both backends: --torch-threads sets torch's count (app/engine/build.py:
+        # default the CPUs this process may use), which we reuse.
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Spinning threads burn the cores the front ends decode on (measured: README, Threads).
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         used = session.get_providers()
         dev = resolve_device("cuda" if _GPU_PROVIDERS.intersection(used) else "cpu")
@@ -109,7 +119,7 @@ class OnnxBackend:
                 f"--dtype {dtype} does not match model.onnx, exported in {file_dtype}: "
                 "use --dtype auto with --backend onnx"
             )
-        _warn_if_stale(session, Path(model_dir))
+        _warn_if_stale(session, Path(model_dir), path)
         logger.info("loaded %s in onnxruntime %s with %s", path, ort.__version__, used)
         return cls(session, dev, file_dtype)
 
@@ -159,7 +169,7 @@ class OnnxBackend:
         return RawOutputs(logits=outputs["logits"], pred_boxes=outputs["pred_boxes"])
 
 
-def _warn_if_stale(session: Any, model_dir: Path) -> None:
+def _warn_if_stale(session: Any, model_dir: Path, path: Path) -> None:
     recorded = session.get_modelmeta().custom_metadata_map.get(META_WEIGHTS_SHA256)
     weights = model_dir / WEIGHTS_FILE
     if not recorded or not weights.is_file():
@@ -172,7 +182,7 @@ def _warn_if_stale(session: Any, model_dir: Path) -> None:
         logger.warning(
             "%s was exported from other weights than %s: its detections will differ from "
             "--backend torch; re-run scripts/export_onnx.py %s",
-            model_dir / ONNX_FILE,
+            path,
             weights,
             model_dir,
         )

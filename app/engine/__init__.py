@@ -5,7 +5,9 @@
     processing.py   batched torch pre/post-processing that reproduces transformers' processors
     preprocess_spec.py  the checkpoint's preprocessing rules, read from its JSON (no torch)
     tasks.py        what crosses between the service and the engine (no torch)
-    build.py        start-up per device: precision, CUDA graphs, device decode, warm-up
+    build.py        start-up per device: backend, precision, CUDA graphs, device decode, warm-up
+    backend_choice.py  --backend auto resolved (onnxruntime on the CPU, torch on CUDA), the
+                    ONNX file found or exported (app/export/), the fallbacks to torch
     pool.py         one engine per device; each batch to the least busy engine
     buckets.py      batch-size buckets (padding a batch to a captured graph's size)
     precision.py    dtype auto on CUDA: fp16 only if it agrees with fp32

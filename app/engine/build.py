@@ -19,6 +19,8 @@ import torch
 from app.backends.cuda_graphs import CudaGraphBackend
 from app.backends.torch_backend import TorchBackend, resolve_device
 from app.config import Settings
+from app.cpus import available_cpus
+from app.engine.backend_choice import BackendChoice, choose_backend
 from app.engine.buckets import BatchBuckets
 from app.engine.device_jpeg import choose_jpeg_decoder
 from app.engine.pipeline import BucketMode, Engine
@@ -34,8 +36,10 @@ _FALLBACK_CHECK_SIZE = (640, 640)
 def build_engines(settings: Settings) -> list[Engine]:
     """One engine per device of the settings, in order. Devices start one after the other:
     start-up time grows with their number (see README, GPU fast path)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # The model's intra-op threads (torch's, and onnxruntime's, which reuses the count): the
+    # CPUs this process may use, container quota included, rather than torch's default (the
+    # host's physical cores, which a CPU-limited container would oversubscribe).
+    torch.set_num_threads(settings.torch_threads or available_cpus())
     if settings.compile_cache_dir is not None:
         use_compile_cache(settings.compile_cache_dir)
     return [build_engine(settings, device) for device in settings.device_list]
@@ -54,6 +58,8 @@ def build_engine(settings: Settings, device: str) -> Engine:
     started = time.perf_counter()
     dev = resolve_device(device)
     s = settings
+    choice = choose_backend(s, dev.type)
+    logger.info("backend %s: %s", choice.backend, choice.reason)
 
     def load(dtype: str) -> Engine:
         return Engine.load(
@@ -61,11 +67,26 @@ def build_engine(settings: Settings, device: str) -> Engine:
             name=s.served_model_name,
             device=device,
             dtype=dtype,
-            backend=s.backend,
+            backend=choice.backend,
             msda_kernel=s.msda_kernel,
+            onnx_path=choice.onnx_path,
+            onnx_spinning=s.onnx_spinning,
         )
 
-    if dev.type == "cuda" and s.backend == "torch" and s.dtype == "auto":
+    if choice.backend == "onnx" and s.backend == "auto":
+        try:
+            engine = load(s.dtype)
+        except Exception as exc:  # a file onnxruntime refuses: still a live server
+            logger.warning(
+                "backend auto: onnxruntime could not load %s (%s): torch instead",
+                choice.onnx_path,
+                exc,
+                exc_info=exc,
+            )
+            choice = BackendChoice("torch", f"auto: torch, since onnxruntime failed: {exc}")
+            return _finish(s, dev, load(s.dtype), choice, started)
+        return _finish(s, dev, engine, choice, started)
+    if dev.type == "cuda" and choice.backend == "torch" and s.dtype == "auto":
         try:
             tasks = check_tasks()
         except FileNotFoundError as exc:  # an installation without the repository's examples/
@@ -76,7 +97,18 @@ def build_engine(settings: Settings, device: str) -> Engine:
             torch.cuda.empty_cache()  # the float32 model used for the check is gone
     else:
         engine = load(s.dtype)
+    return _finish(s, dev, engine, choice, started)
 
+
+def _finish(
+    s: Settings, dev: torch.device, engine: Engine, choice: BackendChoice, started: float
+) -> Engine:
+    """Buckets, CUDA graphs, the JPEG decoder and the warm-up of a loaded engine."""
+    engine.info = dataclasses.replace(
+        engine.info,
+        backend_reason=choice.reason,
+        dtype="int8" if choice.int8 else engine.info.dtype,
+    )
     buckets = BatchBuckets.from_setting(s.batch_buckets, s.max_batch_size)
     graphs: CudaGraphBackend | None = None
     if s.cuda_graphs:

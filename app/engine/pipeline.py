@@ -122,15 +122,20 @@ class Engine:
         dtype: str = "auto",
         backend: str = "torch",
         msda_kernel: bool = True,
+        onnx_path: Path | None = None,
+        onnx_spinning: bool = False,
     ) -> Engine:
         """backend: "torch" (eager transformers model; msda_kernel swaps its deformable
-        attention for detr-serve's op) or "onnx" (MODEL_DIR/model.onnx in onnxruntime)."""
+        attention for detr-serve's op) or "onnx" (onnx_path, default MODEL_DIR/model.onnx, in
+        onnxruntime)."""
         config = AutoConfig.from_pretrained(model_dir)
         runner: Backend
         if backend == "onnx":
             from app.backends.onnx_backend import OnnxBackend
 
-            runner = OnnxBackend.load(model_dir, device=device, dtype=dtype)
+            runner = OnnxBackend.load(
+                model_dir, device=device, dtype=dtype, path=onnx_path, spinning=onnx_spinning
+            )
         elif backend == "torch":
             runner = TorchBackend.load(
                 model_dir, device=device, dtype=dtype, msda_kernel=msda_kernel

@@ -82,3 +82,4 @@ class ModelInfo:
     labels: dict[int, str]
     architecture: str
     buckets: tuple[BucketMode, ...] = ()  # filled in at start-up (app/engine/build.py)
+    backend_reason: str = ""  # why this backend (app/engine/backend_choice.py)

@@ -109,19 +109,6 @@ def test_onnx_backend_without_model_onnx_says_how_to_export(tiny_model_dir):
         Engine.load(tiny_model_dir, name="tiny", device="cpu", backend="onnx")
 
 
-async def test_server_with_onnx_backend_and_no_export_is_not_ready(tiny_model_dir):
-    settings = Settings(model=tiny_model_dir, backend="onnx", device="cpu")
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        runtime = app.state.runtime
-        await runtime.wait_ready()
-        assert runtime.state == "failed"
-        assert "scripts/export_onnx.py" in str(runtime.load_error)
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            assert (await client.get("/readyz")).status_code == 503
-
-
 def test_onnx_backend_gives_the_eager_detections_on_the_tiny_model(onnx_tiny_dir):
     run_both(onnx_tiny_dir, decoded_images(), max_detections=100)
 
@@ -166,3 +153,13 @@ def test_onnx_backend_gives_the_eager_detections_on_the_default_model(tmp_path, 
     # Without onnxscript's optimizer (~4 s less; the tiny model's test covers the full export).
     export_onnx(model_dir, verify=False, optimize=False, log=lambda *_: None)
     run_both(model_dir, decoded_images()[:3], max_detections=50)
+
+
+def test_onnx_threads_sleep_between_ops_unless_spinning_is_asked_for(onnx_tiny_dir):
+    from app.backends.onnx_backend import OnnxBackend
+
+    for spinning, entry in ((False, "0"), (True, "1")):
+        backend = OnnxBackend.load(onnx_tiny_dir, device="cpu", threads=2, spinning=spinning)
+        options = backend.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+        assert options.intra_op_num_threads == 2
