@@ -451,8 +451,7 @@ def contradictions(s: Settings) -> list[str]:
     JPEG counts at the 1/2-1/8 scale it is decoded at, so it can pass both), url_timeout_s or
     decode_timeout_s over request_timeout_s (the request's deadline cuts them short),
     max_inflated_bytes over max_upload_bytes (documented as capped by it), request_timeout_s
-    over drain_timeout_s (a drain may end requests before their deadline; that is the drain's
-    purpose)."""
+    over drain_timeout_s (a drain may end requests before their deadline, its purpose)."""
     found = []
     if s.device == "cpu" and s.dtype == "float16":
         found.append(
