@@ -4,7 +4,9 @@ tritonclient.grpc, with an API key, a small message limit and a small queue."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from scripts import chaos
 from scripts.serverproc import RunningServer
 from tests.conftest import shapes_image
 from tests.e2e.test_kserve import (
@@ -264,25 +267,52 @@ def test_pixels_over_the_request_budget_are_resource_exhausted(client) -> None:
     assert f"over the limit of {MAX_REQUEST_PIXELS} pixels per request" in (caught.value.message())
 
 
-def test_full_queue_is_unavailable(client, server) -> None:
-    # More images in one request than the queue holds: refused by the engine's queue at once,
-    # with the retry hint of HTTP's 429 in the trailing metadata.
-    before = grpc_metric(server, "ModelInfer", "UNAVAILABLE")
-    with pytest.raises(InferenceServerException) as caught:
-        client.infer(MODEL, [images_input([shapes_image()] * (QUEUE + 1))], headers=AUTH)
-    assert caught.value.status() == "StatusCode.UNAVAILABLE"
-    assert "queue" in caught.value.message().lower()
-    assert grpc_metric(server, "ModelInfer", "UNAVAILABLE") == before + 1
+def test_full_queue_is_unavailable() -> None:
+    """A queue filled by live work refuses the next call at once, with the retry hint of
+    HTTP's 429 in the trailing metadata. A slow null engine holds one image in its forward
+    pass (60 s per batch) while two wait in a queue of two."""
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(server.grpc_url) as channel:
-        with pytest.raises(grpc.RpcError) as raw:
-            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                bytes_contents_request([shapes_image()] * (QUEUE + 1)),
-                metadata=list(AUTH.items()),
-            )
-    assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert int(dict(raw.value.trailing_metadata())["retry-after"]) >= 1
+    server = chaos.start(
+        *("--workers", "1", "--null-batch-ms", "60000", "--max-batch-size", "1"),
+        *("--max-queue-size", "2", "--max-images-per-request", "2"),
+        *("--request-timeout-s", "120", "--drain-timeout-s", "1", "--model-name", MODEL),
+    )
+    blocking = ThreadPoolExecutor(2)
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as filler:
+            # One image goes into the forward pass, then two fill the queue.
+            blocking.submit(filler.infer, MODEL, [images_input([shapes_image()])])
+            assert until_sync(lambda: chaos.metric(server, "detr_serve_inflight_images") >= 1)
+            blocking.submit(filler.infer, MODEL, [images_input([shapes_image()] * 2)])
+            assert until_sync(lambda: chaos.metric(server, "detr_serve_queue_depth") == 2)
+            before = grpc_metric(server, "ModelInfer", "UNAVAILABLE")
+            with pytest.raises(InferenceServerException) as caught:
+                filler.infer(MODEL, [images_input([shapes_image()])])
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert "queue" in caught.value.message().lower()
+            assert grpc_metric(server, "ModelInfer", "UNAVAILABLE") == before + 1
+            # Still inside: closing the filler's channel cancels its calls, emptying the queue.
+            with grpc.insecure_channel(server.grpc_url) as channel:
+                with pytest.raises(grpc.RpcError) as raw:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                        bytes_contents_request([shapes_image()])
+                    )
+            assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert int(dict(raw.value.trailing_metadata())["retry-after"]) >= 1
+    finally:
+        server.stop()
+        blocking.shutdown(wait=False, cancel_futures=True)
+
+
+def until_sync(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """Wait for a state (the timeout only guards against a hang)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_request_id_metadata_is_echoed(server) -> None:
