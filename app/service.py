@@ -166,7 +166,11 @@ class DetectionService:
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
         self._decoding = PixelBudget(2 * settings.max_image_pixels)
         spec = PreprocessSpec.from_dir(settings.model)
-        self._fit = Fit(spec.output_size, spec.resample)
+        # A model on the CPU shares its cores with decoding: every image is resized to its input
+        # in the decode worker (Pillow, as the model's own processor does), not in the engine's
+        # float pre-processing. A GPU resizes a batch faster than Pillow: small images go whole.
+        on_cpu = info.device.startswith("cpu")
+        self._fit = Fit(spec.output_size, spec.resample, 0 if on_cpu else REDUCE_ABOVE_PIXELS)
 
     async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
         arrived = time.monotonic()
@@ -194,6 +198,15 @@ class DetectionService:
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         """Run one job per image concurrently; the first bad image cancels the rest (no download
         or decode goes on for a request that is already answered 4xx)."""
+        if len(jobs) == 1:
+            # Most requests hold one image: no task or task group to make for it.
+            try:
+                return [await jobs[0]]
+            except ApiError as error:
+                self.metrics.image_errors.labels(error.error_type).inc()
+                error.__traceback__ = None  # see below
+                jobs.clear()
+                raise error from None
         tasks: list[asyncio.Task[_T]] = []
         try:
             async with asyncio.TaskGroup() as group:

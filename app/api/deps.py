@@ -11,13 +11,15 @@ from app.runtime import Runtime
 from app.service import DetectionService
 
 
-def get_runtime(request: Request) -> Runtime:
+# async on purpose: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per
+# request (and a GIL hand-over each way) for a dictionary lookup.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_service(request: Request) -> DetectionService:
-    runtime = get_runtime(request)
+async def get_service(request: Request) -> DetectionService:
+    runtime: Runtime = request.app.state.runtime
     if runtime.service is None:
         raise UnavailableError(
             "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
