@@ -217,6 +217,11 @@ def main() -> None:
     side.add_argument("--overhead", action="store_true", help="null engine vs bare FastAPI")
     side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
     side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")
+    side.add_argument(
+        "--backend",
+        default="torch",
+        help="detr-serve --backend in --compare (default torch: eager, as LitServe runs it)",
+    )
     cuda = parser.add_argument_group("--device cuda only")
     cuda.add_argument("--models", default="r18,r50", help="presets (r18, r50) or checkpoint dirs")
     cuda.add_argument("--skip-naive", action="store_true", help="no naive-endpoint baseline")

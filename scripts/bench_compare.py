@@ -2,7 +2,8 @@
 same run, with the same client (scripts/httpload.py: aiohttp, closed loop) and the same 640x480
 JPEG, sent as base64 JSON and as multipart.
 
---compare    detr-serve as shipped (engine process + front-end workers), LitServe on the same
+--compare    detr-serve as shipped (engine process + front-end workers; `--backend torch` unless
+             bench.py's --backend says otherwise: eager, as LitServe runs), LitServe on the same
              checkpoint (scripts/litserve_server.py: transformers' processor and model, LitServe's
              batching with max_batch_size and batch_timeout equal to detr-serve's), the naive
              endpoint (scripts/naive_server.py), and the raw forward pass of the checkpoint in a
@@ -49,10 +50,17 @@ def _detr_env_remove() -> tuple[str, ...]:
     return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
 
 
-def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: int | None):
+def _server(
+    name: str,
+    model: Path,
+    max_batch: int,
+    delay_ms: float,
+    workers: int | None,
+    backend: str = "torch",
+):
     py = [sys.executable]
     if name == "detr-serve":
-        args = ["--model", str(model), "--max-batch-size", str(max_batch)]
+        args = ["--model", str(model), "--backend", backend, "--max-batch-size", str(max_batch)]
         args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
         args += ["--log-level", "warning"]
         if workers:
@@ -147,7 +155,9 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
         results: dict[str, dict[str, LoadResult]] = {}
         cpu: dict[str, dict[str, float]] = {}
         for name in order:
-            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            server = _server(
+                name, args.model, args.max_batch, args.delay_ms, args.workers, args.backend
+            )
             try:
                 for fmt in FORMATS:
                     pids = _all_pids(server)
