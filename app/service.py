@@ -202,11 +202,11 @@ class DetectionService:
             # Most requests hold one image: no task or task group to make for it.
             try:
                 return [await jobs[0]]
-            except ApiError as error:
-                self.metrics.image_errors.labels(error.error_type).inc()
-                error.__traceback__ = None  # see below
+            except ApiError as bad:
+                self.metrics.image_errors.labels(bad.error_type).inc()
+                bad.__traceback__ = None  # see below
                 jobs.clear()
-                raise error from None
+                raise bad from None
         tasks: list[asyncio.Task[_T]] = []
         try:
             async with asyncio.TaskGroup() as group:
