@@ -46,6 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     DETR_SERVE_HOST=0.0.0.0 \
     DETR_SERVE_PORT=8000 \
+    DETR_SERVE_GRPC_PORT=8001 \
     DETR_SERVE_MODEL=/opt/detr-serve/models/rtdetr-shapes
 
 RUN groupadd --system --gid 10001 detr && \
@@ -60,7 +61,8 @@ VOLUME ["/models"]
 
 USER 10001:10001
 WORKDIR /home/detr
-EXPOSE 8000
+# HTTP, and KServe v2 gRPC (Triton's ports).
+EXPOSE 8000 8001
 
 # /readyz is 200 only once the model is warm, and 503 again while draining on SIGTERM.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \

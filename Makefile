@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps fuzz lint fmt bench clean
+.PHONY: install run test test-deps test-floors fuzz lint fmt bench clean
 
 install: $(STAMP)
 
@@ -33,20 +33,42 @@ run: install
 	$(VENV)/bin/detr-serve --host $(HOST) --port $(PORT)
 
 # The Prometheus end-to-end tests need prometheus and promtool (Debian's package, ~330 MB
-# installed); without root we only say so, and those tests skip (or fail under CI=true).
+# installed); the browser tests of the page at / need headless Chromium and its WebDriver
+# (Debian's chromium and chromium-driver, ~300 MB). Without root we only say so, and those
+# tests skip (or fail under CI=true).
+APT_TEST_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
+	$(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
+
 test-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if [ -n "$(strip $(APT_TEST_PACKAGES))" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "installing Debian's prometheus package (prometheus, promtool) for the tests"; \
+			echo "installing Debian's $(strip $(APT_TEST_PACKAGES)) for the tests"; \
 			apt-get update && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+				$(APT_TEST_PACKAGES); \
 		else \
-			echo "promtool not found: as root, run 'make test-deps' (apt-get install prometheus)"; \
+			echo "missing test tools: as root, run 'make test-deps' (apt-get install" \
+				"$(strip $(APT_TEST_PACKAGES)))"; \
 		fi; \
 	fi
 
 test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The dependency floors of pyproject.toml, proven: a fresh .venv-floors with every dependency at
+# its floor (constraints/floors.txt; torch at TORCH_FLOOR, the oldest release tested), then the
+# unit, API and process-split tests there.
+TORCH_FLOOR ?= torch==2.13.0
+FLOORS_VENV ?= .venv-floors
+test-floors:
+	rm -rf $(FLOORS_VENV) && python3 -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet $(PIP_TORCH_ARGS) '$(TORCH_FLOOR)'
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c constraints/floors.txt -e . \
+		pytest pytest-asyncio hypothesis psutil 'tritonclient[http]' brotli
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/api \
+		tests/e2e/test_process_split.py --ignore tests/unit/test_deploy_files.py \
+		--ignore tests/unit/test_evaluate.py --ignore tests/unit/test_train_script.py \
+		--ignore tests/unit/test_synthetic_shapes.py
 
 # The dedicated fuzzing run of the API (schemathesis, over 1000 generated cases).
 fuzz: install

@@ -3,6 +3,13 @@
 It knows nothing of HTTP or models: a handler takes a list of items and returns one output
 per item (or an exception instance for an item that failed alone). The handler runs on the
 executor given (one worker thread per device), never on the event loop.
+
+Fairness: a batch is filled round-robin across the submissions waiting, one item from each in
+turn, submissions in arrival order. A request that brings many items (a tiled image's tiles)
+fills batches when it is alone, but a request arriving behind it takes a place in the next
+batch formed instead of waiting for all of them: with k submissions waiting, each gets at
+least floor(max_batch_size / k) places in every batch (one in each, when k exceeds it, the
+oldest first).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
     enqueued: float
     deadline: float
+    group: int = 0  # the submission it came with (batches interleave submissions)
 
 
 @dataclass
@@ -103,21 +111,23 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._slots = asyncio.Semaphore(max_concurrent_batches)
-        self._running: dict[int, tuple[float, int]] = {}  # batch id -> (started, size)
+        self._running: dict[int, tuple[float, list[_Pending[T, R]]]] = {}  # id -> (started, batch)
         self._runners: set[asyncio.Task[None]] = set()
         self._batch_ids = 0
+        self._groups = 0
         self._batch_time = _Ewma()
 
     # -- state ------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (cancelled ones are dropped when a batch forms)."""
+        """Live items waiting for a batch: a request that passes its deadline or is cancelled
+        takes its items out of the queue at that moment (see submit)."""
         return len(self._queue)
 
     @property
     def in_flight(self) -> int:
         """Items inside the batches that are running now."""
-        return sum(size for _, size in self._running.values())
+        return sum(len(batch) for _, batch in self._running.values())
 
     @property
     def running_for_s(self) -> float:
@@ -146,8 +156,11 @@ class Batcher(Generic[T, R]):
         except TimeoutError:
             logger.warning("batcher did not drain in %.1f s; failing what is left", timeout_s)
             self._task.cancel()
-            while self._queue:
-                pending = self._queue.popleft()
+            # Every request still waiting is answered now, those of a batch that is still
+            # running included (its thread cannot be stopped; its outputs are dropped).
+            left = [*self._queue, *(p for _, batch in self._running.values() for p in batch)]
+            self._queue.clear()
+            for pending in left:
                 if not pending.future.done():
                     pending.future.set_exception(ShuttingDownError())
 
@@ -164,18 +177,30 @@ class Batcher(Generic[T, R]):
             raise QueueFullError(self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._groups += 1
+        group = self._groups
+        pendings = [_Pending(item, loop.create_future(), now, deadline, group) for item in items]
         self._queue.extend(pendings)
         self._wake.set()
         futures = [p.future for p in pendings]
         try:
             return list(await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now)))
         except TimeoutError:
+            self._withdraw(pendings)
             raise DeadlineExceededError() from None
-        finally:
-            for f in futures:
-                if not f.done():
-                    f.cancel()
+        except BaseException:  # cancelled (the client went away), or one of its items failed
+            self._withdraw(pendings)
+            raise
+
+    def _withdraw(self, pendings: list[_Pending[T, R]]) -> None:
+        """A request past its deadline, cancelled or failed: its items still queued leave the
+        queue now, so that the queue's length (the 429 decision, Retry-After, the queue-depth
+        gauge) counts live work only."""
+        for p in pendings:
+            if not p.future.done():
+                p.future.cancel()
+        ids = {id(p) for p in pendings}
+        self._queue = deque(p for p in self._queue if id(p) not in ids)
 
     def retry_after_s(self) -> int:
         """Seconds a rejected client should wait: the time to work off the current queue."""
@@ -208,9 +233,9 @@ class Batcher(Generic[T, R]):
 
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
-        fill_deadline = self._queue[0].enqueued + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
-            remaining = fill_deadline - time.monotonic()
+        while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
+            # The oldest live item: the one before it may have left meanwhile.
+            remaining = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -220,16 +245,28 @@ class Batcher(Generic[T, R]):
                 return
 
     def _take_batch(self) -> list[_Pending[T, R]]:
-        batch: list[_Pending[T, R]] = []
+        """The next batch: live items, round-robin across submissions (see the module doc)."""
         now = time.monotonic()
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
+        lanes: dict[int, deque[_Pending[T, R]]] = {}
+        for pending in self._queue:
             if pending.future.done():  # its request gave up (deadline or disconnect)
                 continue
             if pending.deadline <= now:
                 pending.future.set_exception(DeadlineExceededError())
                 continue
-            batch.append(pending)
+            lanes.setdefault(pending.group, deque()).append(pending)
+        batch: list[_Pending[T, R]] = []
+        while lanes and len(batch) < self.max_batch_size:
+            for group in list(lanes):
+                lane = lanes[group]
+                batch.append(lane.popleft())
+                if not lane:
+                    del lanes[group]
+                if len(batch) == self.max_batch_size:
+                    break
+        taken = {id(p) for p in batch}
+        # What is left keeps its arrival order (answered and expired items leave the queue).
+        self._queue = deque(p for p in self._queue if not p.future.done() and id(p) not in taken)
         return batch
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
@@ -237,7 +274,7 @@ class Batcher(Generic[T, R]):
         started = time.monotonic()
         self._batch_ids += 1
         batch_id = self._batch_ids
-        self._running[batch_id] = (started, len(batch))
+        self._running[batch_id] = (started, batch)
         ok = True
         try:
             outputs = await loop.run_in_executor(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import types
 from typing import Any, Literal, Union, get_args, get_origin
@@ -64,10 +65,18 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     except ValidationError as exc:
         lines = ["detr-serve: invalid settings:"]
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else ""
-            where = f"{_flag(field)} / DETR_SERVE_{field.upper()}" if field else "settings"
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
+            if err["loc"]:
+                field = str(err["loc"][0])
+                where = f"{_flag(field)} / DETR_SERVE_{field.upper()}"
+                lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
+                continue
+            # Settings that contradict each other (config.contradictions): one line each,
+            # with the flags and variables of the settings it names.
+            for problem in msg.splitlines():
+                named = [n for n in Settings.model_fields if re.search(rf"\b{n}\b", problem)]
+                where = ", ".join(f"{_flag(n)} / DETR_SERVE_{n.upper()}" for n in named)
+                lines.append(f"  {problem}" + (f" [{where}]" if where else ""))
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -98,15 +107,27 @@ def main(argv: list[str] | None = None) -> None:
     from app.main import create_app
     from app.server_limits import uvicorn_limits
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
-        **uvicorn_limits(settings),
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_failure() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(settings, grpc_workers=1, on_load_failure=stop_on_load_failure)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+            **uvicorn_limits(settings),
+        )
     )
+    server.run()
+    if app.state.runtime.state == "failed":
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

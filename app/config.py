@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
+from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "rtdetr-shapes"
@@ -22,11 +23,35 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _CUDA_INDEX_RE = re.compile(r"^(cuda:)?(\d+)$")
 
 
+def model_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be a model folder, or None."""
+    if not path.is_dir():
+        return (
+            f"{path} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
+            "checkpoint folder holding config.json and preprocessor_config.json"
+        )
+    missing = [n for n in ("config.json", "preprocessor_config.json") if not (path / n).is_file()]
+    if missing:
+        return (
+            f"{path} lacks {', '.join(missing)}: save the model and its image processor there "
+            "with save_pretrained()"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DETR_SERVE_", extra="forbid", validate_default=True, protected_namespaces=()
     )
 
+    # Before `model`: its validator reads it (a missing folder is then a load failure).
+    exit_on_load_failure: bool = Field(
+        default=True,
+        description="When the model cannot be loaded (missing folder, corrupt weights, unknown "
+        "architecture), exit with status 1 and a log line naming the model and the cause (as "
+        "Triton does). false: stay up, /readyz answers 503 {status: failed, reason} and every "
+        "inference route 503 with the reason.",
+    )
     model: Path = Field(
         default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME,
         description="Hugging Face-format checkpoint directory (config.json, weights, "
@@ -37,10 +62,23 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the KServe v2 gRPC endpoint (Triton's default); 0: no gRPC.",
+    )
     backend: Literal["torch", "onnx", "null"] = Field(
         default="torch",
         description="torch: eager transformers model; onnx: MODEL/model.onnx in onnxruntime; "
         "null: no model, one fixed detection per image (measures the serving path alone).",
+    )
+    null_batch_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=600_000,
+        description="With --backend null: how long each batch takes, as a stand-in for a "
+        "forward pass (tests and scripts/chaos.py use it for a slow engine).",
     )
     msda_kernel: bool = Field(
         default=True,
@@ -167,6 +205,52 @@ class Settings(BaseSettings):
         description="Decoded pixels the server holds at once (being decoded, queued, in a "
         "batch); a request that does not fit waits up to a second, then gets 429.",
     )
+    max_tiled_image_pixels: int = Field(
+        default=120_000_000,
+        ge=1,
+        description="Largest width*height accepted for an image that runs tiled (such an "
+        "image is decoded whole and cut into tiles); taken as at least max_image_pixels and "
+        "at most max_request_pixels.",
+    )
+    tiling_tile_size: int | None = Field(
+        default=None,
+        ge=MIN_TILE_SIZE,
+        le=MAX_TILE_SIZE,
+        description="Default tile side in pixels (default: the model's input side).",
+    )
+    tiling_overlap: float = Field(
+        default=0.2, ge=0.0, le=MAX_OVERLAP, description="Default share of overlapping tiles."
+    )
+    tiling_full_image: bool = Field(
+        default=False,
+        description="Tiled images also run whole (resized) by default; off because a "
+        "high-resolution frame squashed to the model's input mostly adds false boxes "
+        "(measured: README, tiled inference).",
+    )
+    tiling_merge: Literal["nms", "greedy_nmm"] = Field(
+        default="greedy_nmm", description="Default merge of the tiles' boxes."
+    )
+    tiling_match_metric: Literal["iou", "ios"] = Field(
+        default="ios", description="Default overlap measure of the merge (ios: over the smaller)."
+    )
+    tiling_match_threshold: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Default match threshold of the merge."
+    )
+    tiling_class_agnostic: bool = Field(
+        default=False, description="Merge boxes of different classes by default."
+    )
+    tiling_auto_factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        description='"tiling": "auto" tiles an image whose longer side is over this many '
+        "times the model's input side.",
+    )
+    tiling_max_tiles: int = Field(
+        default=256,
+        ge=1,
+        description="Tiles (full-image passes included) one request may make, all images "
+        "together; 413 beyond. Taken as at most max_queue_size.",
+    )
     default_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
     )
@@ -274,46 +358,38 @@ class Settings(BaseSettings):
 
     @field_validator("model")
     @classmethod
-    def _check_model_dir(cls, value: Path) -> Path:
+    def _check_model_dir(cls, value: Path, info: ValidationInfo) -> Path:
         value = value.expanduser()
-        if not value.is_dir():
-            raise ValueError(
-                f"{value} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
-                "checkpoint folder holding config.json and preprocessor_config.json"
-            )
-        missing = [
-            n for n in ("config.json", "preprocessor_config.json") if not (value / n).is_file()
-        ]
-        if missing:
-            raise ValueError(
-                f"{value} lacks {', '.join(missing)}: save the model and its image "
-                "processor there with save_pretrained()"
-            )
+        problem = model_dir_problem(value)
+        # With --no-exit-on-load-failure the server stays up and says why it cannot serve.
+        if problem is not None and info.data.get("exit_on_load_failure", True):
+            raise ValueError(problem)
         return value.resolve()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ValueError(
-                "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
-            )
-        if self.max_request_pixels > self.max_inflight_pixels:
-            raise ValueError(
-                f"max_request_pixels ({self.max_request_pixels}) is over max_inflight_pixels "
-                f"({self.max_inflight_pixels}): such a request could never be admitted; raise "
-                "max_inflight_pixels or lower max_request_pixels"
-            )
-        if self.devices and not self.device.startswith(("auto", "cuda")):
-            raise ValueError(
-                f"--devices lists CUDA devices but --device is {self.device}: "
-                "leave --device at auto (or cuda) with --devices"
-            )
+        """Settings that contradict each other: every pair found, each message naming both."""
+        problems = contradictions(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
     def device_list(self) -> list[str]:
         """The devices to serve on, one engine each."""
         return self.devices.split(",") if self.devices else [self.device]
+
+    @property
+    def tiled_image_pixels(self) -> int:
+        """The pixel limit of a tiled image: never below the plain one, never over what one
+        request may hold."""
+        return min(max(self.max_tiled_image_pixels, self.max_image_pixels), self.max_request_pixels)
+
+    @property
+    def max_tiles(self) -> int:
+        """Tiles one request may make: never more than the queue holds (that would be 429
+        forever)."""
+        return min(self.tiling_max_tiles, self.max_queue_size)
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -328,3 +404,77 @@ class Settings(BaseSettings):
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.model.name
+
+
+# (setting, limit, what would happen): the setting may not be over the limit.
+_AT_MOST = [
+    (
+        "max_images_per_request",
+        "max_queue_size",
+        "a request of that many images would be refused with 429 every time",
+    ),
+    ("max_batch_size", "max_queue_size", "a batch is taken from the queue and could never fill"),
+    ("max_request_pixels", "max_inflight_pixels", "such a request could never be admitted"),
+    (
+        "max_upload_bytes",
+        "max_download_buffer_bytes",
+        "a download of an image of the allowed size could never fit the buffer (429 every time)",
+    ),
+]
+
+
+def contradictions(s: Settings) -> list[str]:
+    """Pairs of settings that cannot both hold: one of them could never take effect, or some
+    request could never be served. Each message names both settings and how to fix them.
+
+    Not contradictions, and so not refused: max_image_pixels over max_request_pixels (a large
+    JPEG counts at the 1/2-1/8 scale it is decoded at, so it can pass both), url_timeout_s or
+    decode_timeout_s over request_timeout_s (the request's deadline cuts them short),
+    max_inflated_bytes over max_upload_bytes (documented as capped by it), request_timeout_s
+    over drain_timeout_s (a drain may end requests before their deadline; that is the drain's
+    purpose)."""
+    found = []
+    if s.device == "cpu" and s.dtype == "float16":
+        found.append(
+            "dtype float16 is not supported on the CPU: use float32 or bfloat16 with device cpu"
+        )
+    if s.devices and not s.device.startswith(("auto", "cuda")):
+        found.append(
+            f"--devices lists CUDA devices but --device is {s.device}: "
+            "leave --device at auto (or cuda) with --devices"
+        )
+    for larger, limit, consequence in _AT_MOST:
+        value, bound = getattr(s, larger), getattr(s, limit)
+        if value > bound:
+            found.append(
+                f"{larger} ({value}) is over {limit} ({bound}): {consequence}; raise {limit} "
+                f"or lower {larger}"
+            )
+    if s.max_batch_delay_ms / 1e3 >= s.request_timeout_s:
+        found.append(
+            f"max_batch_delay_ms ({s.max_batch_delay_ms} ms) is not under request_timeout_s "
+            f"({s.request_timeout_s} s): a request alone would reach its deadline while its "
+            "batch waits to fill; lower max_batch_delay_ms or raise request_timeout_s"
+        )
+    if s.grpc_port and s.grpc_port == s.port:
+        found.append(
+            f"grpc_port and port are both {s.port}: give gRPC another port (8001 by default) "
+            "or turn it off with grpc_port 0"
+        )
+    if s.protect_metrics and s.api_key is None:
+        found.append(
+            "protect_metrics is set but api_key is not: there is no key to protect /metrics "
+            "with; set api_key or drop protect_metrics"
+        )
+    if s.image_decoder == "nvjpeg" and s.device == "cpu":
+        found.append(
+            "image_decoder nvjpeg decodes on a CUDA device, but device is cpu; use "
+            "image_decoder auto or pillow, or a CUDA device"
+        )
+    if s.image_decoder == "nvjpeg" and len(s.device_list) > 1:
+        found.append(
+            f"image_decoder nvjpeg serves one device, but devices lists {len(s.device_list)} "
+            "(torchvision's one global decoder is rebuilt on every device change); use "
+            "image_decoder auto or pillow with several devices"
+        )
+    return found

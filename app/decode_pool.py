@@ -16,12 +16,16 @@ import asyncio
 import multiprocessing
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
 from app.errors import ApiError, DeadlineError, ImageTooLargeError, InvalidImageError
 from app.images import Fit, decode_image
+
+if TYPE_CHECKING:
+    from app.render import Boxes
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,20 @@ def _decode_in_worker(
     fit = Fit(FixedTarget(*target), resample, 0) if target is not None else None
     try:
         return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
+    except ImageTooLargeError as exc:
+        return ("too_large", _unprefixed(exc), exc.image_index)
+    except InvalidImageError as exc:
+        return ("invalid", _unprefixed(exc), exc.image_index)
+
+
+def _render_in_worker(
+    data: bytes, found: Boxes, max_pixels: int, index: int, fmt: str, labels: bool
+) -> bytes | tuple[str, str, int | None]:
+    # Imported here: only workers that render load the drawing code and its font.
+    from app.render import render
+
+    try:
+        return render(data, found, max_pixels=max_pixels, index=index, fmt=fmt, labels=labels)
     except ImageTooLargeError as exc:
         return ("too_large", _unprefixed(exc), exc.image_index)
     except InvalidImageError as exc:
@@ -104,21 +122,53 @@ class DecodePool:
     ) -> np.ndarray:
         """The decoded pixels (at `target` size when given); InvalidImageError or
         ImageTooLargeError as decode_image raises them; DeadlineError past `timeout_s`."""
-        future = self._pool.schedule(
+        result = await self._run(
+            "decoding",
             _decode_in_worker,
-            args=(data, max_pixels, index, target, resample),
-            timeout=max(timeout_s, 0.001),
+            (data, max_pixels, index, target, resample),
+            index,
+            timeout_s,
         )
+        assert isinstance(result, np.ndarray)
+        return result
+
+    async def render(
+        self,
+        data: bytes,
+        found: Boxes,
+        *,
+        max_pixels: int,
+        index: int,
+        fmt: str,
+        labels: bool,
+        timeout_s: float,
+    ) -> bytes:
+        """The image at full size with `found` drawn on it, encoded as `fmt` (app/render.py);
+        the decode's errors, and DeadlineError past `timeout_s`."""
+        result = await self._run(
+            "drawing",
+            _render_in_worker,
+            (data, found, max_pixels, index, fmt, labels),
+            index,
+            timeout_s,
+        )
+        assert isinstance(result, bytes)
+        return result
+
+    async def _run(
+        self, what: str, function: Any, args: tuple[Any, ...], index: int, timeout_s: float
+    ) -> Any:
+        future = self._pool.schedule(function, args=args, timeout=max(timeout_s, 0.001))
         try:
             # Cancelling the awaiting task cancels the future: pebble ends the worker.
-            result: _Result = await asyncio.wrap_future(future)
+            result = await asyncio.wrap_future(future)
         except TimeoutError:
             raise DeadlineError(
-                f"decoding took longer than {timeout_s:.1f} s and was stopped", image_index=index
+                f"{what} took longer than {timeout_s:.1f} s and was stopped", image_index=index
             ) from None
         except ProcessExpired:
             raise InvalidImageError(
-                "the decoder failed on this image (its worker process died)", image_index=index
+                f"{what} failed on this image (its worker process died)", image_index=index
             ) from None
         if isinstance(result, tuple):
             kind, message, at = result

@@ -5,6 +5,8 @@ output tensors. No pydantic object per detection, and v2 keeps the engine's floa
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import orjson
 
@@ -19,22 +21,23 @@ def v1_json(result: DetectResult, labels: dict[int, str]) -> bytes:
         class_ids = det.labels.tolist()
         scores = np.round(det.scores.astype(np.float64), 5).tolist()
         boxes = np.round(det.boxes.astype(np.float64), 2).tolist()
-        results.append(
-            {
-                "width": image.width,
-                "height": image.height,
-                "detections": [
-                    {
-                        "label": labels.get(c, str(c)),
-                        "class_id": c,
-                        "score": score,
-                        "box": box,
-                    }
-                    for c, score, box in zip(class_ids, scores, boxes, strict=True)
-                ],
-                "timings": image.timings,
-            }
-        )
+        answer = {
+            "width": image.width,
+            "height": image.height,
+            "detections": [
+                {
+                    "label": labels.get(c, str(c)),
+                    "class_id": c,
+                    "score": score,
+                    "box": box,
+                }
+                for c, score, box in zip(class_ids, scores, boxes, strict=True)
+            ],
+            "timings": image.timings,
+        }
+        if image.rendered is not None:
+            answer["image"] = base64.b64encode(image.rendered).decode("ascii")
+        results.append(answer)
     return orjson.dumps({"model": result.model, "results": results})
 
 

@@ -10,16 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from app.batching import Batcher, BatchStats
-from app.config import Settings
+from app.batching import Batcher, BatchStats, ShuttingDownError
+from app.config import Settings, model_dir_problem
 from app.engine.pool import BatchRunner, EnginePool
+from app.engine.preprocess_spec import PreprocessSpec
 from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
 from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+_MAX_REASON_CHARS = 600
+
+
+def describe_load_failure(model: Path, exc: BaseException) -> str:
+    """One line for the log, /readyz and the 503s: the model folder and the cause."""
+    detail = " ".join(str(exc).split())
+    if len(detail) > _MAX_REASON_CHARS:
+        detail = detail[:_MAX_REASON_CHARS] + "..."
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"the model at {model} could not be loaded: {cause}"
+
+
+class ModelFolderError(FileNotFoundError):
+    """The model folder is missing or incomplete (accepted by the settings only with
+    --no-exit-on-load-failure)."""
 
 
 class EngineHost:
@@ -33,11 +52,15 @@ class EngineHost:
         self.pool: EnginePool[DetectionTask, ImageResult] | None = None
         self.batcher: Batcher[DetectionTask, ImageDetections] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._spec: PreprocessSpec | None = None
 
     async def load(self) -> None:
         """Build (or warm the injected engine), then start the batcher. Raises what loading
         raised."""
         s = self.settings
+        problem = None if self._injected is not None else model_dir_problem(s.model)
+        if problem is not None:
+            raise ModelFolderError(problem)
         if self._injected is not None:
             engines = [self._injected]
             warmup = getattr(self._injected, "warmup", None)
@@ -84,6 +107,32 @@ class EngineHost:
         )
 
     @property
+    def max_batch_size(self) -> int:
+        return self.settings.max_batch_size
+
+    async def submit(
+        self, tasks: Sequence[DetectionTask], deadline: float
+    ) -> list[ImageDetections]:
+        """The batcher's submit, with tiled tasks run as their tiles (one batcher submission:
+        the tiles fill batches with each other and with other requests' images, and count as
+        images in the queue bound and the deadline) and merged back into one answer each."""
+        batcher = self.batcher
+        if batcher is None:
+            raise ShuttingDownError()
+        if not any(t.tiling is not None for t in tasks):
+            return await batcher.submit(tasks, deadline)
+        from app.engine import tiling
+
+        spec = self._spec or PreprocessSpec.from_dir(self.settings.model)
+        self._spec = spec
+        items, parts = await asyncio.to_thread(
+            tiling.expand, tasks, spec.output_size, spec.resample
+        )
+        self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
+        outputs = await batcher.submit(items, deadline)
+        return await asyncio.to_thread(tiling.collect, tasks, parts, outputs, self.info.device)
+
+    @property
     def info(self) -> ModelInfo:
         assert self.pool is not None, "load() first"
         return self.pool.info
@@ -100,9 +149,12 @@ class EngineHost:
         self.metrics.batch_size.observe(stats.size)
         self.metrics.batches.labels("ok" if stats.ok else "error").inc()
 
-    async def stop(self) -> None:
-        """Stop intake, finish queued and running work (bounded by the drain timeout)."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop intake, finish queued and running work within `timeout_s` (default: the drain
+        timeout); past it every request still open is answered ShuttingDownError."""
         if self.batcher is not None:
-            await self.batcher.stop(self.settings.drain_timeout_s)
+            await self.batcher.stop(
+                self.settings.drain_timeout_s if timeout_s is None else timeout_s
+            )
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -76,6 +76,12 @@ class UnavailableError(ApiError):
     error_type = "unavailable"
 
 
+class ModelLoadFailedError(UnavailableError):
+    """The model could not be loaded (--no-exit-on-load-failure): retrying will not help."""
+
+    error_type = "model_load_failed"
+
+
 class DeadlineError(ApiError):
     status_code = 504
     error_type = "deadline_exceeded"

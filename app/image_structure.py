@@ -35,11 +35,18 @@ _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def has_image_signature(data: bytes) -> bool:
+    """Whether the bytes start like a file of a format the server decodes (magic bytes only)."""
+    return data.startswith(
+        (b"\xff\xd8\xff", _PNG_SIGNATURE, b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+    ) or (data.startswith(b"RIFF") and data[8:12] == b"WEBP")
+
+
 def structure_problem(data: bytes) -> str | None:
     """What is wrong with the file's structure, or None. A file whose structure cannot be
     walked (truncated, not one of these formats) gives None: the decoder says what is wrong."""
     if data.startswith(b"\xff\xd8"):
-        return _jpeg_problem(data)
+        return walk_jpeg(data)[0]
     if data.startswith(_PNG_SIGNATURE):
         return _png_problem(data)
     if data.startswith((b"GIF87a", b"GIF89a")):
@@ -49,18 +56,24 @@ def structure_problem(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_problem(data: bytes) -> str | None:
+def walk_jpeg(data: bytes) -> tuple[str | None, int | None]:
+    """(problem, end) of a JPEG: `problem` as structure_problem says it; `end` the offset just
+    past its end-of-image marker when the walk reached it through well-formed segments, else
+    None (truncated, or a structure only the decoder can judge).
+
+    The GPU path hands nvjpeg only JPEGs with an `end`: nvjpeg decodes a truncated file that
+    libjpeg (Pillow, the CPU path) refuses, so without the end marker Pillow decides."""
     scans = segments = 0
     pos, end = 2, len(data)
-    while pos + 4 <= end:
+    while pos + 2 <= end:
         if data[pos] != 0xFF:
-            return None  # not a marker where one must be: the decoder will say so
+            return None, None  # not a marker where one must be: the decoder will say so
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
         if marker == _JPEG_EOI:
-            return None
+            return None, pos + 2
         if marker in _JPEG_STANDALONE:
             pos += 2
             continue
@@ -69,8 +82,12 @@ def _jpeg_problem(data: bytes) -> str | None:
             return (
                 f"the JPEG holds more than {MAX_JPEG_SEGMENTS} marker segments; real images "
                 "hold a few dozen"
-            )
+            ), None
+        if pos + 4 > end:
+            return None, None
         (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > end:
+            return None, None  # a segment longer than the file, or malformed
         pos += 2 + length
         if marker == _JPEG_SOS:
             scans += 1
@@ -78,12 +95,12 @@ def _jpeg_problem(data: bytes) -> str | None:
                 return (
                     f"the JPEG holds more than {MAX_JPEG_SCANS} scans; progressive camera "
                     "images hold about 10"
-                )
+                ), None
             found = _JPEG_MARKER.search(data, pos)
             if found is None:
-                return None
+                return None, None  # the scan runs to the end of the file: truncated
             pos = found.start()
-    return None
+    return None, None
 
 
 def _png_problem(data: bytes) -> str | None:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.image_structure import structure_problem
+from app.image_structure import structure_problem, walk_jpeg
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -125,15 +125,19 @@ _EXIF_ORIENTATION = 0x0112
 
 def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg | None:
     """The JPEG as an EncodedJpeg when the device decoder gives the same pixels as Pillow: a
-    three-channel (YCbCr or RGB) JPEG with no EXIF rotation. None for anything else (other formats,
-    greyscale or CMYK JPEGs, rotated ones, unreadable headers): decode_image takes those, with
-    its own errors. Raises ImageTooLargeError from the header, and InvalidImageError for a
-    structure no real JPEG has, like decode_image."""
+    three-channel (YCbCr or RGB) JPEG with no EXIF rotation, whose marker walk reaches its
+    end-of-image marker (nvjpeg decodes truncated files that Pillow refuses). None for anything
+    else (other formats, greyscale or CMYK JPEGs, rotated ones, unreadable headers, truncated or
+    malformed segments): decode_image takes those, with the CPU path's own answer. Raises
+    ImageTooLargeError from the header, and InvalidImageError for a structure no real JPEG has,
+    like decode_image. Bytes after the end-of-image marker (Pillow ignores them) are dropped."""
     if not data.startswith(_JPEG_MAGIC):
         return None
-    problem = structure_problem(data)
+    problem, end = walk_jpeg(data)
     if problem is not None:
         raise InvalidImageError(problem, image_index=index)
+    if end is None:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -157,7 +161,7 @@ def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg
         )
     if orientation not in (None, 1):
         return None
-    return EncodedJpeg(data, height, width, index)
+    return EncodedJpeg(data if end == len(data) else data[:end], height, width, index)
 
 
 def _open(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
@@ -262,10 +266,7 @@ def decode_image(
             source = (width, height) if swapped else (height, width)
             target = fit.target(*source) if fit is not None else None
             if target is None:
-                img.load()
-                rgb = _to_rgb(img)
-                if orientation != 1:
-                    rgb = rgb.transpose(_TRANSPOSE[orientation])
+                rgb = _upright_rgb(img, orientation)
                 return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt)
             assert fit is not None
             if _drafts(fmt, width, height):
@@ -287,6 +288,28 @@ def decode_image(
                 f"the {fmt} data is corrupt or truncated ({type(exc).__name__})", image_index=index
             ) from None
     return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt, source_size=source)
+
+
+def decode_upright(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
+    """The whole image at its own resolution as an RGB Pillow image, EXIF orientation applied
+    (what the renderer draws on); the same guards and errors as decode_image."""
+    with _open(data, max_pixels=max_pixels, index=index) as img:
+        fmt = img.format or "unknown"
+        try:
+            img.seek(0)
+            return _upright_rgb(img, _orientation(img))
+        except Exception as exc:
+            raise InvalidImageError(
+                f"the {fmt} data is corrupt or truncated ({type(exc).__name__})", image_index=index
+            ) from None
+
+
+def _upright_rgb(img: Image.Image, orientation: int) -> Image.Image:
+    img.load()
+    rgb = _to_rgb(img)
+    if orientation != 1:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    return rgb
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).

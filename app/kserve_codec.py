@@ -7,6 +7,8 @@ functions.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import ApiError, InvalidRequestError
+from app.errors import ApiError, InvalidRequestError, ValidationFailedError
+from app.image_structure import has_image_signature
 from app.request_body import check_value_count, loads, parse_count
 from app.schemas import DetectOptions
 
@@ -39,7 +42,7 @@ _RESERVED_PARAMETERS = frozenset(
         "content_type",
     }
 )
-_OPTION_PARAMETERS = ("threshold", "max_detections", "classes")
+_OPTION_PARAMETERS = ("threshold", "max_detections", "classes", "tiling")
 _UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "classification")
 _LENGTH_PREFIX = struct.Struct("<I")
 
@@ -64,8 +67,9 @@ INPUT = TensorSpec(
     (-1,),
     "object",
     "Encoded images (JPEG, PNG, WebP, BMP, GIF, TIFF), one element per image; shape [N] "
-    "(or [N, 1]). Send them with the binary tensor data extension: over JSON, BYTES elements "
-    "are UTF-8 strings, which encoded images almost never are.",
+    "(or [N, 1]). Send them with the binary tensor data extension, or over JSON as base64 "
+    "text: an element that does not start like an image and is valid base64 is decoded "
+    "(JSON strings are UTF-8 text, which encoded images almost never are).",
 )
 OUTPUTS: dict[str, TensorSpec] = {
     spec.name: spec
@@ -178,15 +182,21 @@ def split_body(
         raise InvalidRequestError(
             "the inference request JSON is not valid UTF-8; BYTES sent as JSON must be UTF-8 "
             "text: send images with the binary tensor data extension (tritonclient: "
-            "set_data_from_numpy(..., binary_data=True))"
+            "set_data_from_numpy(..., binary_data=True)) or as base64 text"
         ) from None
     parsed = loads(text, what)
     if not isinstance(parsed, dict):
         raise InvalidRequestError(
             f"the inference request must be a JSON object, got {type(parsed).__name__}"
         )
+    return validate_header(parsed), binary
+
+
+def validate_header(parsed: dict[str, Any]) -> InferRequestHeader:
+    """The inference request's header from plain values (parsed JSON, or a gRPC message's
+    fields), refused with the protocol's field names when it does not fit."""
     try:
-        return InferRequestHeader.model_validate(parsed), binary
+        return InferRequestHeader.model_validate(parsed)
     except ValidationError as exc:
         raise InvalidRequestError(
             "the inference request does not match the protocol: " + _describe(exc)
@@ -199,18 +209,7 @@ def parse_infer_request(
     """The request, refused as soon as a count passes `max_images` (the shape is checked
     before the binary section is split, and the split stops at the shape's count)."""
     header, binary = split_body(body, header_length)
-    if len(header.inputs) != 1 or header.inputs[0].name != INPUT_NAME:
-        names = ", ".join(repr(i.name) for i in header.inputs) or "none"
-        raise InvalidRequestError(
-            f"this model takes one input, {INPUT_NAME!r} (BYTES, encoded images); got {names}"
-        )
-    tensor = header.inputs[0]
-    count = _element_count(tensor)
-    if count > max_images:
-        raise InvalidRequestError(
-            f"input {INPUT_NAME!r} has {count} elements, over the limit of {max_images} images "
-            "per request"
-        )
+    tensor, count = the_input(header, max_images)
     binary_size = _binary_size(tensor)
     if binary_size is None:
         if binary:
@@ -239,12 +238,38 @@ def parse_infer_request(
                 f"holds {len(binary)} bytes after the JSON header"
             )
         images = deserialize_bytes(binary, count)
+    return infer_request(header, images, images_from_json=binary_size is None)
+
+
+def the_input(header: InferRequestHeader, max_images: int) -> tuple[RequestInput, int]:
+    """The request's one input and its element count, refused unless it is the model's BYTES
+    input of at most `max_images` elements (HTTP and gRPC alike)."""
+    if len(header.inputs) != 1 or header.inputs[0].name != INPUT_NAME:
+        names = ", ".join(repr(i.name) for i in header.inputs) or "none"
+        raise InvalidRequestError(
+            f"this model takes one input, {INPUT_NAME!r} (BYTES, encoded images); got {names}"
+        )
+    tensor = header.inputs[0]
+    count = _element_count(tensor)
+    if count > max_images:
+        raise InvalidRequestError(
+            f"input {INPUT_NAME!r} has {count} elements, over the limit of {max_images} images "
+            "per request"
+        )
+    return tensor, count
+
+
+def infer_request(
+    header: InferRequestHeader, images: list[bytes], *, images_from_json: bool
+) -> InferRequest:
+    """The request, once its images are out of the wire format: options and outputs read from
+    the header (HTTP and gRPC alike)."""
     return InferRequest(
         id=header.id,
         images=images,
         options=_options(header.parameters),
         outputs=_requested_outputs(header),
-        images_from_json=binary_size is None,
+        images_from_json=images_from_json,
     )
 
 
@@ -328,13 +353,27 @@ def _json_bytes(data: list[Any], count: int, rank: int) -> list[bytes]:
                 f"input {INPUT_NAME!r}: element {i} must be a string, got {type(item).__name__}"
             )
         try:
-            out.append(item.encode("utf-8"))
+            raw = item.encode("utf-8")
         except UnicodeEncodeError:  # JSON may escape lone surrogates, which are no UTF-8
             raise InvalidRequestError(
                 f"input {INPUT_NAME!r}: element {i} is not valid UTF-8 text; send images with "
-                "the binary tensor data extension"
+                "the binary tensor data extension, or as base64 text"
             ) from None
+        out.append(_json_element(raw))
     return out
+
+
+def _json_element(raw: bytes) -> bytes:
+    """A BYTES element sent as a JSON string: the image itself when its bytes start like one
+    (a rare all-ASCII image, e.g. a BMP), else its base64 decoding when it is valid base64
+    (JSON cannot carry the bytes of most images), else the text's bytes, which the decoder
+    then refuses with a message that names the element."""
+    if has_image_signature(raw):
+        return raw
+    try:
+        return base64.b64decode(raw, validate=True) if raw else raw
+    except binascii.Error:
+        return raw
 
 
 def _flatten(data: list[Any], rank: int) -> Iterator[Any]:
@@ -376,10 +415,14 @@ def _options(parameters: Mapping[str, Any]) -> DetectOptions:
             value = int(value)
         values[key] = value
     values["classes"] = _classes(parameters.get("classes"))
+    values["tiling"] = parameters.get("tiling")
     try:
         return DetectOptions.model_validate(values)
     except ValidationError as exc:
-        raise InvalidRequestError(_describe(exc, prefix="parameters.")) from None
+        message = _describe(exc, prefix="parameters.")
+        if any(err["loc"][:1] == ("tiling",) for err in exc.errors()):
+            raise ValidationFailedError(message) from None  # 422, as on /v1
+        raise InvalidRequestError(message) from None
 
 
 def _classes(value: Any) -> list[str | int] | None:
@@ -508,6 +551,9 @@ def model_metadata(
                 "threshold": f"minimum score, 0..1 (default {default_threshold})",
                 "max_detections": f"K, 1..1000 (default {default_max_detections})",
                 "classes": "only these classes: comma-separated names or ids",
+                "tiling": 'tiled inference: true, "auto", or the options object (or its JSON '
+                "text): tile_size, overlap, full_image, merge, match_metric, "
+                "match_threshold, class_agnostic, auto",
             },
             "labels": {str(i): labels[i] for i in sorted(labels)},
         },

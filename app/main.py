@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import detect, health, kserve, models
+from app.api import detect, health, kserve, models, page, render
 from app.config import Settings
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.open_requests import OpenRequestsMiddleware
 from app.runtime import Runtime
 from app.schemas import detect_request_model
 
@@ -33,16 +34,33 @@ def create_app(
     engine: Engine | None = None,
     *,
     engine_sockets: Sequence[str] | None = None,
+    grpc_workers: int = 0,
+    on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
-    makes it a front end of the engine process(es) listening there (app/supervisor.py)."""
-    runtime = Runtime(settings, engine, engine_sockets=engine_sockets)
+    makes it a front end of the engine process(es) listening there (app/supervisor.py);
+    `on_load_failure` (one process): see Runtime. With `grpc_workers` (how many processes
+    serve the gRPC port, this one among them) and a --grpc-port, the lifespan also runs the
+    KServe v2 gRPC server (app/api/kserve_grpc/)."""
+    runtime = Runtime(
+        settings, engine, engine_sockets=engine_sockets, on_load_failure=on_load_failure
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
         await runtime.settle()
+        grpc_server = None
+        if grpc_workers and settings.grpc_port:
+            from app.api.kserve_grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(
+                settings, runtime, app.version, workers=grpc_workers
+            )
         yield
+        if grpc_server is not None:
+            # Calls in progress finish (up to the drain timeout); new ones are refused.
+            await grpc_server.stop(settings.drain_timeout_s)
         await runtime.stop()
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the installed package
@@ -56,17 +74,23 @@ def create_app(
     )
     app.state.runtime = runtime
     app.include_router(detect.router)
+    app.include_router(render.router)
+    app.include_router(page.router)
+    app.mount(page.STATIC_PREFIX.rstrip("/"), page.static_files(), name="ui")
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(kserve.router)
     _install_error_handlers(app)
-    # Added last runs first: request context, then CORS, then auth, then the body limit.
+    # Added last runs first: request context, then open requests (counted for the drain,
+    # cancelled when their client goes), then CORS, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.api_key is not None:
         app.add_middleware(
             ApiKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),
             protect_metrics=settings.protect_metrics,
+            exempt_paths=page.PATHS,
+            exempt_prefixes=(page.STATIC_PREFIX,),
         )
     if settings.cors_origin_list:
         app.add_middleware(
@@ -76,6 +100,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(OpenRequestsMiddleware, runtime=runtime)
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     app.openapi = lambda: _openapi(app, settings.max_images_per_request)  # type: ignore[method-assign]
     return app
@@ -121,12 +146,18 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
     )
     components.update(request_schema.pop("$defs", {}))
     components["DetectRequest"] = request_schema
+    render_schema = render.openapi_components()
+    components.update(render_schema.pop("$defs", {}))
+    components["RenderRequest"] = render_schema
     app.openapi_schema = schema
     return schema
 
 
-def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> FastAPI:
-    """The app of one front-end worker process (uvicorn calls this factory in each worker)."""
+def create_frontend_app(
+    settings: Settings, engine_sockets: Sequence[str], workers: int = 1
+) -> FastAPI:
+    """The app of one front-end worker process (uvicorn calls this factory in each of the
+    `workers`)."""
     from app.logging_setup import configure_logging
     from app.malloc_tuning import return_large_frees
     from app.supervisor import die_with_parent
@@ -134,4 +165,4 @@ def create_frontend_app(settings: Settings, engine_sockets: Sequence[str]) -> Fa
     die_with_parent()
     return_large_frees()
     configure_logging(settings.log_level, settings.json_logs)
-    return create_app(settings, engine_sockets=engine_sockets)
+    return create_app(settings, engine_sockets=engine_sockets, grpc_workers=workers)

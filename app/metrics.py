@@ -90,6 +90,19 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "detr_serve_grpc_requests_total",
+            "gRPC calls answered (KServe v2 GRPCInferenceService), by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_latency = Histogram(
+            "detr_serve_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.stage_latency = Histogram(
             "detr_serve_stage_duration_seconds",
             "Time one image spends in each stage (fetch, decode, queue, inference, postprocess).",
@@ -112,6 +125,11 @@ class Metrics:
         self.images = Counter(
             "detr_serve_images_total", "Images answered with detections.", registry=r
         )
+        self.tiles = Counter(
+            "detr_serve_tiles_total",
+            "Tiles (and full-image passes) that tiled images ran as; each is one batch item.",
+            registry=r,
+        )
         self.image_errors = Counter(
             "detr_serve_image_errors_total",
             "Images refused or failed, by error type.",
@@ -129,6 +147,13 @@ class Metrics:
         self.in_flight = Gauge(
             "detr_serve_inflight_images",
             "Images inside the running forward pass.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # Written by the front ends: what a drain waits for (app/open_requests.py).
+        self.open_requests = Gauge(
+            "detr_serve_open_requests",
+            "Inference requests accepted and not answered yet.",
             registry=r,
             multiprocess_mode="livesum",
         )

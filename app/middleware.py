@@ -21,6 +21,9 @@ from app.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
+# Set in the scope of a request whose client went away before its answer (app/open_requests.py):
+# counted and logged as 499, nginx's "client closed request".
+CLIENT_GONE = "detr_serve.client_gone"
 
 
 class RequestContextMiddleware:
@@ -35,8 +38,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = _header(scope, b"x-request-id")
-        request_id = given if given and _CLIENT_ID.match(given) else uuid.uuid4().hex
+        request_id = client_request_id(_header(scope, b"x-request-id"))
         token = request_id_var.set(request_id)
         status = 500
 
@@ -52,6 +54,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if scope.get(CLIENT_GONE):
+                status = 499
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -154,6 +158,23 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+API_KEY_MESSAGE = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+
+
+def bearer_matches(authorization: str | None, expected: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <expected>` (scheme case-insensitive; the
+    HTTP middleware and the gRPC `authorization` metadata share this rule)."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    given = credentials.strip(" ").encode("latin-1", errors="replace")
+    # compare_digest: the time taken does not tell an attacker how much of the key matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
+
+
+def client_request_id(given: str | None) -> str:
+    """The client's request id when it is sane, else a new one (HTTP and gRPC alike)."""
+    return given if given and _CLIENT_ID.match(given) else uuid.uuid4().hex
+
+
 class ApiKeyMiddleware:
     """Requires `Authorization: Bearer <key>` on every path but health, docs and (unless
     `protect_metrics`) metrics. The scheme is case-insensitive (RFC 7235 section 2.1)."""
@@ -172,23 +193,31 @@ class ApiKeyMiddleware:
     )
     EXEMPT_PREFIXES = ("/docs/static/",)
 
-    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        protect_metrics: bool = False,
+        exempt_paths: frozenset[str] = frozenset(),
+        exempt_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        """`exempt_paths` and `exempt_prefixes` add to EXEMPT (the browser page: it holds no
+        data, and its own requests carry the key)."""
         self.app = app
         self._expected = api_key.encode()
-        self._exempt = self.EXEMPT if protect_metrics else self.EXEMPT | {"/metrics"}
+        exempt = self.EXEMPT | exempt_paths
+        self._exempt = exempt if protect_metrics else exempt | {"/metrics"}
+        self._prefixes = self.EXEMPT_PREFIXES + exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in self._exempt or path.startswith(self.EXEMPT_PREFIXES):
+        if scope["type"] != "http" or path in self._exempt or path.startswith(self._prefixes):
             await self.app(scope, receive, send)
             return
-        scheme, _, credentials = (_header(scope, b"authorization") or "").partition(" ")
-        given = credentials.strip(" ").encode("latin-1")
-        # compare_digest: the time taken does not tell an attacker how much of the key matched.
-        if scheme.lower() == "bearer" and hmac.compare_digest(given, self._expected):
+        if bearer_matches(_header(scope, b"authorization"), self._expected):
             await self.app(scope, receive, send)
             return
-        message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+        message = API_KEY_MESSAGE
         await _send_error(
             send, scope, 401, "unauthorized", message, [(b"www-authenticate", b"Bearer")]
         )

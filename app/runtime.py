@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from app.config import Settings
 from app.engine.pool import EnginePool
 from app.engine.tasks import ModelInfo
-from app.engine_host import EngineHost
+from app.engine_host import EngineHost, describe_load_failure
 from app.fetch import Fetcher, FetchPolicy
 from app.ipc.client import RemoteEngine
 from app.metrics import Metrics
@@ -39,33 +39,77 @@ class Runtime:
         engine: Engine | None = None,
         *,
         engine_sockets: Sequence[str] | None = None,
+        on_load_failure: Callable[[], None] | None = None,
     ) -> None:
+        """`on_load_failure`: called (one process) when the model cannot be loaded and
+        settings.exit_on_load_failure holds; the CLI stops the server with it."""
         self.settings = settings
+        self._on_load_failure = on_load_failure
         self.metrics = Metrics()
         self._state: State = "loading"
         self.engine = engine  # the first device's engine (tests may inject one, loaded)
         self.service: DetectionService | None = None
         self.load_error: BaseException | None = None
+        self._failure: str | None = None  # the load failure, as /readyz and the 503s say it
         self.host: EngineHost | None = None
         self.remote: RemoteEngine | None = None
         if engine_sockets:
             self.remote = RemoteEngine(
-                engine_sockets, settings.shm_arena_mb << 20, on_connect=self._on_connect
+                engine_sockets,
+                settings.shm_arena_mb << 20,
+                on_connect=self._on_connect,
+                on_draining=self._drain_started,
             )
         else:
             self.host = EngineHost(settings, self.metrics, engine)
         self._fetcher: Fetcher | None = None
         self._loader: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
+        self.open_requests = 0  # inference requests accepted and not answered yet
+
+    # -- the drain: accepted requests are counted, the engines wait for them ------------------
+    def request_started(self) -> None:
+        self.open_requests += 1
+        self.metrics.open_requests.inc()
+
+    def request_finished(self) -> None:
+        self.open_requests -= 1
+        self.metrics.open_requests.dec()
+        self._report_if_idle()
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM reached the engines (or, in one process, the lifespan is ending)."""
+        if self.remote is not None and self.remote.state == "draining":
+            return True
+        return self._state == "draining"
+
+    def _drain_started(self) -> None:
+        logger.info("front end draining: /readyz 503, new requests 503")
+        self._report_if_idle()
+
+    def _report_if_idle(self) -> None:
+        if self.remote is not None and self.open_requests == 0 and self.draining:
+            self.remote.report_idle()
 
     @property
     def pool(self) -> EnginePool[Any, Any] | None:
         return self.host.pool if self.host is not None else None
 
     @property
+    def failure(self) -> str | None:
+        """Why the model could not be loaded (the model folder and the cause), or None."""
+        if self.remote is not None:
+            return self.remote.failure
+        return self._failure
+
+    @property
     def state(self) -> State:
         """loading -> ready -> draining; "stuck" while a forward pass outlives the watchdog;
-        "restarting" while the engine process is being replaced."""
+        "restarting" while the engine process is being replaced; "failed" when the model
+        could not be loaded."""
+        if self.failure is not None and self._state in ("loading", "failed"):
+            return "failed"
         if self._state != "ready":
             return self._state
         if self.remote is not None:
@@ -143,7 +187,10 @@ class Runtime:
         except Exception as exc:
             self._state = "failed"
             self.load_error = exc
-            logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
+            self._failure = describe_load_failure(self.settings.model, exc)
+            logger.critical("%s", self._failure, exc_info=exc)
+            if self.settings.exit_on_load_failure and self._on_load_failure is not None:
+                self._on_load_failure()
             return
         if self.engine is None and host.engines and hasattr(host.engines[0], "backend"):
             self.engine = host.engines[0]  # type: ignore[assignment]
@@ -151,7 +198,7 @@ class Runtime:
         assert batcher is not None and pool is not None
         self.metrics.observe_queue(lambda: batcher.queue_depth, lambda: batcher.in_flight)
         self.metrics.observe_device_memory(pool.memory_usage)
-        self.service = self._make_service(host.info, batcher, host.jpeg_on_device)
+        self.service = self._make_service(host.info, host, host.jpeg_on_device)
         # Ready once the decode workers are up: their start-up is not the first request's.
         await asyncio.to_thread(self.service.wait_started)
         self._state = "ready"

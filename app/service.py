@@ -14,11 +14,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -38,6 +39,7 @@ from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetecti
 from app.errors import (
     ApiError,
     DeadlineError,
+    ImageTooLargeError,
     InferenceError,
     InvalidImageError,
     InvalidRequestError,
@@ -46,10 +48,19 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import REDUCE_ABOVE_PIXELS, EncodedJpeg, Fit, ImageInfo, probe_image
+from app.images import (
+    DECODE_WEIGHT,
+    REDUCE_ABOVE_PIXELS,
+    EncodedJpeg,
+    Fit,
+    ImageInfo,
+    probe_image,
+)
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
+from app.render import Boxes
 from app.schemas import DetectOptions
+from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,15 @@ class AnsweredImage:
     height: int
     detections: ImageDetections
     timings: dict[str, float]
+    rendered: bytes | None = None  # the image with its boxes drawn, when asked for
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """How to draw the detections on each image (app/render.py)."""
+
+    fmt: str = "jpeg"  # or "png"
+    labels: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,11 +132,17 @@ class _Loaded:
     info: ImageInfo
     jpeg: EncodedJpeg | None  # set when the JPEG goes to the device decoder
     fetch_s: float
+    tiling: TileSpec | None = None  # runs as tiles: decoded at full size
 
     @property
     def pixels(self) -> int:
         """Pixels the image holds at its largest (while decoding, or on the device)."""
         return self.info.height * self.info.width if self.jpeg else self.info.decode_pixels
+
+    @property
+    def render_pixels(self) -> int:
+        """Pixels a render holds: the whole image, decoded at full size."""
+        return self.info.height * self.info.width * DECODE_WEIGHT.get(self.info.format, 1)
 
 
 @dataclass
@@ -126,12 +152,15 @@ class _Prepared:
     width: int
     fetch_s: float
     decode_s: float
+    tiling: TileSpec | None = None
 
     def task(
         self, threshold: float, max_det: int, class_ids: frozenset[int] | None
     ) -> DetectionTask:
         if isinstance(self.image, EncodedJpeg):
             return DetectionTask(None, threshold, max_det, class_ids, jpeg=self.image)
+        if self.tiling is not None:  # full-size pixels, cut into tiles by the engine
+            return DetectionTask(self.image, threshold, max_det, class_ids, tiling=self.tiling)
         # The pixels may be reduced to the model's input: boxes come back in the original's.
         return DetectionTask(
             self.image, threshold, max_det, class_ids, source_size=(self.height, self.width)
@@ -165,16 +194,32 @@ class DetectionService:
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
         self._decoding = PixelBudget(2 * settings.max_image_pixels)
+        # Renders decode whole images, draw and encode them: at most all but one decode worker
+        # at once, so that detection requests always find one.
+        self._render_slots = CapacityLimiter(max(1, workers - 1))
         spec = PreprocessSpec.from_dir(settings.model)
         # A model on the CPU shares its cores with decoding: every image is resized to its input
         # in the decode worker (Pillow, as the model's own processor does), not in the engine's
         # float pre-processing. A GPU resizes a batch faster than Pillow: small images go whole.
         on_cpu = info.device.startswith("cpu")
         self._fit = Fit(spec.output_size, spec.resample, 0 if on_cpu else REDUCE_ABOVE_PIXELS)
+        # The model's input side: the default tile size, and what "auto" compares images with.
+        self._model_side = max(spec.output_size(1024, 1024))
+        self._auto_factor = settings.tiling_auto_factor
 
-    async def detect(self, sources: Sequence[ImageSource], options: DetectOptions) -> DetectResult:
+    async def detect(
+        self,
+        sources: Sequence[ImageSource],
+        options: DetectOptions,
+        render: RenderSpec | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> DetectResult:
+        """Detections for each image; with `render`, also each image with its boxes drawn.
+        `timeout_s` (a client's own deadline, e.g. gRPC's) may only shorten the server's."""
         arrived = time.monotonic()
-        deadline = arrived + self.settings.request_timeout_s
+        limit_s = self.settings.request_timeout_s
+        deadline = arrived + (limit_s if timeout_s is None else min(limit_s, timeout_s))
         if not sources:
             raise InvalidRequestError("the request holds no image")
         limit = self.settings.max_images_per_request
@@ -187,13 +232,92 @@ class DetectionService:
         )
         max_det = options.max_detections or self.settings.default_max_detections
         class_ids = self.resolve_classes(options.classes)
-        loaded = await self._gather([self._load(i, s) for i, s in enumerate(sources)])
-        async with self._admit(loaded, deadline) as lease:
-            prepared = await self._gather([self._decode(x, lease, deadline) for x in loaded])
-            tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
-            queued = time.monotonic()
-            outputs = await self._submit(tasks, deadline)
-        return self._response(prepared, outputs, queued)
+        # The deadline covers the request's whole life: waiting for a download slot,
+        # downloading, waiting for room to decode, decoding, queueing, running and drawing.
+        # Past it the answer is 504 at once and the work still going on for it is cancelled
+        # (downloads, decode workers, the images queued in the engine).
+        stage = "reading its images"
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                tiling, auto = self.tile_spec(options)
+                loaded = await self._gather(
+                    [self._load(i, s, tiling, auto) for i, s in enumerate(sources)]
+                )
+                self._check_tiles(loaded)
+                if render is not None:
+                    full_size = sum(x.render_pixels for x in loaded)
+                    self._check_request_pixels(loaded, full_size, "drawn at full size take")
+                stage = "waiting for room to decode its images"
+                async with self._admit(loaded, deadline) as lease:
+                    stage = "decoding its images"
+                    prepared = await self._gather(
+                        [self._decode(x, lease, deadline) for x in loaded]
+                    )
+                    tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
+                    stage = "waiting for the model"
+                    queued = time.monotonic()
+                    outputs = await self._submit(tasks, deadline)
+                result = self._response(prepared, outputs, queued)
+                if render is None:
+                    return result
+                # After the detection's pixels are given back: a render admits its own.
+                stage = "drawing its images"
+                drawn = await self._gather(
+                    [
+                        self._render(x, out, render, deadline)
+                        for x, out in zip(loaded, outputs, strict=True)
+                    ]
+                )
+        except TimeoutError:
+            raise DeadlineError(
+                f"the request passed its deadline of {deadline - arrived:g} s "
+                f"(request_timeout_s, or the client's own if shorter) while {stage}"
+            ) from None
+        images = []
+        for image, (data, render_s) in zip(result.images, drawn, strict=True):
+            timings = {**image.timings, "render_ms": round(render_s * 1e3, 3)}
+            images.append(dataclasses.replace(image, rendered=data, timings=timings))
+        return DetectResult(result.model, images)
+
+    def _check_request_pixels(self, loaded: list[_Loaded], wanted: int, doing: str) -> None:
+        """413 when the request's images take more than max_request_pixels `doing` so."""
+        limit = self.settings.max_request_pixels
+        if wanted > limit:
+            raise PayloadTooLargeError(
+                f"the request's {len(loaded)} images {doing} {wanted} pixels, over the limit "
+                f"of {limit} pixels per request"
+            )
+
+    async def _render(
+        self, loaded: _Loaded, found: ImageDetections, spec: RenderSpec, deadline: float
+    ) -> tuple[bytes, float]:
+        """The image at its own resolution with its boxes drawn, in a decode worker process:
+        admitted by pixels like a decode (429 when the server has no room), at most
+        `_render_slots` at once, stopped at the request's deadline."""
+        index = loaded.index
+        late = DeadlineError(
+            f"the request passed its deadline of {self.settings.request_timeout_s} s before "
+            "this image could be drawn",
+            image_index=index,
+        )
+        boxes = Boxes(found.boxes, found.labels, found.scores, self.info.labels)
+        started = time.perf_counter()
+        async with (
+            self._admit_pixels(loaded.render_pixels, deadline),
+            self._in_worker(loaded.render_pixels, deadline, late, self._render_slots) as left_s,
+        ):
+            data = await self._decode_pool.render(
+                loaded.data,
+                boxes,
+                max_pixels=self.settings.max_image_pixels,
+                index=index,
+                fmt=spec.fmt,
+                labels=spec.labels,
+                timeout_s=left_s,
+            )
+        render_s = time.perf_counter() - started
+        self.metrics.stage_latency.labels("render").observe(render_s)
+        return data, render_s
 
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         """Run one job per image concurrently; the first bad image cancels the rest (no download
@@ -232,12 +356,13 @@ class DetectionService:
         """Hold the request's pixels in the server-wide budget for the block: 413 beyond the
         per-request limit, 429 when no room comes within a second (or before the deadline)."""
         wanted = sum(x.pixels for x in loaded)
-        limit = self.settings.max_request_pixels
-        if wanted > limit:
-            raise PayloadTooLargeError(
-                f"the request's {len(loaded)} images decode to {wanted} pixels, over the limit "
-                f"of {limit} pixels per request"
-            )
+        self._check_request_pixels(loaded, wanted, "decode to")
+        async with self._admit_pixels(wanted, deadline) as lease:
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def _admit_pixels(self, wanted: int, deadline: float) -> AsyncIterator[Lease]:
+        """`wanted` pixels of the server-wide budget for the block; 429 when no room comes."""
         wait_s = min(_ADMISSION_WAIT_S, deadline - time.monotonic())
         try:
             async with self._pixels.hold(wanted, wait_s) as lease:
@@ -246,6 +371,40 @@ class DetectionService:
             raise QueueFullApiError(
                 str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from None
+
+    def tile_spec(self, options: DetectOptions) -> tuple[TileSpec | None, bool]:
+        """The request's tiling (its options over the server's defaults), and whether it is
+        "auto" (only images large enough run tiled)."""
+        given = options.tiling_options
+        if given is None:
+            return None, False
+        s = self.settings
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        size = given.tile_size or s.tiling_tile_size or self._model_side
+        spec = TileSpec(
+            tile_size=min(max(size, MIN_TILE_SIZE), MAX_TILE_SIZE),
+            overlap=pick(given.overlap, s.tiling_overlap),
+            full_image=pick(given.full_image, s.tiling_full_image),
+            merge=pick(given.merge, s.tiling_merge),
+            match_metric=pick(given.match_metric, s.tiling_match_metric),
+            match_threshold=pick(given.match_threshold, s.tiling_match_threshold),
+            class_agnostic=pick(given.class_agnostic, s.tiling_class_agnostic),
+        )
+        return spec, bool(given.auto)
+
+    def _check_tiles(self, loaded: list[_Loaded]) -> None:
+        tiles = sum(x.tiling.count(x.info.height, x.info.width) for x in loaded if x.tiling)
+        limit = self.settings.max_tiles
+        if tiles > limit:
+            spec = next(x.tiling for x in loaded if x.tiling)
+            raise PayloadTooLargeError(
+                f"tiling.tile_size {spec.tile_size} with overlap {spec.overlap} cuts the "
+                f"request's images into {tiles} tiles, over the limit of {limit} per request: "
+                "send a larger tile_size, a smaller overlap, or fewer images"
+            )
 
     def wait_started(self) -> None:
         """Block until the decode workers are up (blocking: call it from a thread)."""
@@ -276,8 +435,11 @@ class DetectionService:
             ids.add(cid)
         return frozenset(ids)
 
-    async def _load(self, index: int, source: ImageSource) -> _Loaded:
-        """The image's bytes and what its header says; nothing decoded yet."""
+    async def _load(
+        self, index: int, source: ImageSource, tiling: TileSpec | None = None, auto: bool = False
+    ) -> _Loaded:
+        """The image's bytes and what its header says; nothing decoded yet. With tiling, the
+        image may be up to the tiled pixel limit and is held at full size."""
         started = time.perf_counter()
         if source.url is not None:
             data = await self.fetcher.fetch(source.url, index=index)
@@ -298,12 +460,31 @@ class DetectionService:
         fetched = time.perf_counter()
         if source.url is not None:
             self.metrics.stage_latency.labels("fetch").observe(fetched - started)
-        max_pixels, fit = self.settings.max_image_pixels, self._fit
+        plain_limit = self.settings.max_image_pixels
+        max_pixels, fit = plain_limit, self._fit
+        if tiling is not None:
+            max_pixels = self.settings.tiled_image_pixels
 
         def probe() -> ImageInfo:
             return probe_image(data, max_pixels=max_pixels, index=index, fit=fit)
 
         info = probe() if len(data) <= _INLINE_PROBE_BYTES else await to_thread.run_sync(probe)
+        if tiling is not None and (
+            not auto or wants_tiles(info.height, info.width, self._model_side, self._auto_factor)
+        ):
+            # Decoded whole (the tiles are cut from it): held at full size until answered.
+            full = info.height * info.width
+            info = replace(
+                info, decode_pixels=full * DECODE_WEIGHT.get(info.format, 1), held_pixels=full
+            )
+            return _Loaded(index, data, info, None, fetched - started, tiling)
+        if info.height * info.width > plain_limit:
+            raise ImageTooLargeError(
+                f"the image has {info.width}x{info.height} = {info.height * info.width} pixels, "
+                f"over the limit of {plain_limit} (images that run tiled may have up to "
+                f"{self.settings.tiled_image_pixels})",
+                image_index=index,
+            )
         jpeg = None
         loaded_pixels = info.height * info.width
         # Larger JPEGs are decoded by Pillow at a reduced scale rather than in full on the device.
@@ -321,32 +502,46 @@ class DetectionService:
             image_index=index,
         )
         started = time.perf_counter()
-        try:
-            # An image weighing more than the whole decoding budget decodes alone.
-            weight = min(loaded.pixels, self._decoding.capacity)
-            async with (
-                self._decoding.hold(weight, deadline - time.monotonic()),
-                self._decode_slots,
-            ):
-                # Checked once a worker is free: a request whose deadline passed while it
-                # waited starts no decode.
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise late
-                pixels = await self._decode_pool.decode(
-                    loaded.data,
-                    max_pixels=self.settings.max_image_pixels,
-                    index=index,
-                    target=self._fit.target(info.height, info.width),
-                    resample=self._fit.resample,
-                    timeout_s=min(self.settings.decode_timeout_s, left_s),
-                )
-        except BudgetExhaustedError:
-            raise late from None
+        tiled = loaded.tiling is not None
+        async with self._in_worker(loaded.pixels, deadline, late) as left_s:
+            pixels = await self._decode_pool.decode(
+                loaded.data,
+                max_pixels=self.settings.tiled_image_pixels
+                if tiled
+                else self.settings.max_image_pixels,
+                index=index,
+                target=None if tiled else self._fit.target(info.height, info.width),
+                resample=self._fit.resample,
+                timeout_s=min(self.settings.decode_timeout_s, left_s),
+            )
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
-        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s)
+        return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s, loaded.tiling)
+
+    @contextlib.asynccontextmanager
+    async def _in_worker(
+        self, pixels: int, deadline: float, late: DeadlineError, *limiters: CapacityLimiter
+    ) -> AsyncIterator[float]:
+        """Room for `pixels` in the decoding budget, then `limiters` and a decode worker, held
+        for the block; yields the seconds left. `late` when the deadline passes first."""
+        async with contextlib.AsyncExitStack() as stack:
+            # An image weighing more than the whole decoding budget decodes alone.
+            weight = min(pixels, self._decoding.capacity)
+            try:
+                await stack.enter_async_context(
+                    self._decoding.hold(weight, deadline - time.monotonic())
+                )
+            except BudgetExhaustedError:
+                raise late from None
+            for limiter in (*limiters, self._decode_slots):
+                await stack.enter_async_context(limiter)
+            # Checked once a worker is free: a request whose deadline passed while it waited
+            # starts no work.
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise late
+            yield left_s
 
     async def _submit(self, tasks: list[DetectionTask], deadline: float) -> list[ImageDetections]:
         try:
@@ -386,6 +581,8 @@ class DetectionService:
                 "postprocess_ms": round(out.postprocess_s * 1e3, 3),
                 "batch_size": out.batch_size,
             }
+            if out.tiles:
+                timings["tiles"] = out.tiles
             images.append(AnsweredImage(p.width, p.height, out, timings))
         self.metrics.detections.inc(detections)
         self.metrics.images.inc(len(images))

@@ -7,8 +7,9 @@ uvicorn's supervisor of the HTTP front-end workers (which replaces a worker that
                                     decode, encode; pixels to the engine in shared memory
 
 It owns a temporary directory for the engines' unix sockets and Prometheus' multiprocess
-files, made empty at start and removed at exit. On SIGTERM or SIGINT the front ends drain
-first (their in-flight requests still reach the engines), then the engines drain and stop.
+files, made empty at start and removed at exit. On SIGTERM readiness turns 503 at once, the
+requests already accepted finish (up to drain_timeout_s), the engines exit, then the front
+ends (see _Drain). SIGINT (Ctrl-C, which reaches every process) stops the front ends first.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
 _STABLE_S = 60.0  # an engine that lived this long restarts at once again when it dies
+# Shut-down, after the drain (drain_timeout_s): an engine has this long to answer what is left
+# and exit before SIGKILL; then each front end (its engines gone, nothing left to wait for)
+# has uvicorn's graceful shut-down, then this long for its lifespan's end (the decode workers'
+# join, up to 5 s: app/decode_pool.py) and its exit.
+ENGINE_EXIT_S = 5.0
+FRONTEND_GRACE_S = 5
+FRONTEND_EXIT_S = 6.0
+
+
+def shutdown_bound_s(settings: Settings) -> float:
+    """The longest time from SIGTERM to the supervisor's exit: what an orchestrator's grace
+    period (Kubernetes terminationGracePeriodSeconds, after preStop) must cover."""
+    return settings.drain_timeout_s + ENGINE_EXIT_S + FRONTEND_GRACE_S + FRONTEND_EXIT_S
 
 
 class EngineProcess:
@@ -88,7 +102,12 @@ class EngineProcess:
             # Its "live" gauges (queue depth, memory) must not count any more.
             multiprocess.mark_process_dead(process.pid)
             if process.exitcode == LOAD_FAILED:
-                logger.critical("engine %d could not load the model: stopping", self.index)
+                # The engine logged the cause; restarting cannot help (no restart loop).
+                logger.critical(
+                    "engine %d could not load the model at %s: stopping detr-serve (exit status 1)",
+                    self.index,
+                    self.settings.model,
+                )
                 self.failed.set()
                 return
             if time.monotonic() - started > _STABLE_S:
@@ -161,6 +180,14 @@ def serve(settings: Settings) -> int:
             "prometheus_client was imported before the supervisor set PROMETHEUS_MULTIPROC_DIR: "
             "the metrics would not be merged across processes"
         )
+    if settings.grpc_port:
+        from app.api.kserve_grpc.port import GrpcPortInUseError, check_port_free
+
+        try:
+            check_port_free(settings)  # the workers bind it with SO_REUSEPORT: never refused
+        except GrpcPortInUseError as exc:
+            logger.critical("%s", exc)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="detr-serve-"))
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir()
@@ -187,21 +214,23 @@ def serve(settings: Settings) -> int:
         available_cpus(),
     )
     config = uvicorn.Config(
-        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines]),
+        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines], workers),
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=workers,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        # The front ends stop after the engines have drained (see _Drain): no work is left.
+        timeout_graceful_shutdown=FRONTEND_GRACE_S,
         # uvicorn kills a worker that does not answer its ping in time; on a busy machine
         # its default (5 s) also kills workers that are only slow to start.
         timeout_worker_healthcheck=15,
         **uvicorn_limits(settings, workers),
     )
     sock = config.bind_socket()
-    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor = Multiprocess(config, sockets=[sock])  # installs uvicorn's signal handlers
+    signal.signal(signal.SIGTERM, _Drain(engines, supervisor, settings).on_sigterm)
     for engine in engines:
         engine.start()
     watcher = threading.Thread(
@@ -225,3 +254,42 @@ def _stop_when_an_engine_fails(engines: list[EngineProcess], supervisor: Multipr
             supervisor.should_exit.set()
             return
         time.sleep(0.2)
+
+
+class _Drain:
+    """SIGTERM, in the order an orchestrator needs (uvicorn's own order would stop accepting
+    first, so /readyz could never say "draining"):
+      1. at once, SIGTERM to the engines: each tells every front end "draining", so /readyz
+         answers 503 and new requests 503 while the front ends keep accepting connections;
+      2. the requests already accepted finish (the engines wait for every front end to say it
+         is idle and for their queues, up to drain_timeout_s; then what is left is answered
+         503) and the engines exit;
+      3. then uvicorn stops the front ends, which have nothing left to wait for.
+    uvicorn handles its queued signals every 0.5 s: the first step runs in the handler."""
+
+    def __init__(
+        self, engines: list[EngineProcess], supervisor: Multiprocess, settings: Settings
+    ) -> None:
+        self.engines = engines
+        self.supervisor = supervisor
+        self.timeout_s = settings.drain_timeout_s + ENGINE_EXIT_S
+        self._started = False
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        if self._started:
+            return
+        self._started = True
+        logger.info("SIGTERM: draining (readiness 503; accepted requests finish)")
+        stopping = [
+            threading.Thread(target=e.stop, args=(self.timeout_s,), name=f"drain-{e.index}")
+            for e in self.engines
+        ]
+        for thread in stopping:
+            thread.start()
+
+        def then_the_front_ends() -> None:
+            for thread in stopping:
+                thread.join()
+            self.supervisor.should_exit.set()
+
+        threading.Thread(target=then_the_front_ends, name="drain", daemon=True).start()

@@ -5,6 +5,11 @@ a running server. With both, the difference shows what serving changes (it shoul
 
     python scripts/evaluate.py --model models/rtdetr-shapes --count 500
     python scripts/evaluate.py --url http://127.0.0.1:8000 --count 500
+    python scripts/evaluate.py --tiling --url http://127.0.0.1:8000 --count 20
+
+--tiling (issue 14) evaluates on high-resolution scenes (3840x2160, 4000x3000, objects of
+16-64 px) through HTTP, tiling off then on: mAP@0.5, recall, images/s both ways, and the tiles/s
+of the tiled run against the raw forward pass of the same model at the server's batch size.
 """
 
 from __future__ import annotations
@@ -193,37 +198,47 @@ def detect_http(
     batch_size: int,
     transport: str = "multipart",
     timeout: float = 120.0,
+    tiling: object = None,
+    concurrency: int = 1,
+    tiles: list[int] | None = None,
 ) -> tuple[str, list[list[Detection]]]:
-    """POST the JPEG bytes to /v1/detect; return the model's name and per-image detections."""
+    """POST the JPEG bytes to /v1/detect; return the model's name and per-image detections.
+    `tiling`: the request's tiling option; `concurrency` requests in flight; `tiles` receives
+    each image's tile count (timings.tiles)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     endpoint = url.rstrip("/") + "/v1/detect"
-    out: list[list[Detection]] = []
     name = ""
-    with httpx.Client(timeout=timeout) as client:
-        for chunk in _batches(samples, batch_size):
-            if transport == "multipart":
-                response = client.post(
-                    endpoint,
-                    files=[
-                        ("file", (f"{i}.jpg", s.jpeg, "image/jpeg")) for i, s in enumerate(chunk)
-                    ],
-                    data={"threshold": str(threshold), "max_detections": str(max_detections)},
-                )
-            else:
-                response = client.post(
-                    endpoint,
-                    json={
-                        "images": [{"data": base64.b64encode(s.jpeg).decode()} for s in chunk],
-                        "threshold": threshold,
-                        "max_detections": max_detections,
-                    },
-                )
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"{endpoint} answered {response.status_code}: {response.text[:500]}"
-                )
-            body = response.json()
+
+    def post(client: httpx.Client, chunk: Sequence[shapes.Sample]) -> dict:
+        if transport == "multipart":
+            data = {"threshold": str(threshold), "max_detections": str(max_detections)}
+            if tiling is not None:
+                data["tiling"] = json.dumps(tiling)
+            response = client.post(
+                endpoint,
+                files=[("file", (f"{i}.jpg", s.jpeg, "image/jpeg")) for i, s in enumerate(chunk)],
+                data=data,
+            )
+        else:
+            body: dict = {
+                "images": [{"data": base64.b64encode(s.jpeg).decode()} for s in chunk],
+                "threshold": threshold,
+                "max_detections": max_detections,
+            }
+            if tiling is not None:
+                body["tiling"] = tiling
+            response = client.post(endpoint, json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{endpoint} answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    out: list[list[Detection]] = []
+    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(concurrency) as pool:
+        chunks = list(_batches(samples, batch_size))
+        for chunk, body in zip(chunks, pool.map(lambda c: post(client, c), chunks), strict=True):
             name = body.get("model", name)
             results = body["results"]
             if len(results) != len(chunk):
@@ -235,6 +250,8 @@ def detect_http(
                         f"image is {sample.width}x{sample.height}"
                     )
                 out.append(result["detections"])
+                if tiles is not None:
+                    tiles.append(int(result["timings"].get("tiles", 0)))
     return name, out
 
 
@@ -335,6 +352,110 @@ def _print_table(columns: dict[str, dict[str, float]]) -> None:
         print(" | ".join(row))
 
 
+# Issue 14's targets for the default model on the high-resolution scenes.
+TILING_BAR_MAP50, PLAIN_CEILING_MAP50, TILES_OVER_RAW = 0.85, 0.3, 0.85
+
+
+def tiling_evaluation(args: argparse.Namespace) -> dict:
+    """--tiling: the high-resolution scenes through HTTP, tiling off then on, and the raw
+    forward pass of the same model at the server's batch size (in this process, before the
+    HTTP runs, so that the two never share the cores)."""
+    import httpx
+
+    seed = args.seed if args.seed != shapes.HELDOUT_SEED else shapes.HIGHRES_SEED
+    started = time.perf_counter()
+    coco_gt, samples = shapes.coco_dataset(seed, args.count, highres=True)
+    print(
+        f"{len(samples)} high-resolution scenes, {len(coco_gt['annotations'])} objects "
+        f"(seed {seed}; generated in {time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["models"][0]
+    max_batch = int(card["max_batch_size"])
+    from scripts.bench import bench_raw
+
+    # A tile of the first scene at the model's input size: what each tiled batch item is.
+    tile = io.BytesIO()
+    samples[0].image.crop((0, 0, 256, 256)).save(tile, format="JPEG", quality=90)
+    rows = bench_raw(args.model, "cpu", max_batch, args.raw_seconds, tile.getvalue())
+    raw = next(r for r in rows if r["batch"] == max_batch)
+    print(f"raw forward pass at batch {max_batch}: {raw['forward_img_s']:.1f} img/s", flush=True)
+    tiling = json.loads(args.tiling_options) if args.tiling_options else True
+    runs: dict[str, dict[str, float]] = {}
+    tile_counts: list[int] = []
+    for mode, option in (("plain", None), ("tiled", tiling)):
+        counts: list[int] = []
+        t0 = time.perf_counter()
+        _, dets = detect_http(
+            args.url,
+            samples,
+            args.threshold,
+            args.max_detections,
+            1,
+            args.transport,
+            timeout=600.0,
+            tiling=option,
+            concurrency=args.concurrency,
+            tiles=counts,
+        )
+        seconds = time.perf_counter() - t0
+        figures = evaluate(samples, coco_gt, dets)
+        figures["images_per_s"] = len(samples) / seconds
+        figures["seconds"] = seconds
+        if option is not None:
+            tile_counts = counts
+            figures["tiles"] = float(sum(counts))
+            figures["tiles_per_s"] = sum(counts) / seconds
+        runs[mode] = figures
+        print(
+            f"{mode}: mAP50 {figures['mAP50']:.4f}, recall@0.5 {figures['recall@0.5']:.4f}, "
+            f"{figures['images_per_s']:.3f} images/s",
+            flush=True,
+        )
+    tiled, plain = runs["tiled"], runs["plain"]
+    verdicts = {
+        f"tiled mAP50 >= {TILING_BAR_MAP50}": tiled["mAP50"] >= TILING_BAR_MAP50,
+        f"plain mAP50 < {PLAIN_CEILING_MAP50}": plain["mAP50"] < PLAIN_CEILING_MAP50,
+        f"tiles/s >= {TILES_OVER_RAW} x raw forward": tiled["tiles_per_s"]
+        >= TILES_OVER_RAW * raw["forward_img_s"],
+    }
+    return {
+        "seed": seed,
+        "count": len(samples),
+        "objects": len(coco_gt["annotations"]),
+        "sizes": sorted({f"{s.width}x{s.height}" for s in samples}),
+        "tiling": tiling,
+        "concurrency": args.concurrency,
+        "threshold": args.threshold,
+        "max_detections": args.max_detections,
+        "max_batch_size": max_batch,
+        "tiles_per_image": sum(tile_counts) / max(1, len(tile_counts)),
+        "raw_forward_img_s": raw["forward_img_s"],
+        "tiles_over_raw": tiled["tiles_per_s"] / raw["forward_img_s"],
+        "runs": runs,
+        "verdicts": verdicts,
+    }
+
+
+def tiling_table(report: dict) -> str:
+    """The README's measured table (markdown)."""
+    plain, tiled = report["runs"]["plain"], report["runs"]["tiled"]
+    lines = [
+        "| | tiling off | tiling on |",
+        "| --- | --- | --- |",
+        f"| mAP@0.5 | {plain['mAP50']:.3f} | {tiled['mAP50']:.3f} |",
+        f"| mAP@0.5:0.95 | {plain['mAP']:.3f} | {tiled['mAP']:.3f} |",
+        f"| recall (score >= 0.5, IoU >= 0.5) | {plain['recall@0.5']:.3f} | "
+        f"{tiled['recall@0.5']:.3f} |",
+        f"| images/s | {plain['images_per_s']:.3f} | {tiled['images_per_s']:.3f} |",
+        f"| tiles per image | 1 | {report['tiles_per_image']:.1f} |",
+        f"| tiles/s (raw forward pass at batch {report['max_batch_size']}: "
+        f"{report['raw_forward_img_s']:.1f}) | | {tiled['tiles_per_s']:.1f} "
+        f"({report['tiles_over_raw']:.2f}x raw) |",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -365,7 +486,32 @@ def main(argv: list[str] | None = None) -> int:
         help="write the figures into this model card's evaluation section "
         "(e.g. models/rtdetr-shapes/README.md)",
     )
+    parser.add_argument(
+        "--tiling",
+        action="store_true",
+        help="high-resolution scenes through HTTP (needs --url), tiling off vs on",
+    )
+    parser.add_argument(
+        "--tiling-options",
+        default="",
+        help="the tiling option as JSON (default: true, the server's defaults), e.g. "
+        '\'{"tile_size": 256, "overlap": 0.2}\'',
+    )
+    parser.add_argument("--concurrency", type=int, default=2, help="requests in flight (--tiling)")
+    parser.add_argument(
+        "--raw-seconds", type=float, default=10.0, help="time per raw forward measure (--tiling)"
+    )
     args = parser.parse_args(argv)
+    if args.tiling:
+        if not args.url:
+            parser.error("--tiling needs --url")
+        report = tiling_evaluation(args)
+        print(tiling_table(report))
+        for what, ok in report["verdicts"].items():
+            print(f"target: {what}: {'met' if ok else 'NOT met'}")
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
+        return 0
     if args.no_direct and not args.url:
         parser.error("--no-direct needs --url")
     if args.seed in (shapes.TRAIN_SEED,):

@@ -41,6 +41,15 @@ class RunningServer:
         it inherits this environment, plus `env`, less the variables in `env_remove`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # detr-serve's gRPC port is 8001 by default: a free one unless the caller chose,
+        # so that servers started side by side never share (or fight over) 8001.
+        env = dict(env or {})
+        if "--grpc-port" in args:
+            self.grpc_port = int(args[args.index("--grpc-port") + 1])
+        else:
+            env.setdefault("DETR_SERVE_GRPC_PORT", str(free_port()))
+            self.grpc_port = int(env["DETR_SERVE_GRPC_PORT"])
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         prefix = command or detr_serve_command()
         cmd = [*prefix, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"detr-serve-{self.port}.log"

@@ -4,6 +4,11 @@ Used to train the default model (scripts/train_default_model.py), to evaluate it
 (scripts/evaluate.py) and by tests. Every image is a pure function of (seed, index).
 
     python -m scripts.synthetic_shapes --out data/shapes-val --seed 2000003 --count 500
+    python -m scripts.synthetic_shapes --highres --out data/shapes-4k --count 20
+
+The high-resolution mode (issue 14: tiled inference) draws 3840x2160 and 4000x3000 scenes
+(alternating) with 30-80 objects of 16-64 px: squashed to a 256 px input whole, such an object
+is 1-4 px; at native resolution, in tiles, it is what the default model was trained on.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ MAX_OBJECT_FRACTION = 0.5  # of the short side
 # its own pixels visible, so each annotation still names a recognisable object.
 MIN_VISIBLE_FRACTION = 0.6
 SUPERSAMPLE = 2
+
+# High-resolution scenes (see the module doc); a stream of their own, never trained on.
+HIGHRES_SEED = 3_000_017
+HIGHRES_SIZES: tuple[tuple[int, int], ...] = ((3840, 2160), (4000, 3000))
+HIGHRES_OBJECT_PX = (16.0, 64.0)
+HIGHRES_OBJECTS = (30, 80)
 
 
 @dataclass(frozen=True)
@@ -217,10 +228,19 @@ def _sample_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
-def generate_sample(seed: int, index: int, size: tuple[int, int] | None = None) -> Sample:
+def generate_sample(
+    seed: int,
+    index: int,
+    size: tuple[int, int] | None = None,
+    *,
+    object_px: tuple[float, float] | None = None,
+    objects: tuple[int, int] | None = None,
+) -> Sample:
     """Image number `index` of the stream `seed`; identical on every call and machine.
 
-    `size` (width, height) fixes the canvas, e.g. 640x480 for benchmarks and examples."""
+    `size` (width, height) fixes the canvas, e.g. 640x480 for benchmarks and examples;
+    `object_px` the range of shape diameters in pixels and `objects` the range of their count
+    (default: the training distribution)."""
     rng = np.random.default_rng([seed, index])
     width, height = size if size is not None else _sample_size(rng)
     canvas = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
@@ -235,7 +255,10 @@ def generate_sample(seed: int, index: int, size: tuple[int, int] | None = None) 
 
     min_d = max(MIN_OBJECT_PX, MIN_OBJECT_FRACTION * max(width, height))
     max_d = MAX_OBJECT_FRACTION * min(width, height)
-    wanted = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    if object_px is not None:
+        min_d, max_d = object_px
+    low, high = objects if objects is not None else (MIN_OBJECTS, MAX_OBJECTS)
+    wanted = int(rng.integers(low, high + 1))
     attempts = 0
     while len(labels) < wanted and attempts < wanted * 8:
         attempts += 1
@@ -310,16 +333,30 @@ def generate_sample(seed: int, index: int, size: tuple[int, int] | None = None) 
     )
 
 
+def generate_highres(seed: int, index: int) -> Sample:
+    """High-resolution scene `index` of stream `seed` (see the module doc)."""
+    return generate_sample(
+        seed,
+        index,
+        HIGHRES_SIZES[index % len(HIGHRES_SIZES)],
+        object_px=HIGHRES_OBJECT_PX,
+        objects=HIGHRES_OBJECTS,
+    )
+
+
 def coco_categories() -> list[dict]:
     """COCO categories; ids are 1-based (COCO habit), the model's class ids are 0-based."""
     return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
 
 
-def coco_dataset(seed: int, count: int, start: int = 0) -> tuple[dict, list[Sample]]:
-    """COCO ground truth for images start..start+count-1 of stream `seed`, and the samples."""
+def coco_dataset(
+    seed: int, count: int, start: int = 0, *, highres: bool = False
+) -> tuple[dict, list[Sample]]:
+    """COCO ground truth for images start..start+count-1 of stream `seed`, and the samples
+    (`highres`: the high-resolution scenes)."""
     images, annotations, samples = [], [], []
     for image_id, index in enumerate(range(start, start + count), start=1):
-        sample = generate_sample(seed, index)
+        sample = generate_highres(seed, index) if highres else generate_sample(seed, index)
         samples.append(sample)
         images.append(
             {
@@ -352,9 +389,11 @@ def coco_dataset(seed: int, count: int, start: int = 0) -> tuple[dict, list[Samp
     return coco, samples
 
 
-def write_dataset(out_dir: Path, seed: int, count: int, start: int = 0) -> Path:
+def write_dataset(
+    out_dir: Path, seed: int, count: int, start: int = 0, *, highres: bool = False
+) -> Path:
     """Write the JPEGs and `annotations.json` (COCO) under out_dir; return the annotation path."""
-    coco, samples = coco_dataset(seed, count, start)
+    coco, samples = coco_dataset(seed, count, start, highres=highres)
     out_dir.mkdir(parents=True, exist_ok=True)
     for info, sample in zip(coco["images"], samples, strict=True):
         (out_dir / info["file_name"]).write_bytes(sample.jpeg)
@@ -368,11 +407,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"default {HELDOUT_SEED} ({HIGHRES_SEED} with --highres)",
+    )
+    parser.add_argument(
+        "--highres",
+        action="store_true",
+        help="3840x2160 and 4000x3000 scenes with 16-64 px objects (tiled inference)",
+    )
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--start", type=int, default=0, help="first image index")
     parser.add_argument("--size", default=None, help="WxH: one fixed size, e.g. 640x480")
     args = parser.parse_args()
+    if args.seed is None:
+        args.seed = HIGHRES_SEED if args.highres else HELDOUT_SEED
     if args.size:
         width, height = (int(v) for v in args.size.lower().split("x"))
         args.out.mkdir(parents=True, exist_ok=True)
@@ -381,7 +432,7 @@ def main() -> None:
             (args.out / f"shapes-{width}x{height}-{i}.jpg").write_bytes(sample.jpeg)
         print(f"wrote {args.count} images of {width}x{height}")
         return
-    path = write_dataset(args.out, args.seed, args.count, args.start)
+    path = write_dataset(args.out, args.seed, args.count, args.start, highres=args.highres)
     print(f"wrote {args.count} images and {path}")
 
 

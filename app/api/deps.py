@@ -6,20 +6,27 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import UnavailableError
+from app.errors import ModelLoadFailedError, UnavailableError
 from app.runtime import Runtime
 from app.service import DetectionService
 
 
-# async on purpose: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per
-# request (and a GIL hand-over each way) for a dictionary lookup.
-async def get_runtime(request: Request) -> Runtime:
+def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
+# The dependencies are async on purpose: FastAPI runs a plain `def` dependency on a worker
+# thread, a thread hop per request (and a GIL hand-over each way) for a dictionary lookup.
+async def runtime_dependency(request: Request) -> Runtime:
+    return get_runtime(request)
+
+
 async def get_service(request: Request) -> DetectionService:
-    runtime: Runtime = request.app.state.runtime
+    runtime = get_runtime(request)
+    failure = runtime.failure
+    if failure is not None:
+        raise ModelLoadFailedError(failure)
     if runtime.service is None:
         raise UnavailableError(
             "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
@@ -27,5 +34,17 @@ async def get_service(request: Request) -> DetectionService:
     return runtime.service
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+async def get_inference_service(request: Request) -> DetectionService:
+    """The service, for a route that runs the model: refused while draining (the requests
+    accepted before the drain still finish; new ones go to another replica)."""
+    if get_runtime(request).draining:
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
+    return await get_service(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]
 ServiceDep = Annotated[DetectionService, Depends(get_service)]
+InferenceServiceDep = Annotated[DetectionService, Depends(get_inference_service)]

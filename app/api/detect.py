@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import ServiceDep
+from app.api.deps import InferenceServiceDep
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
-from app.schemas import DetectOptions, DetectResponse, ErrorResponse, detect_request_model
-from app.service import ImageSource
+from app.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
+from app.service import ImageSource, RenderSpec
+
+_Request = TypeVar("_Request", bound=DetectRequest)
 
 router = APIRouter(tags=["detection"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Bad input: the message names the image."},
     413: {"model": ErrorResponse, "description": "Body or image too large."},
     415: {"model": ErrorResponse, "description": "Neither JSON nor multipart/form-data."},
@@ -28,23 +30,47 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "The request passed its deadline."},
 }
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["file"],
-    "properties": {
-        "file": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "One or more images, as repeated 'file' parts.",
+
+def multipart_schema(
+    files_description: str, max_files: int | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The multipart/form-data body's schema: the 'file' parts, the options as fields."""
+    files: dict[str, Any] = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": files_description,
+    }
+    if max_files is not None:
+        files["maxItems"] = max_files
+    return {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": files,
+            "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+            "max_detections": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "classes": {
+                "type": "string",
+                "description": "Comma-separated class names or ids (the field may also repeat).",
+            },
+            "tiling": {
+                "type": "string",
+                "description": "Tiled inference: true, auto, or the options object as JSON text "
+                '(e.g. {"tile_size": 320, "overlap": 0.2}).',
+            },
+            **extra,
         },
-        "threshold": {"type": "number", "minimum": 0, "maximum": 1},
-        "max_detections": {"type": "integer", "minimum": 1, "maximum": 1000},
-        "classes": {
-            "type": "string",
-            "description": "Comma-separated class names or ids (the field may also repeat).",
-        },
+    }
+
+
+_MULTIPART_SCHEMA = multipart_schema(
+    "One or more images, as repeated 'file' parts.",
+    None,
+    {
+        "render": {"type": "boolean", "description": "Add each image with its boxes drawn."},
+        "labels": {"type": "boolean", "description": "When drawing: label each box."},
     },
-}
+)
 
 OPENAPI_BODY = {
     "requestBody": {
@@ -69,10 +95,22 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     description='Send JSON `{"images": [{"url": ...} | {"data": base64}], ...}` or '
     "multipart/form-data with one or more `file` parts. Results come in input order, boxes "
     "as [x1, y1, x2, y2] in each original image's pixels.",
-    responses=_ERRORS,
+    responses=ERRORS,
     openapi_extra=OPENAPI_BODY,
 )
-async def detect(request: Request, service: ServiceDep) -> Response:
+async def detect(request: Request, service: InferenceServiceDep) -> Response:
+    max_images = service.settings.max_images_per_request
+    sources, options = await read_request(request, detect_request_model(max_images), max_images)
+    render = RenderSpec("jpeg", options.labels) if options.render else None
+    result = await service.detect(sources, options, render)
+    # Encoded from the arrays (app/encode.py); response_model above documents the shape.
+    return Response(v1_json(result, service.info.labels), media_type="application/json")
+
+
+async def read_request(
+    request: Request, model: type[_Request], max_images: int
+) -> tuple[list[ImageSource], _Request]:
+    """The images and options of a JSON or multipart body, validated as `model`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -80,26 +118,23 @@ async def detect(request: Request, service: ServiceDep) -> Response:
             f"Content-Encoding {encoding[:40]!r} is not accepted here: send the body as it is"
         )
     if content_type == "application/json":
-        sources, options = await _from_json(request, service.settings.max_images_per_request)
-    elif content_type == "multipart/form-data":
-        sources, options = await _from_multipart(request, service.settings.max_images_per_request)
-    else:
-        raise UnsupportedMediaTypeError(
-            "send application/json or multipart/form-data (got "
-            f"{content_type or 'no content type'})"
-        )
-    result = await service.detect(sources, options)
-    # Encoded from the arrays (app/encode.py); response_model above documents the shape.
-    return Response(v1_json(result, service.info.labels), media_type="application/json")
+        return await _from_json(request, model, max_images)
+    if content_type == "multipart/form-data":
+        return await _from_multipart(request, model, max_images)
+    raise UnsupportedMediaTypeError(
+        f"send application/json or multipart/form-data (got {content_type or 'no content type'})"
+    )
 
 
-async def _from_json(request: Request, max_images: int) -> tuple[list[ImageSource], DetectOptions]:
+async def _from_json(
+    request: Request, model: type[_Request], max_images: int
+) -> tuple[list[ImageSource], _Request]:
     body = await collect(request.stream())
     # Counted before it is parsed, parsed before it is validated, validated up to the image
     # limit only (see app/request_body.py): a dense body costs milliseconds, not seconds.
     value = await run_sized(len(body), lambda: parse_json(body, "the body"))
     try:
-        parsed = detect_request_model(max_images).model_validate(value, strict=True)
+        parsed = model.model_validate(value, strict=True)
     except ValidationError as exc:
         for err in exc.errors():
             if err["type"] == "too_long" and err["loc"] == ("images",):
@@ -112,9 +147,13 @@ async def _from_json(request: Request, max_images: int) -> tuple[list[ImageSourc
     return sources, parsed
 
 
+# Options a multipart body may carry as form fields (besides 'classes' and the files).
+_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format")
+
+
 async def _from_multipart(
-    request: Request, max_files: int
-) -> tuple[list[ImageSource], DetectOptions]:
+    request: Request, model: type[_Request], max_files: int
+) -> tuple[list[ImageSource], _Request]:
     try:
         form = await request.form(max_files=max_files + 1, max_fields=32)
     except ApiError:
@@ -128,18 +167,23 @@ async def _from_multipart(
         sources.append(ImageSource(raw=await part.read()))
     if not sources:
         raise InvalidRequestError("the multipart body holds no 'file' part")
+    if len(sources) > max_files:
+        raise InvalidRequestError(
+            f"the request holds {len(sources)} images, over the limit of {max_files}"
+        )
     classes: list[str | int] | None = None
     raw_classes = [str(v) for v in form.getlist("classes")]
     if raw_classes:
         classes = [c.strip() for v in raw_classes for c in v.split(",") if c.strip()]
+    fields: dict[str, Any] = {"classes": classes}
+    for name in _FORM_OPTIONS:
+        value = form.get(name)
+        if value is not None and value != "" and name in model.model_fields:
+            fields[name] = value
     try:
-        options = DetectOptions.model_validate(
-            {
-                "threshold": form.get("threshold") or None,
-                "max_detections": form.get("max_detections") or None,
-                "classes": classes,
-            }
-        )
+        # Validated without the images (they are the file parts), in lax mode: form fields
+        # are text ("0.5", "true").
+        options = model.model_validate({**fields, "images": [{"data": ""}]})
     except ValidationError as exc:
         raise ValidationFailedError(_describe(exc)) from None
     return sources, options

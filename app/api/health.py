@@ -12,8 +12,18 @@ from app.schemas import Status
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Status, summary="Liveness: 200 while the process lives")
-async def healthz() -> Status:
+@router.get(
+    "/healthz",
+    response_model=Status,
+    response_model_exclude_none=True,
+    summary="Liveness: 200 while the process lives",
+)
+async def healthz(runtime: RuntimeDep) -> Status:
+    # Alive, whatever else: with --no-exit-on-load-failure the body says the model failed
+    # (a liveness probe that failed would only restart into the same failure).
+    failure = runtime.failure
+    if failure is not None:
+        return Status(status="failed", reason=failure)
     return Status(status="ok")
 
 
@@ -25,7 +35,10 @@ async def healthz() -> Status:
 )
 async def readyz(runtime: RuntimeDep) -> Response:
     state = runtime.state
-    return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
+    body: dict[str, str] = {"status": state}
+    if state == "failed" and runtime.failure is not None:
+        body["reason"] = runtime.failure
+    return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 
 @router.get(

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import kserve_codec as codec
-from app.api.deps import RuntimeDep, ServiceDep
+from app.api.deps import InferenceServiceDep, RuntimeDep, ServiceDep
 from app.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
 from app.request_body import collect, inflate, run_sized
@@ -219,7 +219,7 @@ async def model_version_ready(model_name: str, version: str, runtime: RuntimeDep
     responses=_errors(400, 404, 413, 429, 500, 503, 504),
     openapi_extra=_INFER_BODY,
 )
-async def infer(model_name: str, request: Request, service: ServiceDep) -> Response:
+async def infer(model_name: str, request: Request, service: InferenceServiceDep) -> Response:
     return await _infer(request, service, model_name, None)
 
 
@@ -231,7 +231,7 @@ async def infer(model_name: str, request: Request, service: ServiceDep) -> Respo
     openapi_extra=_INFER_BODY,
 )
 async def infer_version(
-    model_name: str, version: str, request: Request, service: ServiceDep
+    model_name: str, version: str, request: Request, service: InferenceServiceDep
 ) -> Response:
     return await _infer(request, service, model_name, version)
 
@@ -284,8 +284,8 @@ async def _infer(
         if not parsed.images_from_json:
             raise
         raise InvalidRequestError(
-            f"{exc.message} (images sent as JSON strings arrive as their UTF-8 bytes: send "
-            "encoded images with the binary tensor data extension)"
+            f"{exc.message} (an image sent as a JSON string must be base64 text, or an image "
+            "whose bytes are all UTF-8; or send it with the binary tensor data extension)"
         ) from None
     k = parsed.options.max_detections or service.settings.default_max_detections
     content, header_length = codec.encode_infer_response(

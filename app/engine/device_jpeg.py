@@ -26,10 +26,13 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from app.engine.host_staging import staging_for
 from app.errors import ApiError, InvalidImageError
 from app.images import EncodedJpeg, decode_image
 
 logger = logging.getLogger(__name__)
+
+_JPEG_EOI = b"\xff\xd9"
 
 # (encoded uint8 CPU tensors, device) -> decoded uint8 RGB [3, H, W] tensors on the device
 DecodeBatch = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -109,20 +112,31 @@ class DeviceJpegDecoder:
 
     def decode(self, jpegs: Sequence[EncodedJpeg]) -> list[torch.Tensor | ApiError]:
         """One uint8 RGB [3, H, W] tensor on the device per JPEG, in order, or the error of a
-        JPEG that neither nvjpeg nor Pillow could decode."""
+        JPEG that neither nvjpeg nor Pillow could decode. A JPEG that does not end with its
+        end-of-image marker never reaches nvjpeg (which decodes truncated files): Pillow
+        judges it, as on the CPU path. The front end's marker walk (probe_plain_jpeg) already
+        keeps such files off this path and cuts each JPEG at its marker; this is the check
+        where nvjpeg is called."""
         if not jpegs:
             return []
-        # bytearray: torch.frombuffer wants a writable buffer; the copy is a few tens of KB.
-        encoded = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
-        # Drain the stream the outputs are allocated on: the previous batch's kernels must have
-        # read the memory the decoder may be handed (see the module docstring).
-        self._current_stream(self.device).synchronize()
-        decoded: list[torch.Tensor | None]
-        try:
-            decoded = list(self._decode_batch(encoded, self.device))
-        except Exception as exc:  # one bad file fails nvjpeg's whole batch: retry one by one
-            logger.debug("batched JPEG decode failed (%s); decoding one by one", exc)
-            decoded = [self._decode_one(e) for e in encoded]
+        device_rows = [i for i, j in enumerate(jpegs) if j.data.endswith(_JPEG_EOI)]
+        decoded: list[torch.Tensor | None] = [None] * len(jpegs)
+        if device_rows:
+            # bytearray: torch.frombuffer wants a writable buffer; the copy is a few tens of KB.
+            encoded = [
+                torch.frombuffer(bytearray(jpegs[i].data), dtype=torch.uint8) for i in device_rows
+            ]
+            # Drain the stream the outputs are allocated on: the previous batch's kernels must
+            # have read the memory the decoder may be handed (see the module docstring).
+            self._current_stream(self.device).synchronize()
+            on_device: list[torch.Tensor | None]
+            try:
+                on_device = list(self._decode_batch(encoded, self.device))
+            except Exception as exc:  # one bad file fails nvjpeg's whole batch: one by one
+                logger.debug("batched JPEG decode failed (%s); decoding one by one", exc)
+                on_device = [self._decode_one(e) for e in encoded]
+            for i, image in zip(device_rows, on_device, strict=True):
+                decoded[i] = image
         results: list[torch.Tensor | ApiError] = []
         for jpeg, image in zip(jpegs, decoded, strict=True):
             if image is not None and tuple(image.shape) == (3, jpeg.height, jpeg.width):
@@ -151,10 +165,10 @@ class DeviceJpegDecoder:
 
 
 def to_device_chw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 HWC array -> [3, H, W] on `device`. On CUDA the rows go through pinned memory with a
-    non-blocking copy, and the permute happens on the device (a strided CPU view would be made
-    contiguous in pageable memory first)."""
-    hwc = torch.from_numpy(pixels)
+    """uint8 HWC array -> [3, H, W] on `device`. On CUDA the rows go through the device's one
+    pinned staging buffer of fixed size (app/engine/host_staging.py; not pin_memory() per image,
+    which grows torch's pinned cache), and the permute happens on the device (a strided CPU view
+    would be made contiguous in pageable memory first)."""
     if device.type == "cuda":
-        hwc = hwc.pin_memory().to(device, non_blocking=True)
-    return hwc.permute(2, 0, 1)
+        return staging_for(device).to_device(pixels)
+    return torch.from_numpy(pixels).permute(2, 0, 1)

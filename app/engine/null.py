@@ -9,6 +9,7 @@ left is the ceiling a GPU engine meets.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +23,9 @@ class NullEngine:
     # Not a decoder: any non-None value tells the front ends to send plain JPEGs encoded.
     jpeg_decoder = "none (null engine)"
 
-    def __init__(self, info: ModelInfo) -> None:
+    def __init__(self, info: ModelInfo, batch_s: float = 0.0) -> None:
         self.info = info
+        self.batch_s = batch_s  # a stand-in for a forward pass's time
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NullEngine:
@@ -38,9 +40,11 @@ class NullEngine:
             labels=labels,
             architecture=str(archs[0]),
         )
-        return cls(info)
+        return cls(info, settings.null_batch_ms / 1e3)
 
     def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageResult]:
+        if self.batch_s:
+            time.sleep(self.batch_s)
         results: list[ImageResult] = []
         for task in tasks:
             height, width = task.size

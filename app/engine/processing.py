@@ -33,8 +33,13 @@ from app.engine.preprocess_spec import (  # noqa: F401 (re-exported: where they 
     ShortestEdge,
 )
 
-# Input pixels converted to float32 at once (12 bytes each: 96 MB), whatever the batch holds.
+# Input pixels stacked on the device at once (uint8, 3 bytes each: 24 MB), whatever the batch
+# holds; the float32 copies are made at the output size only.
 _FLOAT_CHUNK_PIXELS = 8_000_000
+# Pixels of one strip of a resize pass in float32 (input and output rows together, 12 bytes
+# each: 12 MB): a large image is resized strip by strip from uint8 and never held in float32
+# at full resolution (a 40-megapixel image would take 480 MB).
+_STRIP_PIXELS = 1_000_000
 
 
 class Preprocessor:
@@ -97,9 +102,10 @@ class Preprocessor:
             for start in range(0, len(index), per_chunk):
                 chunk = index[start : start + per_chunk]
                 x = torch.stack([images[i].to(self.device, non_blocking=True) for i in chunk])
-                x = x.float()
                 if (out_height, out_width) != (height, width):
                     x = _resize(x, out_height, out_width, self.spec.resample)
+                else:
+                    x = x.float()
                 x = self._normalize(x).to(self.dtype)
                 if pixel_values is None and len(chunk) == len(images):
                     pixel_values = x
@@ -143,20 +149,49 @@ class Preprocessor:
 
 
 def _resize(x: torch.Tensor, height: int, width: int, resample: int) -> torch.Tensor:
-    """Resize float [N, C, H, W] holding uint8 values the way PIL's Image.resize does."""
+    """Resize uint8 [N, C, H, W] the way PIL's Image.resize does, to float32 holding uint8
+    values. Neither the input nor the intermediate is ever converted to float32 whole: each
+    pass runs in strips along the axis it leaves alone (so the result is the same), and the
+    intermediate is kept in uint8 (PIL rounds it to uint8 anyway)."""
     in_height, in_width = x.shape[-2:]
     if resample == NEAREST:
         rows = torch.from_numpy(_nearest_indices(in_height, height)).to(x.device)
         cols = torch.from_numpy(_nearest_indices(in_width, width)).to(x.device)
-        return x.index_select(2, rows).index_select(3, cols)
+        return x.index_select(2, rows).index_select(3, cols).float()
     mode = _INTERPOLATE_MODES[resample]
     # PIL resamples in two passes, rounding to uint8 in between; torch alone would skip that
     # rounding and be off by a level on some 2 % of pixels. Pillow >= 13 runs the vertical pass
     # first when the height shrinks by more than twice as many pixels as the width.
     shrink_h, shrink_w = in_height - height, in_width - width
     if shrink_h > 0 and shrink_h > 2 * shrink_w:
-        return _resize_pass(_resize_pass(x, height, in_width, mode), height, width, mode)
-    return _resize_pass(_resize_pass(x, in_height, width, mode), height, width, mode)
+        middle = _strip_pass(x, height, in_width, mode, torch.uint8)
+    else:
+        middle = _strip_pass(x, in_height, width, mode, torch.uint8)
+    return _strip_pass(middle, height, width, mode, torch.float32)
+
+
+def _strip_pass(
+    x: torch.Tensor, height: int, width: int, mode: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """One resize pass of uint8 `x` to (height, width), of which one matches `x`'s, in strips
+    along that axis (rows when the width changes, columns when the height does), each strip
+    converted to float32 alone."""
+    n, c, in_height, in_width = x.shape
+    out = torch.empty((n, c, height, width), dtype=dtype, device=x.device)
+    if (in_height, in_width) == (height, width):
+        out.copy_(x)
+        return out
+    if in_height == height:  # a horizontal pass: rows are independent
+        step = max(1, _STRIP_PIXELS // (n * (in_width + width)))
+        for top in range(0, height, step):
+            rows = x[:, :, top : top + step].float()
+            out[:, :, top : top + step] = _resize_pass(rows, rows.shape[2], width, mode)
+    else:  # a vertical pass: columns are independent
+        step = max(1, _STRIP_PIXELS // (n * (in_height + height)))
+        for left in range(0, width, step):
+            cols = x[:, :, :, left : left + step].float()
+            out[:, :, :, left : left + step] = _resize_pass(cols, height, cols.shape[3], mode)
+    return out
 
 
 def _resize_pass(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 
 from app.errors import ApiError
 from app.images import EncodedJpeg
+from app.tiling import TileSpec
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -29,6 +30,8 @@ class DetectionTask:
     # (height, width) of the original image when `pixels` were reduced at decode time (to the
     # model's input size): boxes are scaled to it, not to the pixels' shape.
     source_size: tuple[int, int] | None = None
+    # Run as tiles (app/engine/tiling.py) rather than as one image; `pixels` are the full image.
+    tiling: TileSpec | None = None
 
     def __post_init__(self) -> None:
         if (self.pixels is None) == (self.jpeg is None):
@@ -53,6 +56,7 @@ class ImageDetections:
     batch_size: int
     inference_s: float
     postprocess_s: float
+    tiles: int = 0  # forward-pass items the image ran as (0: not tiled)
 
 
 # What the engine answers for one image: its detections, or the error of that image alone.

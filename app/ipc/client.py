@@ -80,7 +80,8 @@ class _Link:
 
     path: str
     conn: _Conn | None = None
-    state: str = "loading"  # loading | ready | stuck | draining | restarting
+    state: str = "loading"  # loading | ready | stuck | draining | restarting | failed
+    failure: str | None = None  # why the engine could not load the model (state "failed")
 
 
 class RemoteEngine:
@@ -89,10 +90,14 @@ class RemoteEngine:
         socket_paths: Sequence[str],
         arena_bytes: int,
         on_connect: Callable[[ModelInfo, int, bool], None] | None = None,
+        on_draining: Callable[[], None] | None = None,
     ) -> None:
+        """`on_draining` is called when an engine starts draining (SIGTERM): the front end
+        refuses new requests and calls report_idle() once those it accepted are answered."""
         self._links = [_Link(p) for p in socket_paths]
         self._arena_bytes = arena_bytes
         self._on_connect = on_connect
+        self._on_draining = on_draining
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.info: ModelInfo | None = None
@@ -128,11 +133,28 @@ class RemoteEngine:
         """Whether every engine's socket exists (it may still be a dead engine's)."""
         return all(os.path.exists(link.path) for link in self._links)
 
+    def report_idle(self) -> None:
+        """Tell every engine that this front end has no request open (while draining)."""
+        for link in self._links:
+            if link.conn is not None:
+                with contextlib.suppress(Exception):
+                    write_message(link.conn.writer, ("idle",))
+
+    def _set_state(self, link: _Link, state: str) -> None:
+        before, link.state = link.state, state
+        if state == "draining" and before != "draining" and self._on_draining is not None:
+            self._on_draining()
+
+    @property
+    def failure(self) -> str | None:
+        """Why an engine could not load the model (--no-exit-on-load-failure), or None."""
+        return next((link.failure for link in self._links if link.failure is not None), None)
+
     @property
     def state(self) -> str:
         """ready only when every engine is; else the first trouble found."""
         states = [link.state for link in self._links]
-        for bad in ("draining", "restarting", "stuck", "loading"):
+        for bad in ("failed", "draining", "restarting", "stuck", "loading"):
             if bad in states:
                 return bad
         return "ready"
@@ -153,6 +175,10 @@ class RemoteEngine:
                 write_message(writer, ("hello", arena.name))
                 hello = await read_message(reader)
                 arena.unlink()  # the engine has it mapped now (see _Conn)
+                if hello[0] == "failed":
+                    await self._hold_failure(link, reader, hello[1])
+                    continue
+                link.failure = None
                 _, info, max_batch_size, jpeg_on_device, state = hello
                 self.info, self.max_batch_size, self.jpeg_on_device = (
                     info,
@@ -160,19 +186,23 @@ class RemoteEngine:
                     jpeg_on_device,
                 )
                 conn = _Conn(writer, arena, ArenaAllocator(self._arena_bytes))
-                link.conn, link.state = conn, state
+                link.conn = conn
                 logger.info("connected to the engine at %s (%s)", link.path, state)
                 if self._on_connect is not None:
                     self._on_connect(info, max_batch_size, jpeg_on_device)
+                self._set_state(link, state)
                 while True:
                     self._dispatch(link, conn, await read_message(reader))
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
-                if conn is not None and not self._closing:
+                if conn is not None and link.state == "draining":
+                    logger.info("the engine at %s has drained and stopped", link.path)
+                elif conn is not None and not self._closing:
                     logger.error("lost the engine at %s: %s", link.path, exc or type(exc).__name__)
             finally:
                 link.conn = None
                 if conn is not None:
-                    link.state = "restarting"
+                    if link.state != "draining":  # a drained engine exits: not a restart
+                        link.state = "restarting"
                     self._fail_all(conn)
                 else:
                     with contextlib.suppress(OSError):
@@ -182,10 +212,20 @@ class RemoteEngine:
                 # with the last reference (the _Conn, held by that copy's coroutine).
             await asyncio.sleep(_RECONNECT_S)
 
+    @staticmethod
+    async def _hold_failure(link: _Link, reader: asyncio.StreamReader, reason: str) -> None:
+        """The engine could not load the model and stays up to say so: the link is "failed"
+        with its reason until that engine goes."""
+        if link.failure is None:
+            logger.error("the engine at %s failed to start: %s", link.path, reason)
+        link.state, link.failure = "failed", reason
+        await reader.read()  # until the engine process ends
+        link.state = "restarting"
+
     def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "state":
-            link.state = message[1]
+            self._set_state(link, message[1])
             return
         pending = conn.pending.pop(message[1], None)
         if pending is None:
@@ -196,8 +236,8 @@ class RemoteEngine:
         if kind == "ok":
             pending.future.set_result(
                 [
-                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s)
-                    for scores, labels, boxes, batch, inference_s, post_s in message[2]
+                    ImageDetections(scores, labels, boxes, batch, inference_s, post_s, tiles)
+                    for scores, labels, boxes, batch, inference_s, post_s, tiles in message[2]
                 ]
             )
         else:
@@ -217,11 +257,13 @@ class RemoteEngine:
 
     # -- intake -------------------------------------------------------------------------------
     def _pick(self) -> _Conn:
-        """The connection to the ready engine with the fewest images outstanding."""
+        """The connection to the ready engine with the fewest images outstanding. A draining
+        engine still takes the requests its front ends accepted before the drain (they refuse
+        new ones at the door: app/api/deps.py)."""
         usable = [link for link in self._links if link.conn is not None]
-        ready = [link for link in usable if link.state in ("ready", "stuck")]
+        ready = [link for link in usable if link.state in ("ready", "stuck", "draining")]
         if not ready:
-            if any(link.state == "draining" for link in usable):
+            if any(link.state == "draining" for link in self._links):
                 raise ShuttingDownError()
             raise EngineUnavailableError("no engine process is ready; retry shortly")
         conns = [link.conn for link in ready if link.conn is not None]
@@ -235,9 +277,16 @@ class RemoteEngine:
             raise ShuttingDownError()
         conn = self._pick()
         rid = next(self._ids)
-        pending = _Pending(asyncio.get_running_loop().create_future(), [], len(tasks))
+        # A tiled image weighs its tiles in the choice of the least busy engine.
+        images = sum(
+            t.tiling.count(*t.pixels.shape[:2])
+            if t.tiling is not None and t.pixels is not None
+            else 1
+            for t in tasks
+        )
+        pending = _Pending(asyncio.get_running_loop().create_future(), [], images)
         conn.pending[rid] = pending  # from here on the blocks are freed whatever happens
-        conn.outstanding += len(tasks)
+        conn.outstanding += images
         try:
             items = await self._place(conn, pending, tasks)
         except BaseException:
@@ -284,7 +333,13 @@ class RemoteEngine:
         assert buf is not None
         items: list[tuple[Any, ...]] = []
         for task in tasks:
-            options = (task.threshold, task.max_detections, task.class_ids, task.source_size)
+            options = (
+                task.threshold,
+                task.max_detections,
+                task.class_ids,
+                task.source_size,
+                task.tiling,
+            )
             if task.pixels is None:
                 items.append(("jpeg", task.jpeg, *options))
                 continue

@@ -7,15 +7,20 @@ the one queue is. Pixels are read in place from each front end's shared-memory a
 Messages (pickled tuples; see wire.py):
   front end -> engine   ("hello", arena_name)
                         ("submit", rid, request_id, deadline, [item, ...])
-                        ("cancel", rid)
+                        ("cancel", rid)                 the request gave up (deadline, client gone)
+                        ("idle",)                       draining, and no request open there
   engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
-                        ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s), ...])
+                        ("failed", reason)     instead of hello: the model could not be loaded
+                                               (--no-exit-on-load-failure); nothing else follows
+                        ("ok", rid, [(scores, labels, boxes, batch, inference_s, post_s,
+                                     tiles), ...])
                         ("error", rid, kind, detail)
                         ("state", state)                       when ready/stuck/draining changes
-  item: ("shm", offset, height, width, threshold, max_det, class_ids, source_size)
-        ("inline", pixels, threshold, max_det, class_ids, source_size)  did not fit the arena
-        ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size) for the device
-        (source_size: the original (height, width) when the pixels were reduced at decode)
+  item: ("shm", offset, height, width, threshold, max_det, class_ids, source_size, tiling)
+        ("inline", pixels, threshold, max_det, class_ids, source_size, tiling)  not in the arena
+        ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size, tiling) for the device
+        (source_size: the original (height, width) when the pixels were reduced at decode;
+        tiling: an app.tiling.TileSpec, or None; a tiled image's pixels are its full size)
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 import mmap
 import os
 import signal
-import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +55,8 @@ _GAUGE_PERIOD_S = 0.5
 
 def run_engine_process(settings: Settings, socket_path: str) -> None:
     """Entry point of the spawned engine process."""
-    # Ctrl-C reaches the whole process group; the supervisor stops the engine itself, after
-    # the front ends have drained, so that their in-flight requests can still finish.
+    # Ctrl-C reaches the whole process group; the supervisor stops the engine itself (SIGTERM:
+    # the drain, see EngineServer.drain), so that the front ends' requests can still finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from app.logging_setup import configure_logging
     from app.supervisor import die_with_parent
@@ -60,7 +65,11 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
 
     configure_logging(settings.log_level, settings.json_logs)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        sys.exit(runner.run(_main(settings, socket_path)))
+        code = runner.run(_main(settings, socket_path))
+    logging.shutdown()
+    # Not sys.exit: a forward pass that outlived the drain (its requests are answered already)
+    # would hold the exit in the interpreter's join of the executor's threads.
+    os._exit(code)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -75,22 +84,62 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(settings: Settings, socket_path: str) -> int:
-    from app.engine_host import EngineHost
+    from app.engine_host import EngineHost, describe_load_failure
     from app.metrics import Metrics
 
     metrics = Metrics()
     host = EngineHost(settings, metrics)
+    failure = None
     try:
         await host.load()
     except Exception as exc:
-        logger.critical("the model could not be loaded: %s", exc, exc_info=exc)
-        return LOAD_FAILED
-    server = EngineServer(host, metrics)
+        failure = describe_load_failure(settings.model, exc)
+        logger.critical("%s", failure, exc_info=exc)
+        if settings.exit_on_load_failure:
+            return LOAD_FAILED
+    # SIGTERM while loading ends the process at once (the default action); from here on it
+    # drains.
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await server.serve(socket_path, stop)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if failure is not None:
+        await serve_load_failure(socket_path, failure, stop)
+    else:
+        await EngineServer(host, metrics).serve(socket_path, stop)
     return 0
+
+
+# After the batcher has stopped, how long the last answers may take to be written.
+_ANSWER_S = 1.0
+_DRAIN_POLL_S = 0.01
+
+
+async def serve_load_failure(socket_path: str, reason: str, stop: asyncio.Event) -> None:
+    """--no-exit-on-load-failure: answer every front end ("failed", reason) until SIGTERM,
+    so that they say why (/readyz, the 503s) instead of "loading" for ever. The connection
+    stays open: its end tells the front end that this engine is gone."""
+    connections: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.add(writer)
+        try:
+            await read_message(reader)  # the hello; its arena is not mapped
+            write_message(writer, ("failed", reason))
+            await writer.drain()
+            await reader.read()  # until the front end goes
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            connections.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_unix_server(answer, path=socket_path)
+    logger.info("engine serving its load failure on %s", socket_path)
+    await stop.wait()
+    server.close()
+    for writer in list(connections):
+        writer.close()
+    with contextlib.suppress(OSError):
+        os.unlink(socket_path)
 
 
 class EngineServer:
@@ -98,8 +147,10 @@ class EngineServer:
         self.host = host
         self.metrics = metrics
         self._writers: set[asyncio.StreamWriter] = set()
+        self._idle: set[asyncio.StreamWriter] = set()  # front ends drained (said "idle")
         self._state = "ready"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # requests being answered
+        self._connections: set[asyncio.Task[Any]] = set()
 
     @property
     def state(self) -> str:
@@ -112,17 +163,36 @@ class EngineServer:
         logger.info("engine serving on %s", socket_path)
         watcher = asyncio.get_running_loop().create_task(self._watch())
         await stop.wait()
-        logger.info("engine draining")
-        self._state = "draining"
-        self._broadcast(("state", "draining"))
-        server.close()  # no new front ends; the connected ones get their answers first
-        await self.host.stop()
+        await self.drain()
+        server.close()
         watcher.cancel()
         for writer in list(self._writers):
             writer.close()
+        if self._connections:  # they end on the EOF of their own closed writer
+            await asyncio.wait(self._connections, timeout=_ANSWER_S)
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
         logger.info("engine stopped")
+
+    async def drain(self) -> None:
+        """SIGTERM: readiness 503 on every front end at once ("draining": they refuse new
+        requests), the requests they had accepted still come in and are run, until every front
+        end says it is idle or drain_timeout_s passes; then the batcher stops with what is left
+        of that time, and every request still open is answered (503 past the timeout)."""
+        timeout_s = self.host.settings.drain_timeout_s
+        deadline = time.monotonic() + timeout_s
+        logger.info("engine draining (up to %.1f s)", timeout_s)
+        self._state = "draining"
+        self._broadcast(("state", "draining"))
+        batcher = self.host.batcher
+        assert batcher is not None
+        while time.monotonic() < deadline and not (
+            self._writers <= self._idle and batcher.queue_depth == 0 and batcher.in_flight == 0
+        ):
+            await asyncio.sleep(_DRAIN_POLL_S)
+        await self.host.stop(max(0.0, deadline - time.monotonic()))
+        if self._tasks:  # their answers are written before the connections close
+            await asyncio.wait(self._tasks, timeout=_ANSWER_S)
 
     async def _watch(self) -> None:
         """Refresh the gauges a scrape cannot compute, and tell the front ends when the
@@ -152,6 +222,9 @@ class EngineServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         arena: mmap.mmap | None = None
         running: dict[int, asyncio.Task[None]] = {}
+        this = asyncio.current_task()
+        assert this is not None
+        self._connections.add(this)
         try:
             hello = await read_message(reader)
             if not (isinstance(hello, tuple) and hello[0] == "hello"):
@@ -172,14 +245,20 @@ class EngineServer:
                     )
                     running[rid] = task
                     task.add_done_callback(functools.partial(_forget, running, rid))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                 elif message[0] == "cancel":
                     found = running.get(message[1])
                     if found is not None:
                         found.cancel()
+                elif message[0] == "idle":
+                    self._idle.add(writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the front end went away (a worker restarted or stopped)
         finally:
             self._writers.discard(writer)
+            self._idle.discard(writer)
+            self._connections.discard(this)
             for task in running.values():
                 task.cancel()
             writer.close()
@@ -211,14 +290,22 @@ class EngineServer:
         reply: tuple[Any, ...]
         try:
             tasks = [_task(arena, item) for item in items]
-            pending = batcher.submit(tasks, deadline)
+            pending = self.host.submit(tasks, deadline)  # tiled images run as their tiles
             self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
             outputs = await pending
             reply = (
                 "ok",
                 rid,
                 [
-                    (o.scores, o.labels, o.boxes, o.batch_size, o.inference_s, o.postprocess_s)
+                    (
+                        o.scores,
+                        o.labels,
+                        o.boxes,
+                        o.batch_size,
+                        o.inference_s,
+                        o.postprocess_s,
+                        o.tiles,
+                    )
                     for o in outputs
                 ],
             )
@@ -258,13 +345,17 @@ def _task(arena: mmap.mmap, item: tuple[Any, ...]) -> DetectionTask:
 
     kind = item[0]
     if kind == "shm":
-        _, offset, height, width, threshold, max_det, class_ids, source = item
+        _, offset, height, width, threshold, max_det, class_ids, source, tiling = item
         pixels = np.ndarray((height, width, 3), dtype=np.uint8, buffer=arena, offset=offset)
-        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
+        return DetectionTask(
+            pixels, threshold, max_det, class_ids, source_size=source, tiling=tiling
+        )
     if kind == "inline":
-        _, pixels, threshold, max_det, class_ids, source = item
-        return DetectionTask(pixels, threshold, max_det, class_ids, source_size=source)
+        _, pixels, threshold, max_det, class_ids, source, tiling = item
+        return DetectionTask(
+            pixels, threshold, max_det, class_ids, source_size=source, tiling=tiling
+        )
     if kind == "jpeg":
-        _, jpeg, threshold, max_det, class_ids, source = item
+        _, jpeg, threshold, max_det, class_ids, source, _tiling = item
         return DetectionTask(None, threshold, max_det, class_ids, jpeg=jpeg, source_size=source)
     raise ValueError(f"unknown item kind {kind!r}")

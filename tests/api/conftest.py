@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -21,10 +22,17 @@ class CountingEngine(Engine):
 
     delay_s = 0.0
     images_seen = 0
+    batches_run = 0
     fail = False
+    gate: threading.Event | None = None  # holds every batch until set
+    entered = threading.Event()  # a batch reached the model
 
     def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageDetections]:
         type(self).images_seen += len(tasks)
+        type(self).entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        type(self).batches_run += 1
         if self.fail:
             raise RuntimeError("the model blew up")
         if self.delay_s:
@@ -55,6 +63,7 @@ async def client_factory(tiny_model_dir: Path):
         CountingEngine.images_seen = 0
         CountingEngine.delay_s = 0.0
         CountingEngine.fail = False
+        CountingEngine.gate = None
         app = create_app(settings, engine=engine)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
@@ -62,6 +71,8 @@ async def client_factory(tiny_model_dir: Path):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
         stack.append((client, lifespan))
         CountingEngine.images_seen = 0  # forget the warm-up
+        CountingEngine.entered = threading.Event()
+        CountingEngine.batches_run = 0
         return client, engine
 
     yield make

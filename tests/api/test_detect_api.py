@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 
 import pytest
 from PIL import Image
 
 from tests.api.conftest import CountingEngine, assert_error, b64
-from tests.conftest import LABELS, shapes_image
+from tests.conftest import LABELS, shapes_image, until
 
 
 async def test_detect_json_base64_returns_boxes_in_original_pixels(client) -> None:
@@ -281,10 +282,16 @@ async def test_bad_request_does_not_slow_or_fail_a_concurrent_one(client, image_
 
 
 async def test_full_queue_answers_429_with_retry_after(client_factory) -> None:
-    client, _ = await client_factory(max_queue_size=1, max_batch_size=1, max_batch_delay_ms=0)
-    CountingEngine.delay_s = 0.3
+    client, _ = await client_factory(
+        max_queue_size=1, max_images_per_request=1, max_batch_size=1, max_batch_delay_ms=0
+    )
+    CountingEngine.gate = threading.Event()  # the first batch holds the model until released
     body = {"images": [{"data": b64(shapes_image())}]}
-    responses = await asyncio.gather(*(client.post("/v1/detect", json=body) for _ in range(6)))
+    posts = [asyncio.create_task(client.post("/v1/detect", json=body)) for _ in range(6)]
+    # With the model held, one request runs, at most one waits, the others are refused.
+    await until(lambda: sum(p.done() for p in posts) >= 4, "the refusals")
+    CountingEngine.gate.set()
+    responses = await asyncio.gather(*posts)
     codes = sorted(r.status_code for r in responses)
     assert 200 in codes and 429 in codes, codes
     rejected = next(r for r in responses if r.status_code == 429)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 from tests.api.conftest import CountingEngine, assert_error, b64
-from tests.conftest import shapes_image
+from tests.conftest import shapes_image, until
 
 
 async def test_api_key_is_required_except_on_health_and_metrics(client_factory) -> None:
@@ -45,14 +47,17 @@ async def test_cors_allows_configured_origins_only(client_factory) -> None:
 
 
 async def test_stuck_inference_turns_readiness_to_503(client_factory) -> None:
-    client, _ = await client_factory(watchdog_s=0.2, request_timeout_s=5)
-    CountingEngine.delay_s = 0.8
+    client, _ = await client_factory(watchdog_s=0.2, request_timeout_s=60)
+    CountingEngine.gate = threading.Event()  # the forward pass runs until released
     request = asyncio.create_task(
         client.post("/v1/detect", json={"images": [{"data": b64(shapes_image())}]})
     )
-    await asyncio.sleep(0.5)
-    stuck = await client.get("/readyz")
-    assert stuck.status_code == 503 and stuck.json() == {"status": "stuck"}
+    await until(CountingEngine.entered.is_set, "the request is inside the model")
+    deadline = time.monotonic() + 30  # a hang guard, not a measurement
+    while (stuck := await client.get("/readyz")).json() != {"status": "stuck"}:
+        assert time.monotonic() < deadline, stuck.json()
+        await asyncio.sleep(0.01)
+    assert stuck.status_code == 503
+    CountingEngine.gate.set()
     assert (await request).status_code == 200
-    CountingEngine.delay_s = 0.0
     assert (await client.get("/readyz")).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,11 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
         futures = [
             pool.submit(httpx.post, srv.url + "/v1/detect", json=body, timeout=30) for _ in range(4)
         ]
-        time.sleep(0.3)
+        # Accepted: all four are open in the front ends (a request that comes after SIGTERM
+        # is refused 503).
+        deadline = time.monotonic() + 30
+        while _open_requests(srv.url) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         code = srv.stop(signal.SIGTERM)
         results = [f.result() for f in futures]
     # uvicorn re-raises the signal once it has shut down cleanly, so -SIGTERM is a clean exit.
@@ -89,7 +94,17 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
     assert srv.leftovers == [], "engine or front-end processes outlived the supervisor"
     assert [r.status_code for r in results] == [200] * 4
     log = srv.log()
-    assert log.index("Shutting down") < log.index("stopped") < log.index("Finished server")
+    # The drain's order: readiness 503 at once, the engine finishes and exits, then the front
+    # ends stop (app/supervisor.py _Drain).
+    order = ["SIGTERM: draining", "front end draining", "engine stopped", "Shutting down"]
+    assert [log.index(line) for line in order] == sorted(log.index(line) for line in order), log
+    assert log.index("Shutting down") < log.index("Finished server"), log
+
+
+def _open_requests(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    match = re.search(r"^detr_serve_open_requests (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def test_cli_refuses_bad_settings_before_starting() -> None:

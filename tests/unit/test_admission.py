@@ -147,7 +147,7 @@ async def test_no_room_in_the_server_budget_is_429_with_retry_after(tiny_model_d
 
 
 async def test_no_decode_starts_after_the_deadline(tiny_model_dir) -> None:
-    svc, spy = service(tiny_model_dir, request_timeout_s=1e-6)
+    svc, spy = service(tiny_model_dir, request_timeout_s=1e-6, max_batch_delay_ms=0)
     with pytest.raises(DeadlineError, match="image 0: the request passed its deadline"):
         await svc.detect([ImageSource(raw=shapes_image(64, 64))], DetectOptions())
     assert spy.calls == [] and svc._pixels.held == 0

@@ -112,21 +112,109 @@ def pillow_batch(calls: list[int]):
     return decode
 
 
-def test_one_bad_jpeg_fails_alone_after_the_batch_is_retried_one_by_one() -> None:
+def with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """The JPEG with a COM segment after its SOI: still a valid file."""
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+def test_one_jpeg_nvjpeg_refuses_fails_the_batch_and_only_that_one_goes_to_pillow() -> None:
     good = shapes_image(64, 48)
+    odd = with_comment(shapes_image(56, 40, seed=3), b"nvjpeg-refuses-me")
     jpegs = [
         EncodedJpeg(good, 48, 64, 0),
-        EncodedJpeg(good[: len(good) // 2], 48, 64, 1),
+        EncodedJpeg(odd, 40, 56, 1),
         EncodedJpeg(shapes_image(32, 40, seed=2), 40, 32, 2),
     ]
     calls: list[int] = []
-    out = DeviceJpegDecoder(CPU, pillow_batch(calls)).decode(jpegs)
-    assert calls == [3, 1, 1, 1]
-    assert isinstance(out[1], InvalidImageError) and out[1].image_index == 1
-    for jpeg, image in zip([jpegs[0], jpegs[2]], [out[0], out[2]], strict=True):
+    pillow = pillow_batch(calls)
+
+    def picky(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if any(b"nvjpeg-refuses-me" in e.numpy().tobytes() for e in data):
+            calls.append(-len(data))
+            raise RuntimeError("nvjpeg: bitstream error")  # the whole batch fails
+        return pillow(data, device)
+
+    out = DeviceJpegDecoder(CPU, picky).decode(jpegs)
+    assert calls == [-3, 1, -1, 1]  # the batch, then one by one
+    for jpeg, image in zip(jpegs, out, strict=True):  # Pillow decoded the refused one
         expected = decode_image(jpeg.data, max_pixels=10**6, index=0).pixels
         assert isinstance(image, torch.Tensor)
         assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def tolerant(calls: list[bytes]):
+    """nvjpeg at its most lenient: an image of the header's size for any bytes it is given."""
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        out = []
+        for encoded in data:
+            raw = encoded.numpy().tobytes()
+            calls.append(raw)
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
+            out.append(torch.zeros((3, height, width), dtype=torch.uint8))
+        return out
+
+    return decode
+
+
+def test_a_truncated_jpeg_in_a_device_batch_fails_alone_and_never_reaches_nvjpeg() -> None:
+    good = shapes_image(64, 48)
+    cut = good[: len(good) - 40]
+    jpegs = [
+        EncodedJpeg(good, 48, 64, 0),
+        EncodedJpeg(cut, 48, 64, 1),
+        EncodedJpeg(good, 48, 64, 2),
+    ]
+    seen: list[bytes] = []
+    out = DeviceJpegDecoder(CPU, tolerant(seen)).decode(jpegs)
+    assert seen == [good, good]
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
+    assert isinstance(out[1], InvalidImageError) and out[1].image_index == 1
+    with pytest.raises(InvalidImageError) as cpu:  # the CPU path's answer, word for word
+        decode_image(cut, max_pixels=10**6, index=1)
+    assert out[1].message == cpu.value.message
+
+
+def gpu_path_serves(data: bytes, seen: list[bytes]) -> bool:
+    """Whether the GPU path answers with detections: the front end's probe, then the device
+    decoder, with nvjpeg at its most lenient (any bytes it gets decode)."""
+    try:
+        jpeg = probe_plain_jpeg(data, max_pixels=10**6, index=0)
+    except (InvalidImageError, ImageTooLargeError):
+        return False
+    if jpeg is None:  # the CPU path takes it
+        return cpu_path_serves(data)
+    (image,) = DeviceJpegDecoder(CPU, tolerant(seen)).decode([jpeg])
+    return isinstance(image, torch.Tensor)
+
+
+def cpu_path_serves(data: bytes) -> bool:
+    try:
+        decode_image(data, max_pixels=10**6, index=0)
+    except (InvalidImageError, ImageTooLargeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_every_truncation_is_refused_on_the_gpu_path_as_pillow_refuses_it(progressive) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(pixels), quality=85, progressive=progressive)
+    seen: list[bytes] = []
+    for cut in range(3, len(jpeg)):
+        data = jpeg[:cut]
+        assert not cpu_path_serves(data), cut  # libjpeg refuses every truncation, EOI included
+        assert not gpu_path_serves(data, seen), cut
+    assert seen == []  # none of them reached nvjpeg
+
+
+def test_bytes_after_the_end_marker_are_cut_before_nvjpeg() -> None:
+    jpeg = shapes_image(64, 48)
+    probed = probe_plain_jpeg(jpeg + b"trailing bytes", max_pixels=10**6, index=0)
+    assert probed is not None and probed.data == jpeg
+    assert cpu_path_serves(jpeg + b"trailing bytes")  # as Pillow, which ignores them
 
 
 def test_a_device_result_of_the_wrong_size_is_replaced_by_pillows() -> None:

@@ -205,3 +205,29 @@ def test_card_section_is_appended_to_a_card_without_reproduce(tmp_path):
     text = card.read_text()
     assert text.startswith("# someone else's model\n\n" + evaluate.CARD_BEGIN)
     assert "| metric | direct |" in text
+
+
+def test_tiling_table_reports_both_modes_and_the_ratio_to_the_raw_pass():
+    run = {"mAP50": 0.0, "mAP": 0.0, "recall@0.5": 0.0, "images_per_s": 5.0}
+    report = {
+        "runs": {
+            "plain": run,
+            "tiled": {
+                **run,
+                "mAP50": 0.95,
+                "mAP": 0.8,
+                "recall@0.5": 0.97,
+                "images_per_s": 0.05,
+                "tiles_per_s": 12.0,
+            },
+        },
+        "tiles_per_image": 254.5,
+        "max_batch_size": 8,
+        "raw_forward_img_s": 15.0,
+        "tiles_over_raw": 0.8,
+    }
+    table = evaluate.tiling_table(report)
+    assert "| mAP@0.5 | 0.000 | 0.950 |" in table
+    assert "| recall (score >= 0.5, IoU >= 0.5) | 0.000 | 0.970 |" in table
+    assert "| tiles per image | 1 | 254.5 |" in table
+    assert "12.0 (0.80x raw)" in table and "batch 8: 15.0" in table

@@ -113,13 +113,11 @@ async def test_body_over_the_byte_cap_is_refused(image_server: str) -> None:
 
 
 async def test_slow_server_fails_within_the_total_deadline(image_server: str) -> None:
-    import time
-
+    # /slow answers after 3 s: the error itself proves the deadline fired (no timing bound,
+    # which a loaded machine could break).
     fetcher = Fetcher(FetchPolicy(allow_private=True, timeout_s=0.5))
-    started = time.monotonic()
     with pytest.raises(FetchError, match="longer than 0.5 s"):
         await fetcher.fetch(image_server + "/slow", index=0)
-    assert time.monotonic() - started < 2
     await fetcher.aclose()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import resource
 import struct
-import time
 import zlib
 
 import pytest
@@ -44,10 +43,8 @@ def test_decompression_bomb_is_refused_from_the_header(width: int, height: int) 
     data = png_bomb(width, height)
     assert len(data) < 100_000
     before = peak_rss_mb()
-    started = time.perf_counter()
     with pytest.raises(ImageTooLargeError, match="image 0: the image"):
         decode_image(data, max_pixels=40_000_000, index=0)
-    assert time.perf_counter() - started < 0.5
     # Decoding even the smallest of these would need 192 MB of pixels.
     assert peak_rss_mb() - before < 50
 
@@ -64,10 +61,8 @@ def test_jpeg_bomb_is_refused_from_the_header() -> None:
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.99])
 def test_truncated_file_is_refused(cut: float) -> None:
     data = shapes_image(640, 480, "PNG")
-    started = time.perf_counter()
     with pytest.raises(InvalidImageError, match="corrupt or truncated"):
         decode_image(data[: int(len(data) * cut)], max_pixels=40_000_000, index=0)
-    assert time.perf_counter() - started < 0.5
 
 
 def test_gif_javascript_polyglot_is_refused() -> None:

@@ -4,6 +4,7 @@ a real unix socket and a real shared-memory arena, with a fake model behind the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from app.ipc.client import EngineUnavailableError, RemoteEngine
 from app.ipc.server import EngineServer
 from app.ipc.wire import ArenaAllocator
 from app.metrics import Metrics
+from tests.conftest import until
 
 INFO = ModelInfo("fake", "fake", "cpu", "float32", {0: "a", 1: "b"}, "Fake")
 
@@ -31,7 +33,14 @@ class FakeEngine:
     delay_s = 0.0
     refuse_index: int | None = None
 
+    def __init__(self) -> None:
+        self.gate: threading.Event | None = None  # holds every batch until set
+        self.entered = threading.Event()  # a batch reached the model
+
     def run_batch(self, tasks: Sequence[DetectionTask]) -> list[ImageResult]:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.delay_s:
             time.sleep(self.delay_s)
         out: list[ImageResult] = []
@@ -59,8 +68,11 @@ class FakeEngine:
 
 
 class Pair:
-    def __init__(self, remote: RemoteEngine, server: EngineServer, fake: FakeEngine) -> None:
+    def __init__(
+        self, remote: RemoteEngine, server: EngineServer, fake: FakeEngine, made: list
+    ) -> None:
         self.remote, self.server, self.fake = remote, server, fake
+        self.made = made  # (remote, server, stop event, serving task) of every pair
 
 
 @pytest.fixture
@@ -84,7 +96,7 @@ async def make_pair(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator:
             assert time.monotonic() < deadline, "the remote engine never connected"
             await asyncio.sleep(0.01)
         made.append((remote, server, stop, serving))
-        return Pair(remote, server, fake)
+        return Pair(remote, server, fake, made)
 
     yield make
     for remote, _, stop, serving in made:
@@ -144,7 +156,9 @@ async def test_concurrent_requests_from_one_front_end_share_a_batch(make_pair) -
 
 
 async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make_pair) -> None:
-    pair = await make_pair(max_queue_size=2, max_batch_size=1, max_batch_delay_ms=0)
+    pair = await make_pair(
+        max_queue_size=2, max_images_per_request=2, max_batch_size=1, max_batch_delay_ms=0
+    )
     pair.fake.delay_s = 0.3
     deadline = time.monotonic() + 10
     results = await asyncio.gather(
@@ -162,15 +176,16 @@ async def test_full_queue_in_the_engine_answers_queue_full_with_retry_after(make
 
 async def test_request_past_its_deadline_gets_deadline_exceeded(make_pair) -> None:
     pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 0.5
+    pair.fake.gate = threading.Event()
     slow = asyncio.ensure_future(
-        pair.remote.submit([DetectionTask(_image(32, 32, 0), 0.5, 10)], time.monotonic() + 10)
+        pair.remote.submit([DetectionTask(_image(32, 32, 0), 0.5, 10)], time.monotonic() + 60)
     )
-    await asyncio.sleep(0.05)
+    await until(pair.fake.entered.is_set, "the first request is inside the gated model")
     with pytest.raises(DeadlineExceededError):
         await pair.remote.submit(
             [DetectionTask(_image(32, 32, 1), 0.5, 10)], time.monotonic() + 0.1
         )
+    pair.fake.gate.set()
     await slow
 
 
@@ -192,22 +207,24 @@ async def test_an_image_error_keeps_its_type_index_and_message(make_pair) -> Non
 
 async def test_engine_gone_fails_held_requests_at_once_and_frees_their_blocks(make_pair) -> None:
     pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 1.0
+    pair.fake.gate = threading.Event()
     held = [
         asyncio.ensure_future(
-            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], time.monotonic() + 30)
+            pair.remote.submit([DetectionTask(_image(64, 64, i), 0.5, 10)], time.monotonic() + 60)
         )
         for i in range(3)
     ]
-    await asyncio.sleep(0.2)
+    await until(pair.fake.entered.is_set, "a request is inside the gated model")
     (link,) = pair.remote._links
     conn = link.conn
-    assert conn is not None and conn.allocator.used > 0
-    started = time.monotonic()
+    assert conn is not None
+    await until(lambda: conn.allocator.used > 0 and len(conn.pending) == 3, "all three sent")
     for writer in list(pair.server._writers):  # what the engine's death looks like
         writer.transport.abort()
     results = await asyncio.gather(*held, return_exceptions=True)
-    assert time.monotonic() - started < 0.9  # not after the forward pass: at once
+    # Answered while the forward pass is still held: at once, not after it.
+    assert not pair.fake.gate.is_set()
+    pair.fake.gate.set()
     assert all(isinstance(r, EngineUnavailableError) for r in results), results
     assert conn.allocator.used == 0
     assert pair.remote.state in ("restarting", "ready")  # it reconnects by itself
@@ -231,20 +248,65 @@ def test_arena_allocator_first_fit_and_merging() -> None:
 
 async def test_watchdog_in_the_engine_reaches_the_front_end_and_clears(make_pair) -> None:
     pair = await make_pair(watchdog_s=0.3, max_batch_size=1, max_batch_delay_ms=0)
-    pair.fake.delay_s = 1.5
+    pair.fake.gate = threading.Event()  # the forward pass runs until released
     slow = asyncio.ensure_future(
-        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 10)
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 60)
     )
-    seen = set()
-    while not slow.done():
-        seen.add(pair.remote.state)
-        await asyncio.sleep(0.02)
+    await until(lambda: pair.remote.state == "stuck", "the front end hears of the watchdog")
+    assert not slow.done()
+    pair.fake.gate.set()
     await slow
-    assert "stuck" in seen
-    deadline = time.monotonic() + 3
-    while pair.remote.state != "ready":
-        assert time.monotonic() < deadline, pair.remote.state
-        await asyncio.sleep(0.02)
+    await until(lambda: pair.remote.state == "ready", "the watchdog clears")
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_cancelled_request_leaves_the_engines_queue_at_once(make_pair) -> None:
+    """The front end's cancel (client gone, deadline) crosses to the engine, whose batcher
+    drops the request's queued images while the batch in front of them still runs."""
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    batcher = pair.server.host.batcher
+    pair.fake.delay_s = 1.0
+    running = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(16, 16, 0), 0.5, 10)], time.monotonic() + 30)
+    )
+    await _until(lambda: batcher.in_flight == 1)
+    queued = asyncio.ensure_future(
+        pair.remote.submit(
+            [DetectionTask(_image(16, 16, i), 0.5, 10) for i in (1, 2)], time.monotonic() + 30
+        )
+    )
+    await _until(lambda: batcher.queue_depth == 2)
+    queued.cancel()
+    await _until(lambda: batcher.queue_depth == 0, timeout_s=0.9)
+    assert batcher.in_flight == 1  # the batch in front still runs; its image finishes
+    await running
+
+
+async def test_a_draining_engine_takes_accepted_work_until_its_front_end_is_idle(
+    make_pair,
+) -> None:
+    pair = await make_pair(drain_timeout_s=30)
+    (link,) = pair.remote._links
+    (stop,) = [s for r, _, s, _ in pair.made if r is pair.remote]
+    serving = next(t for r, _, _, t in pair.made if r is pair.remote)
+    stop.set()  # SIGTERM
+    await _until(lambda: pair.remote.state == "draining")
+    # A request the front end accepted before the drain still runs...
+    (answer,) = await pair.remote.submit(
+        [DetectionTask(_image(16, 16, 3), 0.5, 10)], time.monotonic() + 5
+    )
+    assert answer.boxes.shape == (1, 4)
+    await asyncio.sleep(0.1)
+    assert not serving.done(), "the engine stopped before its front end was idle"
+    pair.remote.report_idle()  # ...and the engine stops once the front end has none open
+    await asyncio.wait_for(asyncio.shield(serving), 5)
+    assert link.state == "draining"  # a drained engine is not reported as restarting
 
 
 async def test_an_engine_answer_later_than_the_deadline_is_not_waited_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import struct
@@ -84,6 +85,16 @@ def test_json_request_yields_the_utf8_bytes_of_each_string() -> None:
     assert header_length is None
     parsed = codec.parse_infer_request(body, header_length, MAX_IMAGES)
     assert parsed.images == [b"plain", "caf\u00e9".encode()]
+    assert parsed.images_from_json is True
+
+
+def test_json_base64_elements_are_decoded_and_images_are_kept() -> None:
+    jpeg, png = b"\xff\xd8\xff\xe0 rest of a jpeg", b"\x89PNG\r\n\x1a\n rest of a png"
+    bmp = b"BM6AAA"  # an all-ASCII image that is also valid base64: the image wins
+    strings = [base64.b64encode(jpeg), base64.b64encode(png), bmp, b"not base64!", b"QUJD"]
+    body, header_length = triton_body(strings, binary=False)
+    parsed = codec.parse_infer_request(body, header_length, MAX_IMAGES)
+    assert parsed.images == [jpeg, png, bmp, b"not base64!", b"ABC"]
     assert parsed.images_from_json is True
 
 

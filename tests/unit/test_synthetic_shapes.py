@@ -134,3 +134,17 @@ def test_write_dataset_stores_the_exact_jpeg_bytes(tmp_path):
     coco = json.loads(path.read_text())
     for info, index in zip(coco["images"], range(3), strict=True):
         assert (tmp_path / info["file_name"]).read_bytes() == shapes.generate_sample(5, index).jpeg
+
+
+def test_highres_scenes_are_4k_and_12mp_with_small_objects():
+    """Issue 14's scenes: 3840x2160 and 4000x3000 in turn, objects 16-64 px across (boxes are
+    tight around the visible, anti-aliased pixels: a little under the drawn diameter)."""
+    first = shapes.generate_highres(shapes.HIGHRES_SEED, 0)
+    assert (first.width, first.height) == (3840, 2160)
+    assert shapes.HIGHRES_SIZES[1] == (4000, 3000)
+    assert shapes.HIGHRES_OBJECTS[0] <= len(first.labels) <= shapes.HIGHRES_OBJECTS[1]
+    sides = np.maximum(first.boxes[:, 2] - first.boxes[:, 0], first.boxes[:, 3] - first.boxes[:, 1])
+    assert sides.min() >= 10 and sides.max() <= 66
+    assert (first.boxes[:, 2] <= 3840).all() and (first.boxes[:, 3] <= 2160).all()
+    again = shapes.generate_highres(shapes.HIGHRES_SEED, 0)
+    assert again.jpeg == first.jpeg
