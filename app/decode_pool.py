@@ -56,7 +56,8 @@ def _decode_in_worker(
     target: tuple[int, int] | None,
     resample: int,
 ) -> _Result:
-    fit = Fit(FixedTarget(*target), resample) if target is not None else None
+    # The server chose the target (Fit.target): reduce whatever the size.
+    fit = Fit(FixedTarget(*target), resample, 0) if target is not None else None
     try:
         return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
     except ImageTooLargeError as exc:

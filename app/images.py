@@ -42,26 +42,37 @@ TIFF_COMPRESSIONS = frozenset(
 # in the budgets. Pillow decodes every WebP with libwebp's animation decoder, which keeps two
 # RGBA canvases, and copies the frame out as bytes before making the RGB image.
 DECODE_WEIGHT = {"WEBP": 4}
-# Images over this many pixels are resized to the model's input size while decoding. Below
-# it they travel at full size and are resized on the model's device, with the batch.
+# Images over this many pixels are resized to the model's input size while decoding (JPEGs
+# decode at a reduced scale first). Below it, for a model on a GPU, they travel at full size and
+# are resized on the device with the batch; for a model on the CPU they are resized while
+# decoding too (Fit.reduce_above_pixels = 0), at full decode scale: Pillow's resize is what the
+# model's own image processor does, and it saves the engine's cores the batched float resize.
 REDUCE_ABOVE_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
 class Fit:
     """How the model resizes an image: (height, width) -> (height, width) of its input, and
-    Pillow's resampling filter for it (0 nearest, 2 bilinear, 3 bicubic)."""
+    Pillow's resampling filter for it (0 nearest, 2 bilinear, 3 bicubic). Images over
+    `reduce_above_pixels` are reduced to it while decoding."""
 
     output_size: Callable[[int, int], tuple[int, int]]
     resample: int = Image.Resampling.BILINEAR
+    reduce_above_pixels: int = REDUCE_ABOVE_PIXELS
 
     def target(self, height: int, width: int) -> tuple[int, int] | None:
         """The size an image of (height, width) is reduced to while decoding, or None when it
         is decoded at full size."""
-        if height * width <= REDUCE_ABOVE_PIXELS:
+        if height * width <= self.reduce_above_pixels:
             return None
         out = self.output_size(height, width)
         return out if out[0] * out[1] < height * width else None
+
+
+def _drafts(fmt: str, width: int, height: int) -> bool:
+    """Whether a reduced image is decoded at a JPEG scale first: only large ones, so that
+    images under REDUCE_ABOVE_PIXELS keep exactly the pixels a full decode and resize give."""
+    return fmt == "JPEG" and width * height > REDUCE_ABOVE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -224,7 +235,7 @@ def probe_image(data: bytes, *, max_pixels: int, index: int, fit: Fit | None = N
     out_height, out_width = (width, height) if swapped else (height, width)
     target = fit.target(out_height, out_width) if fit is not None else None
     decode_pixels = width * height * DECODE_WEIGHT.get(fmt, 1)
-    if target is not None and fmt == "JPEG":
+    if target is not None and _drafts(fmt, width, height):
         scale = _draft_scale(width, height, _draft_request(target, swapped))
         decode_pixels = -(-width // scale) * -(-height // scale)
     held = width * height if target is None else target[0] * target[1]
@@ -258,7 +269,7 @@ def decode_image(
                 rgb = _upright_rgb(img, orientation)
                 return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt)
             assert fit is not None
-            if fmt == "JPEG":
+            if _drafts(fmt, width, height):
                 img.draft(None, _draft_request(target, swapped))
             img.load()
             # Resized as stored, then turned: resizing first never holds the turned copy.

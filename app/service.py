@@ -198,7 +198,11 @@ class DetectionService:
         # at once, so that detection requests always find one.
         self._render_slots = CapacityLimiter(max(1, workers - 1))
         spec = PreprocessSpec.from_dir(settings.model)
-        self._fit = Fit(spec.output_size, spec.resample)
+        # A model on the CPU shares its cores with decoding: every image is resized to its input
+        # in the decode worker (Pillow, as the model's own processor does), not in the engine's
+        # float pre-processing. A GPU resizes a batch faster than Pillow: small images go whole.
+        on_cpu = info.device.startswith("cpu")
+        self._fit = Fit(spec.output_size, spec.resample, 0 if on_cpu else REDUCE_ABOVE_PIXELS)
         # The model's input side: the default tile size, and what "auto" compares images with.
         self._model_side = max(spec.output_size(1024, 1024))
         self._auto_factor = settings.tiling_auto_factor
@@ -318,6 +322,15 @@ class DetectionService:
     async def _gather(self, jobs: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         """Run one job per image concurrently; the first bad image cancels the rest (no download
         or decode goes on for a request that is already answered 4xx)."""
+        if len(jobs) == 1:
+            # Most requests hold one image: no task or task group to make for it.
+            try:
+                return [await jobs[0]]
+            except ApiError as bad:
+                self.metrics.image_errors.labels(bad.error_type).inc()
+                bad.__traceback__ = None  # see below
+                jobs.clear()
+                raise bad from None
         tasks: list[asyncio.Task[_T]] = []
         try:
             async with asyncio.TaskGroup() as group:

@@ -16,7 +16,13 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def get_service(request: Request) -> DetectionService:
+# The dependencies are async on purpose: FastAPI runs a plain `def` dependency on a worker
+# thread, a thread hop per request (and a GIL hand-over each way) for a dictionary lookup.
+async def runtime_dependency(request: Request) -> Runtime:
+    return get_runtime(request)
+
+
+async def get_service(request: Request) -> DetectionService:
     runtime = get_runtime(request)
     failure = runtime.failure
     if failure is not None:
@@ -28,7 +34,7 @@ def get_service(request: Request) -> DetectionService:
     return runtime.service
 
 
-def get_inference_service(request: Request) -> DetectionService:
+async def get_inference_service(request: Request) -> DetectionService:
     """The service, for a route that runs the model: refused while draining (the requests
     accepted before the drain still finish; new ones go to another replica)."""
     if get_runtime(request).draining:
@@ -36,9 +42,9 @@ def get_inference_service(request: Request) -> DetectionService:
             "the server is shutting down (draining); retry on another replica",
             headers={"Retry-After": "1"},
         )
-    return get_service(request)
+    return await get_service(request)
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]
 ServiceDep = Annotated[DetectionService, Depends(get_service)]
 InferenceServiceDep = Annotated[DetectionService, Depends(get_inference_service)]

@@ -297,11 +297,15 @@ class RemoteEngine:
             pending.future.exception()  # retrieved: it is raised below as 503
             raise EngineUnavailableError("the engine process went away")
         write_message(conn.writer, ("submit", rid, request_id_var.get(), deadline, items))
+        # One timer on the answer's future rather than wait_for(shield(...)): two futures, a
+        # task and their callbacks less per request. A cancelled wait cancels the future too,
+        # which _dispatch then skips (the answer only frees the blocks).
+        timeout = max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, pending.future)
         try:
             await conn.writer.drain()
-            timeout = max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-        except TimeoutError:
+            return await pending.future
+        except _Expired:
             self._abandon(conn, rid, pending)
             raise DeadlineExceededError() from None
         except asyncio.CancelledError:  # the client went away
@@ -309,6 +313,8 @@ class RemoteEngine:
             raise
         except ConnectionError:
             raise EngineUnavailableError("the engine process went away") from None
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _abandon(conn: _Conn, rid: int, pending: _Pending) -> None:
@@ -353,6 +359,15 @@ class RemoteEngine:
                 np.copyto(view, pixels)
             items.append(("shm", offset, height, width, *options))
         return items
+
+
+class _Expired(Exception):
+    """The engine did not answer by the request's deadline (plus the grace)."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 def _error(kind: str, detail: Any) -> Exception:

@@ -33,6 +33,7 @@ import mmap
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,11 +64,23 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
     die_with_parent()
 
     configure_logging(settings.log_level, settings.json_logs)
-    code = asyncio.run(_main(settings, socket_path))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        code = runner.run(_main(settings, socket_path))
     logging.shutdown()
     # Not sys.exit: a forward pass that outlived the drain (its requests are answered already)
     # would hold the exit in the interpreter's join of the executor's threads.
     os._exit(code)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it on Linux and macOS), as in the
+    front ends: every request costs the engine a socket read, a write and a few callbacks, and
+    uvloop does those in C. None: asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _main(settings: Settings, socket_path: str) -> int:

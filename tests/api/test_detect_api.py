@@ -322,3 +322,16 @@ async def test_model_failure_is_a_500_and_the_server_keeps_serving(client_factor
     assert_error(r, 500, "inference_failed", "RuntimeError")
     assert (await client.post("/v1/detect", json=body)).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_bad_image_is_counted_by_type_alone_or_among_others(client) -> None:
+    """One-image requests take a path of their own (no task group): same answer, same count."""
+    alone = await client.post("/v1/detect", json={"images": [{"data": "not base64!"}]})
+    assert_error(alone, 400, "invalid_image", "image 0: 'data' is not valid base64")
+    among = await client.post(
+        "/v1/detect",
+        json={"images": [{"data": b64(shapes_image())}, {"data": "not base64!"}]},
+    )
+    assert_error(among, 400, "invalid_image", "image 1: 'data' is not valid base64")
+    metrics = (await client.get("/metrics")).text
+    assert 'detr_serve_image_errors_total{type="invalid_image"} 2.0' in metrics

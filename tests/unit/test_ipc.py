@@ -307,3 +307,44 @@ async def test_a_draining_engine_takes_accepted_work_until_its_front_end_is_idle
     pair.remote.report_idle()  # ...and the engine stops once the front end has none open
     await asyncio.wait_for(asyncio.shield(serving), 5)
     assert link.state == "draining"  # a drained engine is not reported as restarting
+
+
+async def test_an_engine_answer_later_than_the_deadline_is_not_waited_for(
+    make_pair, monkeypatch
+) -> None:
+    """The front end's own timer: a request in a batch that runs past its deadline gets 504
+    then; the engine's answer to the cancel that follows frees its blocks."""
+    monkeypatch.setattr("app.ipc.client._DEADLINE_GRACE_S", 0.05)
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 1.0
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        await pair.remote.submit([DetectionTask(_image(64, 64, 0), 0.5, 10)], started + 0.3)
+    assert time.monotonic() - started < 0.9  # the timer, not the forward pass
+    deadline = time.monotonic() + 5
+    while _arena_used(pair.remote):
+        assert time.monotonic() < deadline, "the abandoned request's blocks were not freed"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_request_cancelled_while_waiting_frees_its_blocks_on_the_answer(
+    make_pair,
+) -> None:
+    pair = await make_pair(max_batch_size=1, max_batch_delay_ms=0)
+    pair.fake.delay_s = 0.5
+    waiting = asyncio.ensure_future(
+        pair.remote.submit([DetectionTask(_image(64, 64, 0), 0.5, 10)], time.monotonic() + 10)
+    )
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    deadline = time.monotonic() + 5
+    while _arena_used(pair.remote):
+        assert time.monotonic() < deadline, "the blocks of a cancelled request were not freed"
+        await asyncio.sleep(0.02)
+    # The connection still serves.
+    (out,) = await pair.remote.submit(
+        [DetectionTask(_image(8, 8, 1), 0.5, 10)], time.monotonic() + 5
+    )
+    assert out.batch_size == 1
