@@ -19,7 +19,9 @@ Scenarios:
                    answered 200, new ones 503, then exit 0
   stuck-drain      SIGTERM while a forward pass outlives the drain: the open requests are
                    answered 503 at the drain timeout, the server exits within its bound
-  failed-load      (issue 13 item 5, another branch: add its scenario to SCENARIOS)
+  failed-load      corrupt weights: exit 1 naming the model and the cause; with
+                   --no-exit-on-load-failure, /readyz and the inference routes 503
+                   (scripts/failed_load.py)
 """
 
 from __future__ import annotations
@@ -415,6 +417,38 @@ def stuck_drain(drain_s: float = 1.0) -> Row:
     return row
 
 
+def failed_load() -> Row:
+    """A model whose weights are corrupt, both ways (scripts/failed_load.py): by default the
+    server exits 1 with a log line naming the model folder and the cause; staying up
+    (--no-exit-on-load-failure), /readyz says "failed" and the inference routes answer 503."""
+    from scripts.failed_load import failed_load_row
+
+    row = Row("failed-load (corrupt weights)", sent=2)
+    exits = failed_load_row("corrupt-weights", stay_up=False)
+    stays = failed_load_row("corrupt-weights", stay_up=True)
+    for status in (stays.get("detect"), stays.get("v2_infer")):
+        if status is not None:
+            row.statuses[status] += 1
+    row.figures = {
+        "exit status": exits["exit_status"],
+        "exit s": exits["seconds"],
+        "log names model and cause": (
+            "yes" if exits["log_names_model"] and exits["log_names_cause"] else "no"
+        ),
+        "staying up: /readyz": (
+            f"{stays.get('readyz')} {stays.get('readyz_body', {}).get('status')}"
+        ),
+    }
+    row.passed = (
+        exits["exit_status"] == 1
+        and bool(exits["log_names_model"] and exits["log_names_cause"])
+        and stays.get("readyz") == 503
+        and row.statuses == Counter({503: 2})
+    )
+    row.log = str(exits.get("log", ""))
+    return row
+
+
 SCENARIOS: dict[str, Callable[[], Row]] = {
     "expired-burst": expired_burst,
     "disconnects": disconnects,
@@ -422,6 +456,7 @@ SCENARIOS: dict[str, Callable[[], Row]] = {
     "slow-url-storm": slow_url_storm,
     "sigterm": sigterm,
     "stuck-drain": stuck_drain,
+    "failed-load": failed_load,
 }
 
 
