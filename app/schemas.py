@@ -53,9 +53,10 @@ class ImageInput(BaseModel):
 
 class TilingOptions(BaseModel):
     """Tiled (sliced) inference, SAHI's semantics; unset fields take the server's defaults
-    (DETR_SERVE_TILING_*)."""
+    (DETR_SERVE_TILING_*). Strict: JSON's own types only (a multipart field or a v2 parameter
+    carries the object as JSON text, parsed first), as the OpenAPI schema documents them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     auto: bool | None = Field(
         default=None,

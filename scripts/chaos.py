@@ -141,6 +141,7 @@ def expired_burst() -> Row:
     server = start(
         *("--workers", "1", "--null-batch-ms", "8000", "--max-batch-size", "1"),
         *("--max-batch-delay-ms", "0", "--max-queue-size", "8", "--request-timeout-s", "1"),
+        *("--max-images-per-request", "8"),
     )
     try:
         body = json_body(jpeg())

@@ -128,7 +128,7 @@ def test_model_metadata_lists_tensors_and_padding(client) -> None:
     assert (meta["name"], meta["versions"], meta["platform"]) == (
         MODEL,
         ["1"],
-        "pytorch_transformers",
+        "onnxruntime_onnx",  # the default backend (auto) on the CPU
     )
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
         ("images", "BYTES", [-1])

@@ -9,6 +9,7 @@ import torch
 
 from app.engine.tasks import DetectionTask, ImageDetections
 from app.engine.tiling import collect, expand, merge_detections, pair_overlaps
+from app.schemas import tiling_value
 from app.tiling import TileSpec, axis_starts, wants_tiles
 
 # -- geometry ---------------------------------------------------------------------------------
@@ -291,3 +292,14 @@ def test_collect_caps_at_max_detections_best_first() -> None:
     merged = collect([task], parts, outputs)[0]
     assert len(merged.scores) == 2
     assert merged.scores.tolist() == pytest.approx([0.1 * len(items), 0.1 * (len(items) - 1)])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"class_agnostic": "true"}, {"class_agnostic": 1}, {"tile_size": "640"}, {"overlap": "0.2"}],
+)
+def test_tiling_object_takes_json_types_only(options: dict) -> None:
+    """As the OpenAPI schema says: a string or number where a boolean goes is refused (422 by
+    the routes), not coerced."""
+    with pytest.raises(ValueError, match=r"tiling\."):
+        tiling_value(options)
