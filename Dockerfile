@@ -1,9 +1,21 @@
 # detr-serve image: `docker build -t detr-serve:cpu .` (CPU torch, the default) or
 # `docker build --build-arg TORCH_VARIANT=cuda -t detr-serve:cuda .` (CUDA torch + the gpu extra).
 # The embedded default model (models/rtdetr-shapes) is baked in; mount your own under /models
-# and point DETR_SERVE_MODEL at it.
+# and point DETR_SERVE_MODEL at it. Needs BuildKit (DOCKER_BUILDKIT=1 with a Docker 20.10 CLI,
+# the default with buildx) for the RUN --mount lines.
+#
+# Build arguments for machines without Docker Hub or the PyTorch index (README "Deployment";
+# `make test-docker` uses all three):
+#   BASE_IMAGE               another image with Python 3.11 (python3 -m venv must work), e.g. one
+#                            imported from Debian's packages with mmdebstrap
+#   TORCH_FROM_WHEELHOUSE=1  install torch from its wheel in ./wheelhouse (its dependencies
+#                            from PyPI): `pip download --no-deps torch==2.13.0 -d wheelhouse/`
+#   --secret id=ca,src=FILE  a CA bundle for pip behind a TLS-intercepting proxy; mounted for the
+#                            pip steps only, never stored in a layer
 
-FROM python:3.11-slim AS build
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
 
 # cpu: torch from the PyTorch CPU index (no multi-GB CUDA libraries);
 # cuda: torch from PyPI, whose Linux wheels bundle CUDA, plus the `gpu` extra.
@@ -11,21 +23,32 @@ ARG TORCH_VARIANT=cpu
 # Keep in step with TORCH_CPU in the Makefile (tests/unit/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_FROM_WHEELHOUSE=0
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+# python3: the official image also has `python`, an image made from Debian's packages only python3.
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, in a layer of its own (the slow one), then the package: the same order as
 # `make install`, so pip keeps the chosen torch build when it resolves the package.
-RUN case "$TORCH_VARIANT" in \
+# The wheelhouse/ folder is bound, not copied: the wheel stays out of every layer, and this
+# step's cache depends on that folder only.
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    if [ "$TORCH_FROM_WHEELHOUSE" = 1 ]; then \
+        set -- /wheelhouse/torch-"$TORCH_VERSION"[+-]*.whl; \
+        [ -f "$1" ] || { echo "no torch $TORCH_VERSION wheel in wheelhouse/" >&2; exit 1; }; \
+        pip install --no-cache-dir "$1"; \
+    else case "$TORCH_VARIANT" in \
         cpu) pip install --no-cache-dir --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION" ;; \
         cuda) pip install --no-cache-dir "torch==$TORCH_VERSION" ;; \
         *) echo "TORCH_VARIANT must be cpu or cuda, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
-    esac
+    esac; fi
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -33,7 +56,9 @@ COPY app/ app/
 # The extras are the Makefile's minus `dev`: the Makefile installs '.[dev,onnx]' without CUDA
 # and '.[dev,gpu]' with it; the image installs './[onnx]' and './[gpu]' (checked by
 # tests/unit/test_deploy_files.py). Not editable: the image carries no source tree.
-RUN extras='[onnx]'; \
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    extras='[onnx]'; \
     if [ "$TORCH_VARIANT" = cuda ]; then extras='[gpu]'; fi; \
     pip install --no-cache-dir "./$extras"
 
@@ -45,7 +70,7 @@ COPY models/rtdetr-shapes/ models/rtdetr-shapes/
 RUN python scripts/export_onnx.py models/rtdetr-shapes --int8
 
 
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
