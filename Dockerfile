@@ -36,7 +36,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, in a layer of its own (the slow one), then the package: the same order as
 # `make install`, so pip keeps the chosen torch build when it resolves the package.
 # The wheelhouse/ folder is bound, not copied: the wheel stays out of every layer, and this
-# step's cache depends on that folder only.
+# step's cache depends on that folder only. (DL3013: the wheel's file name pins the version.)
+# hadolint ignore=DL3013
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \

@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps test-floors fuzz lint fmt bench clean
+.PHONY: install run test test-deps test-docker test-floors fuzz lint fmt bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,14 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The real image and compose stack (tests/docker): as root, installs Debian's docker.io,
+# mmdebstrap and docker-compose when missing and starts dockerd when no daemon answers (and
+# stops it after); without Docker Hub it builds the base image from Debian's packages and
+# without the PyTorch CPU index it gives the build the CPU torch wheel pip finds here.
+# Logs and the image's figures: test-artifacts/docker/.
+test-docker: install
+	DETR_TEST_DOCKER=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/docker $(PYTEST_ARGS)
 
 # The dependency floors of pyproject.toml, proven: a fresh .venv-floors with every dependency at
 # its floor (constraints/floors.txt; torch at TORCH_FLOOR, the oldest release tested), then the
