@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -47,7 +46,7 @@ class Stack:
     def query(self, expr: str) -> list[dict[str, object]]:
         r = httpx.get(self.prometheus_url + "/api/v1/query", params={"query": expr}, timeout=30)
         r.raise_for_status()
-        return r.json()["data"]["result"]  # type: ignore[no-any-return]
+        return r.json()["data"]["result"]
 
 
 def _project_containers(docker: Daemon, project: str, *more: str) -> list[str]:
@@ -63,7 +62,8 @@ def stack(
     files = ["-f", str(ROOT / "docker-compose.yml")]
     if prometheus_image != dockerhost.PROMETHEUS_IMAGE:
         override = tmp_path_factory.mktemp("compose") / "docker-compose.override.yml"
-        override.write_text(yaml.safe_dump({"services": {"prometheus": {"image": prometheus_image}}}))
+        services = {"prometheus": {"image": prometheus_image}}
+        override.write_text(yaml.safe_dump({"services": services}))
         files += ["-f", str(override)]
     detector_port, grpc_port, prometheus_port = free_port(), free_port(), free_port()
     project = f"detr-serve-test-{uuid.uuid4().hex[:6]}"

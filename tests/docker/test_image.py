@@ -23,7 +23,15 @@ import pytest
 from scripts.serverproc import RunningServer
 from tests.conftest import shapes_image
 from tests.docker.conftest import BuiltImage, Container, read_only_model_dir
-from tests.docker.dockerhost import CA_BUNDLE, ROOT, Daemon, image_size_bytes, inspect, log
+from tests.docker.dockerhost import (
+    CA_BUNDLE,
+    ROOT,
+    Daemon,
+    build,
+    image_size_bytes,
+    inspect,
+    log,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -41,9 +49,7 @@ def _post_images(url: str, images: list[bytes], **data: str) -> httpx.Response:
 # --- the build -------------------------------------------------------------------------------
 
 
-def test_image_size_is_reasonable_and_torch_dominates_it(
-    docker: Daemon, image: BuiltImage
-) -> None:
+def test_image_size_is_reasonable_and_torch_dominates_it(docker: Daemon, image: BuiltImage) -> None:
     script = (
         "import pathlib, site\n"
         "root = pathlib.Path(site.getsitepackages()[0])\n"
@@ -78,8 +84,8 @@ def _needles(docker: Daemon, image: BuiltImage) -> list[bytes]:
     share base64 lines."""
     theirs = docker(
         "run", "--rm", "--entrypoint", "sh", image.tag, "-c",
-        "cat /etc/ssl/certs/ca-certificates.crt $(python -c 'import certifi; "
-        "from pip._vendor import certifi as vendored; print(certifi.where(), vendored.where())')",
+        "cat /etc/ssl/certs/ca-certificates.crt "
+        "$(find /opt/venv -path '*/certifi/cacert.pem')",
     ).stdout  # fmt: skip
     extra = _pem_blocks(CA_BUNDLE.read_text()) - _pem_blocks(theirs)
     return sorted(block.encode() for block in extra)
@@ -130,6 +136,29 @@ def test_the_pip_ca_bundle_is_in_no_layer_of_the_image(docker: Daemon, image: Bu
     history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", image.tag).stdout
     assert str(CA_BUNDLE) not in history
     log(f"{len(needles)} certificate(s) of the host's bundle in no layer of {image.tag}")
+
+
+def test_the_layer_scan_finds_a_bundle_that_was_baked_in(
+    docker: Daemon, image: BuiltImage, tmp_path: Path
+) -> None:
+    """The scan above can fail: an image that COPYs the host's bundle in is caught."""
+    needles = _needles(docker, image)
+    if not needles:
+        pytest.skip(f"{CA_BUNDLE} holds no certificate beyond the image's own: nothing to find")
+    shutil.copy(CA_BUNDLE, tmp_path / "bundle.pem")
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {image.base}\nCOPY bundle.pem /usr/local/share/leaked.pem\n"
+    )
+    tag = "detr-serve-test/leaky:latest"
+    build(docker, tag, tmp_path, [], "build-leaky.log")
+    try:
+        save = subprocess.Popen([docker.cli, "save", tag], stdout=subprocess.PIPE)
+        assert save.stdout is not None
+        found = _find_in_layers(save.stdout, needles)
+        assert save.wait(600) == 0
+    finally:
+        docker("rmi", tag, check=False)
+    assert [f.split(":", 1)[1] for f in found] == ["usr/local/share/leaked.pem"]
 
 
 # --- the container as shipped ------------------------------------------------------------------
@@ -231,7 +260,9 @@ def test_settings_variables_reach_it_and_a_read_only_model_mount_serves(
     container.wait_healthy()
     (model,) = container.get("/v1/models").json()["models"]
     assert model["name"] == "tiny-from-env"
-    assert "/models/tiny" in model["backend_reason"], model
+    # The mount is read-only: the container exports the checkpoint into its own cache.
+    assert model["backend_reason"].endswith("(exported)"), model
+    assert "exporting /models/tiny to /home/detr/.cache/detr-serve/onnx/" in container.logs()
     image = shapes_image()
     r = _post_images(container.url, [image])
     assert r.status_code == 200, r.text
@@ -253,9 +284,7 @@ def test_docker_stop_drains_the_requests_it_accepted(
 ) -> None:
     """Requests in the engine's queue when `docker stop` sends SIGTERM are all answered 200,
     and the server exits 0 within the stop timeout."""
-    container = start_container(
-        env={"DETR_SERVE_MAX_BATCH_DELAY_MS": "3000"}
-    )
+    container = start_container(env={"DETR_SERVE_MAX_BATCH_DELAY_MS": "3000"})
     container.wait_healthy()
     accepted = 6  # under the batch size (8): the batch waits its 3 s to fill
     image = shapes_image()
