@@ -54,7 +54,7 @@ ENTRYPOINT ["/usr/bin/prometheus"]
 
 def log(message: str) -> None:
     """Progress on the terminal (`make test-docker` runs pytest -s: the build takes minutes)."""
-    print(f"[test-docker] {message}", file=sys.stderr, flush=True)
+    print(f"[test-docker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(
