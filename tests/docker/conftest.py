@@ -62,6 +62,19 @@ def network(docker: Daemon) -> Iterator[str]:
     docker("network", "rm", name, check=False)
 
 
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    timeout_s: float = READY_TIMEOUT_S,
+    poll_s: float = 0.2,
+) -> None:
+    """Wait for a state, not for a time; the timeout is a hang guard, never a measurement."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(poll_s)
+
+
 class Container:
     """`docker run -d` of the image; its HTTP port published on 127.0.0.1."""
 

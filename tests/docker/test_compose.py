@@ -10,9 +10,8 @@ and dashboard are checked statically (tests/unit/test_deploy_files.py, tests/e2e
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -22,13 +21,12 @@ import yaml
 from scripts.serverproc import free_port
 from tests.conftest import shapes_image
 from tests.docker import dockerhost
-from tests.docker.conftest import BuiltImage
+from tests.docker.conftest import BuiltImage, wait_for
 from tests.docker.dockerhost import ROOT, Daemon, log
 
 pytestmark = pytest.mark.docker
 
 SERVICES = ("detr-serve", "prometheus")
-READY_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -92,13 +90,6 @@ def stack(
         stack("down", "-v", "--remove-orphans", check=False)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(1)
-
-
 def _healthy(docker: Daemon, project: str) -> bool:
     names = _project_containers(docker, project, "--filter", "health=healthy")
     return any("detr-serve" in n for n in names)
@@ -107,7 +98,7 @@ def _healthy(docker: Daemon, project: str) -> bool:
 def test_the_stack_comes_up_and_prometheus_scrapes_the_detector(
     docker: Daemon, stack: Stack
 ) -> None:
-    _wait_for(lambda: _healthy(docker, stack.project), "the detector healthy")
+    wait_for(lambda: _healthy(docker, stack.project), "the detector healthy")
     ps = stack("ps")
     log(f"compose ps:\n{ps}")
     (dockerhost.ARTIFACTS / "compose-ps.txt").write_text(ps)
@@ -118,18 +109,18 @@ def test_the_stack_comes_up_and_prometheus_scrapes_the_detector(
         result = stack.query('up{job="detr-serve"}')
         return bool(result) and all(r["value"][1] == "1" for r in result)  # type: ignore[index]
 
-    _wait_for(up, "Prometheus scraping the detector (up == 1)")
+    wait_for(up, "Prometheus scraping the detector (up == 1)")
 
     def images_total() -> float:
         result = stack.query('sum(detr_serve_images_total{job="detr-serve"})')
         return float(result[0]["value"][1]) if result else -1.0  # type: ignore[index]
 
-    _wait_for(lambda: images_total() >= 0, "detr_serve_images_total scraped")
+    wait_for(lambda: images_total() >= 0, "detr_serve_images_total scraped")
     before = images_total()
     files = [("file", (f"{i}.jpg", shapes_image(seed=i), "image/jpeg")) for i in range(3)]
     r = httpx.post(stack.detector_url + "/v1/detect", files=files, timeout=120)
     assert r.status_code == 200, r.text
-    _wait_for(lambda: images_total() >= before + 3, "detr_serve_images_total up by 3")
+    wait_for(lambda: images_total() >= before + 3, "detr_serve_images_total up by 3")
     log(f"Prometheus: up == 1, detr_serve_images_total {before:.0f} -> {images_total():.0f}")
 
 

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tarfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from scripts.serverproc import RunningServer
 from tests.conftest import shapes_image
-from tests.docker.conftest import BuiltImage, Container, read_only_model_dir
+from tests.docker.conftest import BuiltImage, Container, read_only_model_dir, wait_for
 from tests.docker.dockerhost import (
     CA_BUNDLE,
     ROOT,
@@ -296,7 +295,7 @@ def test_docker_stop_drains_the_requests_it_accepted(
 
     with ThreadPoolExecutor(accepted) as pool:
         jobs = [pool.submit(_post_images, container.url, [image]) for _ in range(accepted)]
-        _wait_for(lambda: queued() >= accepted, "every request in the engine's queue")
+        wait_for(lambda: queued() >= accepted, "every request in the engine's queue", 120, 0.05)
         stopping = threading.Thread(target=container.docker, args=("stop", container.name))
         stopping.start()
         answers = [job.result() for job in jobs]
@@ -307,10 +306,3 @@ def test_docker_stop_drains_the_requests_it_accepted(
     assert state["Running"] is False
     assert state["ExitCode"] == 0, container.logs()[-4000:]
     assert "draining" in container.logs()
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
