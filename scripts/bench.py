@@ -5,9 +5,11 @@
     python scripts/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
     python scripts/bench.py --compare --rounds 3  # side by side: LitServe, naive, raw forward
     python scripts/bench.py --overhead --rounds 3 # null engine vs a bare FastAPI endpoint
+    python scripts/bench.py --skip-http --backend auto  # raw pass of what a server runs (ORT)
 
 1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
-   images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
+   images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone. --backend picks the
+   raw pass's backend (torch by default; auto resolves as a server does).
 2. End to end: the real `detr-serve` on a free port, loaded by Locust (headless) with real
    JPEGs at 1, 8 and 32 concurrent clients, with batching on (max batch size = --max-batch)
    and off (max batch size 1); images/s and p50/p95/p99 latency.
@@ -79,16 +81,59 @@ def batch_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: bytes) -> list[dict]:
+def load_raw_engine(
+    model: Path,
+    device: str,
+    backend: str = "torch",
+    precision: str = "float",
+    threads: int | None = None,
+):
+    """The engine the raw pass times, as a server with these settings builds it: `backend`
+    resolved the same way (auto on the CPU: onnxruntime on the cached export, app/engine/
+    backend_choice.py; int8: model.int8.onnx), the model's intra-op threads (torch's and
+    onnxruntime's) set as the server sets them (--torch-threads, default the usable CPUs)."""
     import torch
 
-    from app.engine.pipeline import DetectionTask, Engine
+    from app.config import Settings
+    from app.cpus import available_cpus
+    from app.engine.backend_choice import choose_backend
+    from app.engine.pipeline import Engine
+
+    torch.set_num_threads(threads or available_cpus())
+    settings = Settings(model=model, backend=backend, precision=precision)
+    choice = choose_backend(settings, torch.device(device).type)
+    return Engine.load(
+        model,
+        name=model.name,
+        device=device,
+        backend=choice.backend,
+        onnx_path=choice.onnx_path,
+    )
+
+
+def bench_raw(
+    model: Path,
+    device: str,
+    max_batch: int,
+    seconds: float,
+    jpeg: bytes,
+    *,
+    backend: str = "torch",
+    precision: str = "float",
+    sizes: list[int] | None = None,
+) -> list[dict]:
+    """Engine (pre-process + forward + post-process) and forward-only img/s at each batch size
+    (default 1, 2, 4 .. max_batch) of `backend` (torch, onnx, or auto as a server resolves it:
+    see load_raw_engine). Each row names the backend that ran."""
+    import torch
+
+    from app.engine.pipeline import DetectionTask
     from app.images import decode_image
 
-    engine = Engine.load(model, name=model.name, device=device)
+    engine = load_raw_engine(model, device, backend, precision)
     pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels
     rows = []
-    for bs in batch_sizes(max_batch):
+    for bs in sizes or batch_sizes(max_batch):
         tasks = [DetectionTask(pixels, 0.5, 100)] * bs
         engine.run_batch(tasks)  # warm-up
         images = [torch.from_numpy(pixels).permute(2, 0, 1)] * bs
@@ -107,6 +152,8 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
         rows.append(
             {
                 "batch": bs,
+                "backend": engine.backend.name,
+                "threads": torch.get_num_threads(),
                 "engine_ms": engine_s * 1e3,
                 "engine_img_s": bs / engine_s,
                 "forward_ms": forward_s * 1e3,
@@ -114,8 +161,8 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
             }
         )
         print(
-            f"  raw batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms ({bs / engine_s:7.1f} img/s)"
-            f"  forward {forward_s * 1e3:8.1f} ms",
+            f"  raw {engine.backend.name} batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms "
+            f"({bs / engine_s:7.1f} img/s)  forward {forward_s * 1e3:8.1f} ms",
             flush=True,
         )
     return rows
@@ -210,6 +257,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds per load step")
     parser.add_argument("--raw-seconds", type=float, default=None)
     parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default="torch",
+        help="the raw pass's backend (auto: as a server resolves it, onnxruntime on the CPU)",
+    )
+    parser.add_argument("--precision", choices=("float", "int8"), default="float")
+    parser.add_argument(
+        "--raw-batch-sizes", default=None, help="raw pass batch sizes, e.g. 8 (default 1,2,4..max)"
+    )
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     side = parser.add_argument_group("--compare / --overhead")
@@ -274,7 +331,17 @@ def main() -> None:
         flush=True,
     )
     print("raw engine throughput:", flush=True)
-    raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
+    sizes = [int(b) for b in args.raw_batch_sizes.split(",")] if args.raw_batch_sizes else None
+    raw = bench_raw(
+        args.model,
+        args.device,
+        args.max_batch,
+        args.raw_seconds,
+        jpeg,
+        backend=args.backend,
+        precision=args.precision,
+        sizes=sizes,
+    )
     report = {"model": str(args.model), "device": args.device, "raw": raw}
     best_raw = max(r["engine_img_s"] for r in raw)
     print(f"raw saturation: {best_raw:.1f} img/s", flush=True)

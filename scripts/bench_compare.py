@@ -100,9 +100,20 @@ def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt:
     )
 
 
-def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
-    """The raw pass in a process of its own, torch's default threads, every batch size up to
-    max_batch, under PASSIVE and under OpenMP's default policy: the best forward-only img/s."""
+def raw_forward(
+    model: Path,
+    max_batch: int,
+    seconds: float,
+    *,
+    backend: str = "torch",
+    precision: str = "float",
+    image: Path | None = None,
+    sizes: list[int] | None = None,
+) -> dict[str, Any]:
+    """The raw pass in a process of its own, the server's threads, every batch size up to
+    max_batch (or `sizes`), under PASSIVE and under OpenMP's default policy: the best
+    forward-only img/s. `backend`, `precision`: as scripts/bench.py's flags (auto resolves as a
+    server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     from scripts.bench import USER_OMP_WAIT_POLICY
 
     policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
@@ -117,6 +128,11 @@ def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
             cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
             cmd += ["--model", str(model), "--max-batch", str(max_batch)]
             cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+            cmd += ["--backend", backend, "--precision", precision]
+            if image is not None:
+                cmd += ["--image", str(image)]
+            if sizes:
+                cmd += ["--raw-batch-sizes", ",".join(map(str, sizes))]
             subprocess.run(
                 cmd, check=True, cwd=ROOT, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -127,6 +143,8 @@ def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
         "forward_img_s": best["forward_img_s"],
         "batch": best["batch"],
         "omp": best["omp"],
+        "backend": best["backend"],
+        "threads": best["threads"],
         "engine_img_s": max(r["engine_img_s"] for r in rows),
     }
 
