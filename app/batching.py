@@ -10,6 +10,12 @@ fills batches when it is alone, but a request arriving behind it takes a place i
 batch formed instead of waiting for all of them: with k submissions waiting, each gets at
 least floor(max_batch_size / k) places in every batch (one in each, when k exceeds it, the
 oldest first).
+
+Ahead: with `max_concurrent_batches` > 1 the next batch is handed over while others run (its
+pre-processing overlaps their forward pass). With `ahead_only_full`, a batch handed over while
+another runs must be full: a partial one waits for the device to be free (then `max_delay_s` as
+usual), so that the overlap never splits work that one batch would have carried (the CPU's
+setting: tiles and a saturated queue overlap, light traffic batches as with one in flight).
 """
 
 from __future__ import annotations
@@ -91,10 +97,12 @@ class Batcher(Generic[T, R]):
         executor: Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_concurrent_batches: int = 1,
+        ahead_only_full: bool = False,
     ) -> None:
         """`max_concurrent_batches` > 1 lets the next batch be handed over while earlier ones
         run (pipelining stages of one device, or several devices); the executor must have as
-        many workers, and the handler must be safe to call concurrently."""
+        many workers, and the handler must be safe to call concurrently. `ahead_only_full`:
+        only full batches are handed over while another runs (see the module doc)."""
         if min(max_batch_size, max_queue_size, max_concurrent_batches) < 1 or max_delay_s < 0:
             raise ValueError(
                 "max_batch_size, max_queue_size and max_concurrent_batches must be >= 1, "
@@ -116,6 +124,8 @@ class Batcher(Generic[T, R]):
         self._batch_ids = 0
         self._groups = 0
         self._batch_time = _Ewma()
+        self.ahead_only_full = ahead_only_full
+        self._handed_over = 0  # batches handed to the handler and not yet ended
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -219,17 +229,32 @@ class Batcher(Generic[T, R]):
                 # Wait for a free slot first: while every slot is busy, the queue keeps filling,
                 # so the next batch forms full at once.
                 await self._slots.acquire()
+                await self._wait_for_full_or_free()
                 await self._wait_to_fill()
                 batch = self._take_batch()
                 if not batch:
                     self._slots.release()
                     continue
+                self._handed_over += 1
                 runner = asyncio.get_running_loop().create_task(self._execute(batch))
                 self._runners.add(runner)
                 runner.add_done_callback(self._runners.discard)
         finally:
             if self._runners:
                 await asyncio.gather(*self._runners, return_exceptions=True)
+
+    async def _wait_for_full_or_free(self) -> None:
+        """With ahead_only_full: while a batch runs, wait until a full batch is queued or none
+        runs any more (each batch's end wakes the loop)."""
+        while (
+            self.ahead_only_full
+            and self._handed_over
+            and self._queue
+            and len(self._queue) < self.max_batch_size
+            and not self._closing
+        ):
+            self._wake.clear()
+            await self._wake.wait()
 
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
@@ -303,7 +328,9 @@ class Batcher(Generic[T, R]):
                     p.future.set_result(out)
         finally:
             del self._running[batch_id]
+            self._handed_over -= 1
             self._slots.release()
+            self._wake.set()  # a partial batch may be waiting for the device (ahead_only_full)
         run_s = time.monotonic() - started
         self._batch_time.update(run_s)
         if self._on_batch is not None:

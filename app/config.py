@@ -143,7 +143,8 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description="Batches each device holds at once; 2 decodes and pre-processes the next "
-        "batch while the current one runs (default: 2 on CUDA, 1 on the CPU).",
+        "batch while the current one runs (default: 2; on the CPU the second only when it is "
+        "full, a partial one waiting for the device).",
     )
     torch_threads: int | None = Field(
         default=None,

@@ -76,7 +76,11 @@ class EngineHost:
             engines = list(await asyncio.to_thread(build_engines, s))
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
-        per_engine = s.batches_in_flight or (2 if on_cuda else 1)
+        # Two batches in flight: the next one is prepared while the current one runs. On the
+        # CPU by default only a full next batch goes ahead (tiles, a saturated queue: no gap
+        # between forward passes); a partial one waits for the device, to fill meanwhile.
+        per_engine = s.batches_in_flight or 2
+        ahead_only_full = s.batches_in_flight is None and not on_cuda
         pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
         self.pool = pool
         self._executor = ThreadPoolExecutor(
@@ -90,6 +94,7 @@ class EngineHost:
             executor=self._executor,
             on_batch=self._record_batch,
             max_concurrent_batches=pool.max_concurrent_batches,
+            ahead_only_full=ahead_only_full,
         )
         batcher.start()
         self.batcher = batcher
@@ -98,12 +103,13 @@ class EngineHost:
             (b.device, b.batch_size, b.cuda_graph) for b in pool.info.buckets
         )
         logger.info(
-            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",
+            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device%s",
             pool.info.name,
             pool.info.device,
             pool.info.dtype,
             s.max_batch_size,
             per_engine,
+            " (the second only when full)" if ahead_only_full else "",
         )
 
     @property

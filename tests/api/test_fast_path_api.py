@@ -88,12 +88,17 @@ async def test_a_jpeg_corrupt_past_its_header_is_refused_naming_the_image(serve)
     assert_error(response, 400, "invalid_image", "image 1: the JPEG data is corrupt or truncated")
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(None, 1), (2, 2)])
-async def test_batches_in_flight_default_to_one_on_the_cpu_and_follow_the_setting(
-    serve, setting: int | None, expected: int
+@pytest.mark.parametrize(
+    ("setting", "expected", "only_full"), [(None, 2, True), (1, 1, False), (2, 2, False)]
+)
+async def test_batches_in_flight_default_to_a_full_second_one_on_the_cpu_and_follow_the_setting(
+    serve, setting: int | None, expected: int, only_full: bool
 ) -> None:
+    """On the CPU by default a second batch goes ahead only when full (tiles, a saturated
+    queue); a set value is taken as it is."""
     app, client = await serve(batches_in_flight=setting)
     runtime = app.state.runtime
     assert runtime.pool.max_concurrent_batches == expected
     assert runtime.host._executor._max_workers == expected
+    assert runtime.host.batcher.ahead_only_full is only_full
     assert (await detect(client, shapes_image())).status_code == 200
