@@ -143,8 +143,8 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description="Batches each device holds at once; 2 decodes and pre-processes the next "
-        "batch while the current one runs (default: 2; on the CPU the second only when it is "
-        "full, a partial one waiting for the device).",
+        "batch while the current one runs (default: 2 on CUDA; on the CPU 2 with onnxruntime, "
+        "the second only when it is full, and 1 with torch).",
     )
     torch_threads: int | None = Field(
         default=None,

@@ -77,10 +77,13 @@ class EngineHost:
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
         # Two batches in flight: the next one is prepared while the current one runs. On the
-        # CPU by default only a full next batch goes ahead (tiles, a saturated queue: no gap
-        # between forward passes); a partial one waits for the device, to fill meanwhile.
-        per_engine = s.batches_in_flight or 2
-        ahead_only_full = s.batches_in_flight is None and not on_cuda
+        # CPU by default only with onnxruntime, and only a full next batch goes ahead (tiles, a
+        # saturated queue: no gap between forward passes; a partial one waits for the device,
+        # to fill meanwhile). Torch's CPU forward shares its OpenMP threads with the
+        # pre-processing: there the overlap measured slower (README, tiled inference).
+        overlap_on_cpu = engines[0].info.backend == "onnx"
+        per_engine = s.batches_in_flight or (2 if on_cuda or overlap_on_cpu else 1)
+        ahead_only_full = s.batches_in_flight is None and not on_cuda and overlap_on_cpu
         pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
         self.pool = pool
         self._executor = ThreadPoolExecutor(
