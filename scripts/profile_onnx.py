@@ -10,8 +10,10 @@
 2. onnxruntime's own profile (``SessionOptions.enable_profiling``) of a few runs at the largest
    batch: kernel time per node type and per part of the detector (backbone, encoder, decoder,
    the deformable-attention function body...), read from the module scope torch.onnx records in
-   each node's metadata (app/export/quantize.py `module_of`). Kernel times are wall times: on a
-   loaded machine read the shares, not the milliseconds.
+   each node's metadata (app/export/quantize.py `module_of`) and, for the nodes onnxruntime makes
+   (fusions, layout changes), from the tensors they write (its optimized graph). Kernel times
+   are wall times: each node counts its fastest run, which filters out the runs the scheduler
+   interrupted on a shared machine; still, read the shares there, not the milliseconds.
 
 The files are the server's (app/export/: model folder, then --cache-dir, default the server's
 cache); a missing INT8 file is made first, as `scripts/export_onnx.py --int8` does.
@@ -166,33 +168,39 @@ def part_of(name: str, running: dict[str, str], parts: dict[str, str]) -> str:
 
 
 def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, dict[str, float]]:
-    """Kernel ms per run by node type and by part of the detector, from onnxruntime's profile."""
+    """Kernel ms per run by node type and by part of the detector, from onnxruntime's profile:
+    each node's fastest of ``runs`` runs (its durations are wall times: on a shared machine a
+    run is often descheduled mid-kernel, which the minimum filters out), summed."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         sess = session(path, threads, str(Path(tmp) / "profile"), optimized)
         x = np.random.default_rng(1).standard_normal((batch, *input_shape(sess)))
         feed = {"pixel_values": x.astype(np.float32)}
-        for _ in range(runs + 1):  # the first run (allocations) is profiled too
+        sess.run(None, feed)  # allocations; dropped below
+        for _ in range(runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
         parts = module_names(path)
         running = running_parts(optimized, parts)
+    durations: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+    op_type: dict[tuple[str, str], str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            key = (e["name"].removesuffix("_kernel_time"), str(e["args"].get("node_index")))
+            durations[key].append(e["dur"])
+            op_type[key] = e["args"]["op_name"]
     by_op: collections.Counter[str] = collections.Counter()
     by_part: collections.Counter[str] = collections.Counter()
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        by_op[e["args"]["op_name"]] += e["dur"]
-        by_part[part_of(e["name"].removesuffix("_kernel_time"), running, parts)] += e["dur"]
-    return {
-        "by_op": {k: v / 1e3 / (runs + 1) for k, v in by_op.most_common()},
-        "by_part": {k: v / 1e3 / (runs + 1) for k, v in by_part.most_common()},
-    }
+    for key, times in durations.items():
+        fastest = min(times[1:] or times) / 1e3  # the first run's allocations are not counted
+        by_op[op_type[key]] += fastest
+        by_part[part_of(key[0], running, parts)] += fastest
+    return {"by_op": dict(by_op.most_common()), "by_part": dict(by_part.most_common())}
 
 
 def print_profile(name: str, prof: dict[str, dict[str, float]], top: int) -> None:
     total = sum(prof["by_op"].values())
-    print(f"\n{name}: kernel time {total:.1f} ms per run")
+    print(f"\n{name}: kernel time {total:.1f} ms per run (each node's fastest run)")
     print("  by part of the detector:")
     for key, ms in prof["by_part"].items():
         print(f"    {key:40s} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
