@@ -104,6 +104,16 @@ def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt:
     )
 
 
+def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str):
+    """The load's result, and the CPU time of all the server's processes per image answered: on
+    a shared machine, where img/s is mostly the CPU share a server gets, this is what a quiet
+    machine's img/s follows."""
+    pids = _all_pids(server)
+    before = _tree_cpu_s(pids)
+    res = _load(server, jpeg, args.clients, args.duration, fmt)
+    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+
+
 def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
     """The raw pass in a process of its own, torch's default threads, every batch size up to
     max_batch, under PASSIVE and under OpenMP's default policy: the best forward-only img/s."""
@@ -170,13 +180,7 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
             try:
                 for fmt in FORMATS:
-                    pids = _all_pids(server)
-                    before = _tree_cpu_s(pids)
-                    res = _load(server, jpeg, args.clients, args.duration, fmt)
-                    # CPU time of all the server's processes per image answered: on a shared
-                    # machine, where img/s is mostly the CPU share a server gets, this is what
-                    # a quiet machine's img/s follows.
-                    cpu_ms = (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
                     results.setdefault(name, {})[fmt] = res
                     cpu.setdefault(name, {})[fmt] = cpu_ms
                     print(
@@ -246,12 +250,11 @@ def bench_int8(args: Any, jpeg: bytes) -> dict[str, Any]:
             server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
             try:
                 for fmt in FORMATS:
-                    pids = _all_pids(server)
-                    before = _tree_cpu_s(pids)
-                    res = _load(server, jpeg, args.clients, args.duration, fmt)
-                    cpu_ms = (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
-                    row = {**res.as_dict(), "cpu_ms_per_image": cpu_ms}
-                    results.setdefault(name, {})[fmt] = row
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                    }
                     print(
                         f"  round {r + 1} {name:16s} {fmt:9s} {res.img_s:6.1f} img/s  "
                         f"p50 {res.p50_ms:6.0f} ms  CPU {cpu_ms:5.1f} ms/image  "
