@@ -12,8 +12,9 @@
    the deformable-attention function body...), read from the module scope torch.onnx records in
    each node's metadata (app/export/quantize.py `module_of`) and, for the nodes onnxruntime makes
    (fusions, layout changes), from the tensors they write (its optimized graph). Kernel times
-   are wall times: each node counts its fastest run, which filters out the runs the scheduler
-   interrupted on a shared machine; still, read the shares there, not the milliseconds.
+   are wall times: each node counts its fastest run, which filters out the worst of what a shared
+   machine's scheduler adds, not all of it (long kernels are interrupted in every run there):
+   read the shares there, and trust the CPU times of step 1 over the kernel sums.
 
 The files are the server's (app/export/: model folder, then --cache-dir, default the server's
 cache); a missing INT8 file is made first, as `scripts/export_onnx.py --int8` does.
@@ -170,7 +171,7 @@ def part_of(name: str, running: dict[str, str], parts: dict[str, str]) -> str:
 def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, dict[str, float]]:
     """Kernel ms per run by node type and by part of the detector, from onnxruntime's profile:
     each node's fastest of ``runs`` runs (its durations are wall times: on a shared machine a
-    run is often descheduled mid-kernel, which the minimum filters out), summed."""
+    run is often descheduled mid-kernel; the minimum drops the worst of it), summed."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         sess = session(path, threads, str(Path(tmp) / "profile"), optimized)
