@@ -14,8 +14,9 @@ oldest first).
 Ahead: with `max_concurrent_batches` > 1 the next batch is handed over while others run (its
 pre-processing overlaps their forward pass). With `ahead_only_full`, a batch handed over while
 another runs must be full: a partial one waits for the device to be free (then `max_delay_s` as
-usual), so that the overlap never splits work that one batch would have carried (the CPU's
-setting: tiles and a saturated queue overlap, light traffic batches as with one in flight).
+usual), so that the overlap never splits work that one batch would have carried (onnxruntime
+on the CPU, by default: tiles and a saturated queue overlap, light traffic batches as with one
+in flight).
 """
 
 from __future__ import annotations
