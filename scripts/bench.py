@@ -79,13 +79,35 @@ def batch_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: bytes) -> list[dict]:
+def bench_raw(
+    model: Path,
+    device: str,
+    max_batch: int,
+    seconds: float,
+    jpeg: bytes,
+    backend: str = "torch",
+    onnx_spinning: bool = False,
+) -> list[dict]:
+    """backend "onnx": the model's float32 ONNX export (found or made as --backend auto makes
+    it) in onnxruntime, threads as the server sets them; `onnx_spinning` its spinning pool."""
     import torch
 
     from app.engine.pipeline import DetectionTask, Engine
     from app.images import decode_image
 
-    engine = Engine.load(model, name=model.name, device=device)
+    onnx_path = None
+    if backend == "onnx":
+        from app.export.cache import default_cache_dir, ensure_export
+
+        onnx_path = ensure_export(model, default_cache_dir()).path
+    engine = Engine.load(
+        model,
+        name=model.name,
+        device=device,
+        backend=backend,
+        onnx_path=onnx_path,
+        onnx_spinning=onnx_spinning,
+    )
     pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels
     rows = []
     for bs in batch_sizes(max_batch):
@@ -211,6 +233,12 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=None)
     parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument(
+        "--raw-backend", choices=["torch", "onnx"], default="torch", help="the raw pass's backend"
+    )
+    parser.add_argument(
+        "--onnx-spinning", action="store_true", help="raw onnx pass: spinning intra-op threads"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     side = parser.add_argument_group("--compare / --overhead")
     side.add_argument("--compare", action="store_true", help="vs LitServe, naive, raw")
@@ -274,7 +302,15 @@ def main() -> None:
         flush=True,
     )
     print("raw engine throughput:", flush=True)
-    raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
+    raw = bench_raw(
+        args.model,
+        args.device,
+        args.max_batch,
+        args.raw_seconds,
+        jpeg,
+        backend=args.raw_backend,
+        onnx_spinning=args.onnx_spinning,
+    )
     report = {"model": str(args.model), "device": args.device, "raw": raw}
     best_raw = max(r["engine_img_s"] for r in raw)
     print(f"raw saturation: {best_raw:.1f} img/s", flush=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -108,7 +108,7 @@ async def detect(request: Request, service: InferenceServiceDep) -> Response:
 
 
 async def answer_detect(
-    service: DetectionService, headers: Headers, chunks: AsyncIterator[bytes]
+    service: DetectionService, headers: Headers, chunks: AsyncGenerator[bytes, None]
 ) -> bytes:
     """One /v1/detect request, body to answer: the one place its parsing happens (a new
     request field goes into DetectRequest, and its form field into _FORM_OPTIONS)."""
@@ -123,7 +123,7 @@ async def answer_detect(
 
 
 async def read_request(
-    headers: Headers, chunks: AsyncIterator[bytes], model: type[_Request], max_images: int
+    headers: Headers, chunks: AsyncGenerator[bytes, None], model: type[_Request], max_images: int
 ) -> tuple[list[ImageSource], _Request]:
     """The images and options of a JSON or multipart body (its `chunks`: starlette's
     request.stream(), or app/api/detect_asgi.py's), validated as `model`."""
@@ -143,7 +143,7 @@ async def read_request(
 
 
 async def _from_json(
-    chunks: AsyncIterator[bytes], model: type[_Request], max_images: int
+    chunks: AsyncGenerator[bytes, None], model: type[_Request], max_images: int
 ) -> tuple[list[ImageSource], _Request]:
     body = await collect(chunks)
     # Counted before it is parsed, parsed before it is validated, validated up to the image
@@ -168,7 +168,7 @@ _FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "f
 
 
 async def _from_multipart(
-    headers: Headers, chunks: AsyncIterator[bytes], model: type[_Request], max_files: int
+    headers: Headers, chunks: AsyncGenerator[bytes, None], model: type[_Request], max_files: int
 ) -> tuple[list[ImageSource], _Request]:
     try:
         # What starlette's request.form() does, without a Request.

@@ -12,7 +12,7 @@ request count and disconnect cancellation, CORS, the API key and the body limit 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import orjson
 from starlette.datastructures import Headers
@@ -29,9 +29,7 @@ logger = logging.getLogger(__name__)
 
 PATH = "/v1/detect"
 _JSON = (b"content-type", b"application/json")
-_INTERNAL = orjson.dumps(
-    {"error": {"type": "internal_error", "message": "internal server error"}}
-)
+_INTERNAL = orjson.dumps({"error": {"type": "internal_error", "message": "internal server error"}})
 
 
 class DetectRoute:
@@ -67,7 +65,7 @@ class DetectRoute:
         await send_json(send, 200, body)
 
 
-async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+async def body_chunks(receive: Receive) -> AsyncGenerator[bytes, None]:
     """The request body's chunks, as starlette's request.stream() gives them."""
     while True:
         message = await receive()
