@@ -103,8 +103,8 @@ class UnsupportedMediaTypeError(InvalidRequestError):
 async def detect(request: Request, service: InferenceServiceDep) -> Response:
     # Served by app/api/detect_asgi.py in front of the router (same contract, less work per
     # request); this declaration documents the route and serves an app built without it.
-    return Response(await answer_detect(service, request.headers, request.stream()),
-                    media_type="application/json")  # fmt: skip
+    body = await answer_detect(service, request.headers, request.stream())
+    return Response(body, media_type="application/json")
 
 
 async def answer_detect(
