@@ -5,6 +5,7 @@
     python scripts/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
     python scripts/bench.py --compare --rounds 3  # side by side: LitServe, naive, raw forward
     python scripts/bench.py --overhead --rounds 3 # null engine vs a bare FastAPI endpoint
+    python scripts/bench.py --compare-int8 --rounds 3  # INT8 vs float32 onnxruntime, alone
 
 1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
    images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
@@ -13,9 +14,10 @@
    and off (max batch size 1); images/s and p50/p95/p99 latency.
 It prints a table and the two ratios the project tracks, and writes JSON with --out.
 
---compare and --overhead are scripts/bench_compare.py's (see there): detr-serve against LitServe,
-the naive endpoint and the raw forward pass in one run, 16 clients, base64 JSON and multipart;
-and the serving path's own cost with the null engine against a bare FastAPI endpoint.
+--compare, --compare-int8 and --overhead are scripts/bench_compare.py's (see there): detr-serve
+against LitServe, the naive endpoint and the raw forward pass in one run, 16 clients, base64 JSON
+and multipart; the INT8 and float32 rows alone; and the serving path's own cost with the null
+engine against a bare FastAPI endpoint.
 
 With --device cuda the run is scripts/bench_cuda.py's: RT-DETR-R18 and -R50 sized models at 640
 (random weights, or --models DIR,...), raw forward passes with and without CUDA graphs at batch
@@ -240,8 +242,11 @@ def main() -> None:
         "--onnx-spinning", action="store_true", help="raw onnx pass: spinning intra-op threads"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    side = parser.add_argument_group("--compare / --overhead")
+    side = parser.add_argument_group("--compare / --compare-int8 / --overhead")
     side.add_argument("--compare", action="store_true", help="vs LitServe, naive, raw")
+    side.add_argument(
+        "--compare-int8", action="store_true", help="--precision int8 vs float32 only"
+    )
     side.add_argument("--overhead", action="store_true", help="null engine vs bare FastAPI")
     side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
     side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")
@@ -271,8 +276,8 @@ def main() -> None:
         return
     args.max_batch = args.max_batch or 8
     args.delay_ms = 5.0 if args.delay_ms is None else args.delay_ms
-    if args.compare or args.overhead:
-        from scripts.bench_compare import bench_compare, bench_overhead, environment
+    if args.compare or args.compare_int8 or args.overhead:
+        from scripts.bench_compare import bench_compare, bench_int8, bench_overhead, environment
 
         args.clients = int(args.clients or 16)
         args.duration = args.duration or 15.0
@@ -282,6 +287,8 @@ def main() -> None:
         print(f"model {args.model}; image {len(jpeg)} bytes; {report['environment']}")
         if args.compare:
             report["compare"] = bench_compare(args, jpeg)
+        if args.compare_int8:
+            report["compare_int8"] = bench_int8(args, jpeg)
         if args.overhead:
             report["overhead"] = bench_overhead(args, jpeg)
         if args.out:

@@ -15,6 +15,10 @@ JPEG, sent as base64 JSON and as multipart.
              torch row over the raw torch pass, the shipped onnx row over the raw onnxruntime
              pass); then the range of each ratio over the rounds.
              Servers run one at a time, in a rotated order each round.
+--compare-int8
+             the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
+             --precision int8, alternating first each round; img/s, CPU time per image and
+             INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
 --overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
              JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
              FastAPI endpoint (scripts/bare_server.py) that reads the same upload and answers the
@@ -103,6 +107,16 @@ def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt:
     )
 
 
+def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str):
+    """The load's result, and the CPU time of all the server's processes per image answered: on
+    a shared machine, where img/s is mostly the CPU share a server gets, this is what a quiet
+    machine's img/s follows."""
+    pids = _all_pids(server)
+    before = _tree_cpu_s(pids)
+    res = _load(server, jpeg, args.clients, args.duration, fmt)
+    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+
+
 def raw_forward(
     model: Path, max_batch: int, seconds: float, backend: str = "torch"
 ) -> dict[str, Any]:
@@ -184,13 +198,7 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
             try:
                 for fmt in FORMATS:
-                    pids = _all_pids(server)
-                    before = _tree_cpu_s(pids)
-                    res = _load(server, jpeg, args.clients, args.duration, fmt)
-                    # CPU time of all the server's processes per image answered: on a shared
-                    # machine, where img/s is mostly the CPU share a server gets, this is what
-                    # a quiet machine's img/s follows.
-                    cpu_ms = (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
                     results.setdefault(name, {})[fmt] = res
                     cpu.setdefault(name, {})[fmt] = cpu_ms
                     print(
@@ -249,6 +257,55 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             summary[f"{fmt}.{key}"] = values
             aim = f"  (target >= {target})" if target else ""
             print(f"  {fmt:9s} {key:20s} {_range(values)}{aim}")
+    return {"rounds": rounds, "summary": summary}
+
+
+def bench_int8(args: Any, jpeg: bytes) -> dict[str, Any]:
+    """INT8 against the float32 model it was quantized from, through the same server, same run."""
+    from scripts.export_onnx import ensure_int8
+
+    names = ["detr-serve", "detr-serve-int8"]
+    ensure_int8(args.model)
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        for name in names[r % 2 :] + names[: r % 2]:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                for fmt in FORMATS:
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                    }
+                    print(
+                        f"  round {r + 1} {name:16s} {fmt:9s} {res.img_s:6.1f} img/s  "
+                        f"p50 {res.p50_ms:6.0f} ms  CPU {cpu_ms:5.1f} ms/image  "
+                        f"failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        ratios = {}
+        for fmt in FORMATS:
+            f32, int8 = (results[n][fmt] for n in names)
+            ratios[fmt] = {
+                "img_s": _ratio(int8["img_s"], f32["img_s"]),
+                "cpu": _ratio(f32["cpu_ms_per_image"], int8["cpu_ms_per_image"]),
+            }
+            print(
+                f"  => {fmt:9s} INT8/float32 img/s {ratios[fmt]['img_s']:.2f}, "
+                f"CPU per image float32/INT8 {ratios[fmt]['cpu']:.2f}  (target >= 1.3)",
+                flush=True,
+            )
+        rounds.append({"http": results, "ratios": ratios})
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for key in ("img_s", "cpu"):
+            values = [row["ratios"][fmt][key] for row in rounds]
+            summary[f"{fmt}.int8_over_default.{key}"] = values
+            print(f"  {fmt:9s} INT8/float32 {key:5s} {_range(values)}  (target >= 1.3)")
     return {"rounds": rounds, "summary": summary}
 
 
