@@ -16,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import detect, health, kserve, models, page, render
+from app.api.detect_asgi import DetectRoute
 from app.config import Settings
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -82,7 +83,9 @@ def create_app(
     app.include_router(kserve.router)
     _install_error_handlers(app)
     # Added last runs first: request context, then open requests (counted for the drain,
-    # cancelled when their client goes), then CORS, then auth, then the body limit.
+    # cancelled when their client goes), then CORS, then auth, then the body limit; then
+    # POST /v1/detect is answered as plain ASGI (app/api/detect_asgi.py), the rest routed.
+    app.add_middleware(DetectRoute, runtime=runtime)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     if settings.api_key is not None:
         app.add_middleware(

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+_MAX_CACHED_LABELS = 256
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
 # Set in the scope of a request whose client went away before its answer (app/open_requests.py):
 # counted and logged as 499, nginx's "client closed request".
@@ -32,6 +34,10 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled children, kept: labels() takes a lock and builds a key on every call.
+        # Bounded, since a client chooses the method: past the bound, labels() as before.
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,8 +65,19 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.request_latency.labels(path).observe(elapsed)
+            key = (scope["method"], path, status)
+            counter = self._counted.get(key)
+            if counter is None:
+                counter = self.metrics.requests.labels(key[0], path, str(status))
+                if len(self._counted) < _MAX_CACHED_LABELS:
+                    self._counted[key] = counter
+            counter.inc()
+            timer = self._timed.get(path)
+            if timer is None:
+                timer = self.metrics.request_latency.labels(path)
+                if len(self._timed) < _MAX_CACHED_LABELS:
+                    self._timed[path] = timer
+            timer.observe(elapsed)
             # One line per request, at the boundary: failures always, successes at debug.
             level = (
                 logging.WARNING

@@ -89,6 +89,7 @@ def load_raw_engine(
     backend: str = "torch",
     precision: str = "float",
     threads: int | None = None,
+    onnx_spinning: bool = False,
 ):
     """The engine the raw pass times, as a server with these settings builds it: `backend`
     resolved the same way (auto on the CPU: onnxruntime on the cached export, app/engine/
@@ -110,6 +111,7 @@ def load_raw_engine(
         device=device,
         backend=choice.backend,
         onnx_path=choice.onnx_path,
+        onnx_spinning=onnx_spinning,
     )
 
 
@@ -123,6 +125,7 @@ def bench_raw(
     backend: str = "torch",
     precision: str = "float",
     sizes: list[int] | None = None,
+    onnx_spinning: bool = False,
 ) -> list[dict]:
     """Engine (pre-process + forward + post-process) and forward-only img/s at each batch size
     (default 1, 2, 4 .. max_batch) of `backend` (torch, onnx, or auto as a server resolves it:
@@ -132,7 +135,7 @@ def bench_raw(
     from app.engine.pipeline import DetectionTask
     from app.images import decode_image
 
-    engine = load_raw_engine(model, device, backend, precision)
+    engine = load_raw_engine(model, device, backend, precision, onnx_spinning=onnx_spinning)
     pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels
     rows = []
     for bs in sizes or batch_sizes(max_batch):
@@ -270,6 +273,9 @@ def main() -> None:
         "--raw-batch-sizes", default=None, help="raw pass batch sizes, e.g. 8 (default 1,2,4..max)"
     )
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument(
+        "--onnx-spinning", action="store_true", help="raw onnx pass: spinning intra-op threads"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     side = parser.add_argument_group("--compare / --compare-int8 / --overhead")
     side.add_argument("--compare", action="store_true", help="vs LitServe, naive, raw")
@@ -348,6 +354,7 @@ def main() -> None:
         backend=args.backend,
         precision=args.precision,
         sizes=sizes,
+        onnx_spinning=args.onnx_spinning,
     )
     report = {"model": str(args.model), "device": args.device, "raw": raw}
     best_raw = max(r["engine_img_s"] for r in raw)
