@@ -10,6 +10,14 @@ fills batches when it is alone, but a request arriving behind it takes a place i
 batch formed instead of waiting for all of them: with k submissions waiting, each gets at
 least floor(max_batch_size / k) places in every batch (one in each, when k exceeds it, the
 oldest first).
+
+Priority: items submitted with priority "low" (the tiles of background jobs, app/jobs/) wait in
+a lane of their own. They take the places of a batch that the online items waiting leave free,
+and, with `low_share` > 0, at least that share of every batch while both kinds wait (so that a
+saturated server still moves its jobs). Low items are not counted in the queue bound nor in
+`queue_depth` (the 429 decision and Retry-After speak of online work; the job runner bounds
+its own items in flight), and at most `max_low_per_batch` of them ride in one batch: a batch of
+job tiles is what an online request that arrives meanwhile waits for.
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+Priority = Literal["online", "low"]
 
 
 class BatcherError(Exception):
@@ -91,15 +101,22 @@ class Batcher(Generic[T, R]):
         executor: Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_concurrent_batches: int = 1,
+        low_share: float = 0.0,
+        max_low_per_batch: int | None = None,
     ) -> None:
         """`max_concurrent_batches` > 1 lets the next batch be handed over while earlier ones
         run (pipelining stages of one device, or several devices); the executor must have as
-        many workers, and the handler must be safe to call concurrently."""
+        many workers, and the handler must be safe to call concurrently. `low_share` and
+        `max_low_per_batch`: the low-priority lane (see the module doc)."""
         if min(max_batch_size, max_queue_size, max_concurrent_batches) < 1 or max_delay_s < 0:
             raise ValueError(
                 "max_batch_size, max_queue_size and max_concurrent_batches must be >= 1, "
                 "max_delay_s >= 0"
             )
+        if not 0.0 <= low_share <= 1.0 or (max_low_per_batch is not None and max_low_per_batch < 1):
+            raise ValueError("low_share must be within 0..1 and max_low_per_batch >= 1")
+        self.low_share = low_share
+        self.max_low_per_batch = min(max_low_per_batch or max_batch_size, max_batch_size)
         self._handler = handler
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -107,6 +124,7 @@ class Batcher(Generic[T, R]):
         self._executor = executor
         self._on_batch = on_batch
         self._queue: deque[_Pending[T, R]] = deque()
+        self._low: deque[_Pending[T, R]] = deque()  # the low-priority lane
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -123,6 +141,11 @@ class Batcher(Generic[T, R]):
         """Live items waiting for a batch: a request that passes its deadline or is cancelled
         takes its items out of the queue at that moment (see submit)."""
         return len(self._queue)
+
+    @property
+    def low_depth(self) -> int:
+        """Low-priority items waiting (job tiles)."""
+        return len(self._low)
 
     @property
     def in_flight(self) -> int:
@@ -158,29 +181,38 @@ class Batcher(Generic[T, R]):
             self._task.cancel()
             # Every request still waiting is answered now, those of a batch that is still
             # running included (its thread cannot be stopped; its outputs are dropped).
-            left = [*self._queue, *(p for _, batch in self._running.values() for p in batch)]
+            left = [
+                *self._queue,
+                *self._low,
+                *(p for _, batch in self._running.values() for p in batch),
+            ]
             self._queue.clear()
+            self._low.clear()
             for pending in left:
                 if not pending.future.done():
                     pending.future.set_exception(ShuttingDownError())
 
     # -- intake -----------------------------------------------------------------------------
-    async def submit(self, items: Sequence[T], deadline: float) -> list[R]:
+    async def submit(
+        self, items: Sequence[T], deadline: float, priority: Priority = "online"
+    ) -> list[R]:
         """Queue `items` (all of one request) and wait for their outputs, in order.
 
         `deadline` is a time.monotonic() value. Raises QueueFullError, ShuttingDownError,
-        DeadlineExceededError or BatchFailedError.
+        DeadlineExceededError or BatchFailedError. Low-priority items go to their own lane
+        (see the module doc) and are never refused for a full queue.
         """
         if not self.accepting:
             raise ShuttingDownError()
-        if len(self._queue) + len(items) > self.max_queue_size:
+        low = priority == "low"
+        if not low and len(self._queue) + len(items) > self.max_queue_size:
             raise QueueFullError(self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         self._groups += 1
         group = self._groups
         pendings = [_Pending(item, loop.create_future(), now, deadline, group) for item in items]
-        self._queue.extend(pendings)
+        (self._low if low else self._queue).extend(pendings)
         self._wake.set()
         futures = [p.future for p in pendings]
         try:
@@ -201,6 +233,8 @@ class Batcher(Generic[T, R]):
                 p.future.cancel()
         ids = {id(p) for p in pendings}
         self._queue = deque(p for p in self._queue if id(p) not in ids)
+        if self._low:
+            self._low = deque(p for p in self._low if id(p) not in ids)
 
     def retry_after_s(self) -> int:
         """Seconds a rejected client should wait: the time to work off the current queue."""
@@ -211,7 +245,7 @@ class Batcher(Generic[T, R]):
     async def _loop(self) -> None:
         try:
             while True:
-                while not self._queue:
+                while not (self._queue or self._low):
                     if self._closing:
                         return
                     self._wake.clear()
@@ -232,10 +266,15 @@ class Batcher(Generic[T, R]):
                 await asyncio.gather(*self._runners, return_exceptions=True)
 
     async def _wait_to_fill(self) -> None:
-        """Wait until a full batch is queued or the oldest item has waited max_delay_s."""
-        while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
+        """Wait until a full batch is queued or the oldest item has waited max_delay_s (low
+        items count up to what one batch may take of them)."""
+        while not self._closing:
+            low = min(len(self._low), self.max_low_per_batch)
+            if not (self._queue or low) or len(self._queue) + low >= self.max_batch_size:
+                return
             # The oldest live item: the one before it may have left meanwhile.
-            remaining = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
+            oldest = min(lane[0].enqueued for lane in (self._queue, self._low) if lane)
+            remaining = oldest + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -245,28 +284,49 @@ class Batcher(Generic[T, R]):
                 return
 
     def _take_batch(self) -> list[_Pending[T, R]]:
-        """The next batch: live items, round-robin across submissions (see the module doc)."""
+        """The next batch: live items, round-robin across submissions (see the module doc);
+        online items first, low-priority ones in the places left (and their share)."""
+        online = self._lanes(self._queue)
+        low = self._lanes(self._low)
+        low_cap = self.max_low_per_batch if low else 0
+        reserved = min(low_cap, math.floor(self.low_share * self.max_batch_size)) if low else 0
+        batch = self._round_robin(online, self.max_batch_size - reserved)
+        batch += self._round_robin(low, min(low_cap, self.max_batch_size - len(batch)))
+        if len(batch) < self.max_batch_size:  # a low share the jobs could not fill
+            batch += self._round_robin(online, self.max_batch_size - len(batch))
+        taken = {id(p) for p in batch}
+        # What is left keeps its arrival order (answered and expired items leave the queue).
+        self._queue = deque(p for p in self._queue if not p.future.done() and id(p) not in taken)
+        if self._low:
+            self._low = deque(p for p in self._low if not p.future.done() and id(p) not in taken)
+        return batch
+
+    @staticmethod
+    def _lanes(queue: deque[_Pending[T, R]]) -> dict[int, deque[_Pending[T, R]]]:
+        """The live items of `queue` by submission (expired ones are answered here)."""
         now = time.monotonic()
         lanes: dict[int, deque[_Pending[T, R]]] = {}
-        for pending in self._queue:
+        for pending in queue:
             if pending.future.done():  # its request gave up (deadline or disconnect)
                 continue
             if pending.deadline <= now:
                 pending.future.set_exception(DeadlineExceededError())
                 continue
             lanes.setdefault(pending.group, deque()).append(pending)
+        return lanes
+
+    @staticmethod
+    def _round_robin(lanes: dict[int, deque[_Pending[T, R]]], places: int) -> list[_Pending[T, R]]:
+        """Up to `places` items, one from each submission in turn (taken out of `lanes`)."""
         batch: list[_Pending[T, R]] = []
-        while lanes and len(batch) < self.max_batch_size:
+        while lanes and len(batch) < places:
             for group in list(lanes):
                 lane = lanes[group]
                 batch.append(lane.popleft())
                 if not lane:
                     del lanes[group]
-                if len(batch) == self.max_batch_size:
+                if len(batch) == places:
                     break
-        taken = {id(p) for p in batch}
-        # What is left keeps its arrival order (answered and expired items leave the queue).
-        self._queue = deque(p for p in self._queue if not p.future.done() and id(p) not in taken)
         return batch
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
