@@ -87,8 +87,9 @@ class JobOptions(BaseModel):
             raise PydanticCustomError("tiling", "{reason}", {"reason": str(exc)}) from None
 
     @property
-    def tiling_options(self) -> TilingOptions | None:
-        return self.tiling
+    def tiling_options(self) -> TilingOptions:
+        """Jobs always run tiled: the server's tile options unless the request gives some."""
+        return self.tiling or TilingOptions()
 
 
 class JobRequest(JobOptions):
