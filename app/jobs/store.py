@@ -244,17 +244,19 @@ class JobStore:
 
     # -- retention and size ---------------------------------------------------------------------
     def size_bytes(self) -> int:
-        """The database (with its WAL) and the uploads on disk."""
-        total = 0
-        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
-            if path.exists():
-                total += path.stat().st_size
+        """The database's pages in use (freed pages are reused, and returned to the disk by
+        the VACUUM after a prune) and the uploads on disk."""
+        with self._connect() as db:
+            (pages,) = db.execute("PRAGMA page_count").fetchone()
+            (free,) = db.execute("PRAGMA freelist_count").fetchone()
+            (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        total = (pages - free) * page_size
         for upload in self.uploads.iterdir():
             try:
                 total += upload.stat().st_size
             except FileNotFoundError:
                 pass
-        return total
+        return int(total)
 
     def prune(self, retention_s: float, max_bytes: int) -> int:
         """Delete jobs finished more than `retention_s` ago, then the oldest finished ones while
@@ -275,7 +277,6 @@ class JobStore:
                 if row is None:
                     break
                 db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._remove_upload(row["id"])
             deleted += 1
         if deleted:
