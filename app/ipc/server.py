@@ -242,7 +242,7 @@ class EngineServer:
                 message = await read_message(reader)
                 if message[0] == "submit":
                     _, rid, request_id, deadline, items, *rest = message
-                    priority = rest[0] if rest and rest[0] == "low" else "online"
+                    priority: Priority = "low" if rest and rest[0] == "low" else "online"
                     task = asyncio.get_running_loop().create_task(
                         self._submit(writer, arena, rid, request_id, deadline, items, priority)
                     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,9 +40,11 @@ NOT_AN_IMAGE = "not a TIFF, JPEG, PNG or WebP file"
 
 
 class ImageSource(Protocol):
-    width: int
-    height: int
-    kind: str
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
 
     def read(self, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
         """uint8 [y2 - y1, x2 - x1, 3] pixels of the region."""
@@ -116,7 +118,7 @@ class _TiffRegions:
                 "tiles) to be read region by region"
             )
         self._axes = axes
-        self._array = zarr.open(self._tif.aszarr(series=0, level=level), mode="r")
+        self._array: Any = zarr.open(self._tif.aszarr(series=0, level=level), mode="r")
 
     def read(self, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -95,6 +96,9 @@ class JobRunner:
         self._stopping = False
         self._wake = asyncio.Event()
 
+    def _forget(self, job_id: str, _: object) -> None:
+        self._running.pop(job_id, None)
+
     def stop_taking(self) -> None:
         """The server is draining: no new job starts, no new chunk is sent."""
         self._stopping = True
@@ -117,7 +121,7 @@ class JobRunner:
                             break
                         task = asyncio.get_running_loop().create_task(self._run_job(job))
                         self._running[job.id] = task
-                        task.add_done_callback(lambda _, i=job.id: self._running.pop(i, None))
+                        task.add_done_callback(functools.partial(self._forget, job.id))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), _POLL_S)
