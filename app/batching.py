@@ -17,7 +17,10 @@ and, with `low_share` > 0, at least that share of every batch while both kinds w
 saturated server still moves its jobs). Low items are not counted in the queue bound nor in
 `queue_depth` (the 429 decision and Retry-After speak of online work; the job runner bounds
 its own items in flight), and at most `max_low_per_batch` of them ride in one batch: a batch of
-job tiles is what an online request that arrives meanwhile waits for.
+job tiles is what an online request that arrives meanwhile waits for. While online requests
+keep coming (one in the last second), a batch of job tiles alone is followed by an idle gap of
+`low_yield` times its duration (cut short when online items arrive): on a CPU the forward pass
+takes every core, and the online requests' decoding and HTTP work need some of them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 Priority = Literal["online", "low"]
+
+_ONLINE_RECENT_S = 1.0  # online traffic this recent makes job-only batches yield
 
 
 class BatcherError(Exception):
@@ -79,6 +84,7 @@ class _Pending(Generic[T, R]):
     enqueued: float
     deadline: float
     group: int = 0  # the submission it came with (batches interleave submissions)
+    low: bool = False  # the low-priority lane's
 
 
 @dataclass
@@ -103,6 +109,7 @@ class Batcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         low_share: float = 0.0,
         max_low_per_batch: int | None = None,
+        low_yield: float = 0.0,
     ) -> None:
         """`max_concurrent_batches` > 1 lets the next batch be handed over while earlier ones
         run (pipelining stages of one device, or several devices); the executor must have as
@@ -116,6 +123,10 @@ class Batcher(Generic[T, R]):
         if not 0.0 <= low_share <= 1.0 or (max_low_per_batch is not None and max_low_per_batch < 1):
             raise ValueError("low_share must be within 0..1 and max_low_per_batch >= 1")
         self.low_share = low_share
+        self.low_yield = max(0.0, low_yield)
+        self._last_online = -math.inf  # when online items last came in
+        self._low_ended = 0.0  # when the last batch of job tiles alone ended, and its time
+        self._low_run_s = 0.0
         self.max_low_per_batch = min(max_low_per_batch or max_batch_size, max_batch_size)
         self._handler = handler
         self.max_batch_size = max_batch_size
@@ -207,11 +218,15 @@ class Batcher(Generic[T, R]):
         low = priority == "low"
         if not low and len(self._queue) + len(items) > self.max_queue_size:
             raise QueueFullError(self.retry_after_s())
+        if not low:
+            self._last_online = time.monotonic()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         self._groups += 1
         group = self._groups
-        pendings = [_Pending(item, loop.create_future(), now, deadline, group) for item in items]
+        pendings = [
+            _Pending(item, loop.create_future(), now, deadline, group, low) for item in items
+        ]
         (self._low if low else self._queue).extend(pendings)
         self._wake.set()
         futures = [p.future for p in pendings]
@@ -254,6 +269,8 @@ class Batcher(Generic[T, R]):
                 # so the next batch forms full at once.
                 await self._slots.acquire()
                 await self._wait_to_fill()
+                if self._low and not self._queue:
+                    await self._yield_to_online()
                 batch = self._take_batch()
                 if not batch:
                     self._slots.release()
@@ -275,6 +292,22 @@ class Batcher(Generic[T, R]):
             # The oldest live item: the one before it may have left meanwhile.
             oldest = min(lane[0].enqueued for lane in (self._queue, self._low) if lane)
             remaining = oldest + self.max_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _yield_to_online(self) -> None:
+        """Before a batch of job tiles alone: the idle gap after the last one while online
+        requests keep coming (see the module doc); online items arriving end it at once."""
+        if self.low_yield <= 0 or time.monotonic() - self._last_online > _ONLINE_RECENT_S:
+            return
+        resume = self._low_ended + self.low_yield * self._low_run_s
+        while not self._queue and not self._closing:
+            remaining = resume - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -366,5 +399,7 @@ class Batcher(Generic[T, R]):
             self._slots.release()
         run_s = time.monotonic() - started
         self._batch_time.update(run_s)
+        if all(p.low for p in batch):
+            self._low_ended, self._low_run_s = time.monotonic(), run_s
         if self._on_batch is not None:
             self._on_batch(BatchStats(len(batch), [started - p.enqueued for p in batch], run_s, ok))

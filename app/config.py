@@ -303,8 +303,8 @@ class Settings(BaseSettings):
     job_batch_items: int | None = Field(
         default=None,
         ge=1,
-        description="Job tiles one batch may carry (default: max_batch_size / 4, at least 1): "
-        "what an online request arriving meanwhile may wait for.",
+        description="Job tiles one batch may carry (default: 1 on the CPU, max_batch_size / 4 "
+        "on CUDA): what an online request arriving meanwhile may wait for.",
     )
     job_batch_share: float = Field(
         default=0.0,
@@ -312,6 +312,13 @@ class Settings(BaseSettings):
         le=1.0,
         description="Share of every batch kept for job tiles while online requests also wait "
         "(0: jobs only fill the places online traffic leaves free).",
+    )
+    job_yield: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="While online requests keep coming (one in the last second), a batch of "
+        "job tiles alone is followed by an idle gap this many times its duration, cut short "
+        "by online work: the CPU left to the front ends' decoding (0: no gap).",
     )
     job_max_detections: int = Field(
         default=100_000, ge=1, description="Detections a job keeps when it asks for no limit."
@@ -483,10 +490,12 @@ class Settings(BaseSettings):
 
         return Path(platformdirs.user_cache_dir("detr-serve", appauthor=False)) / "jobs"
 
-    @property
-    def job_tiles_per_batch(self) -> int:
-        """Job tiles one batch may carry."""
-        return min(self.job_batch_items or max(1, self.max_batch_size // 4), self.max_batch_size)
+    def job_tiles_per_batch(self, on_cuda: bool) -> int:
+        """Job tiles one batch may carry: job_batch_items, else 1 on the CPU (a batch's time
+        grows with its size there, and is what an online request arriving meanwhile waits
+        for; batching buys the CPU no throughput) and max_batch_size / 4 on CUDA."""
+        chosen = self.job_batch_items or (max(1, self.max_batch_size // 4) if on_cuda else 1)
+        return min(chosen, self.max_batch_size)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -91,7 +91,8 @@ class EngineHost:
             on_batch=self._record_batch,
             max_concurrent_batches=pool.max_concurrent_batches,
             low_share=s.job_batch_share,
-            max_low_per_batch=s.job_tiles_per_batch,
+            max_low_per_batch=s.job_tiles_per_batch(on_cuda),
+            low_yield=s.job_yield,
         )
         batcher.start()
         self.batcher = batcher

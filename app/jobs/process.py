@@ -34,6 +34,8 @@ def run_job_runner_process(settings: Settings, socket_paths: Sequence[str]) -> N
     from app.supervisor import die_with_parent
 
     die_with_parent()
+    # Reading and cutting tiles is background work: the front ends and the engine go first.
+    os.nice(10)
     configure_logging(settings.log_level, settings.json_logs)
     asyncio.run(_main(settings, list(socket_paths)))
     logging.shutdown()
