@@ -291,13 +291,7 @@ class Batcher(Generic[T, R]):
                 return
             # The oldest live item: the one before it may have left meanwhile.
             oldest = min(lane[0].enqueued for lane in (self._queue, self._low) if lane)
-            remaining = oldest + self.max_delay_s - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
+            if not await self._woken_within(oldest + self.max_delay_s - time.monotonic()):
                 return
 
     async def _yield_to_online(self) -> None:
@@ -307,14 +301,22 @@ class Batcher(Generic[T, R]):
             return
         resume = self._low_ended + self.low_yield * self._low_run_s
         while not self._queue and not self._closing:
-            remaining = resume - time.monotonic()
-            if remaining <= 0:
+            # The gap ends when it is over, or when the online traffic has stopped.
+            until = min(resume, self._last_online + _ONLINE_RECENT_S)
+            if not await self._woken_within(until - time.monotonic()):
                 return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+
+    async def _woken_within(self, remaining: float) -> bool:
+        """Wait for the next wake-up (new items, closing) at most `remaining` seconds; False
+        when the time ran out first (or was already over)."""
+        if remaining <= 0:
+            return False
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
 
     def _take_batch(self) -> list[_Pending[T, R]]:
         """The next batch: live items, round-robin across submissions (see the module doc);
