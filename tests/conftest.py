@@ -73,6 +73,21 @@ def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ[name] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jobs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The job store (issue 15) of every server and app the session starts that names none:
+    a temporary folder, never the user's cache (a test's runner would take its lock)."""
+    name = "DETR_SERVE_JOBS_DIR"
+    previous = os.environ.get(name)
+    path = tmp_path_factory.mktemp("jobs")
+    os.environ[name] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[name]
+    else:
+        os.environ[name] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, onnx_cache_dir: Path) -> Path:
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rtdetr"))

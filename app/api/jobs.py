@@ -249,12 +249,10 @@ async def _check_url(runtime: Runtime, url: str) -> None:
     from app.jobs.url import job_fetch_policy
 
     checker = Fetcher(job_fetch_policy(runtime.settings))
-    parsed = checker._parse(url, 0, "the image URL")
-    host = checker._checked_host(parsed, 0, "the image URL")
     try:
-        await checker._checked_address(parsed, host, 0)
-    except ApiError as exc:
-        exc.message = exc.message.removeprefix("image 0: ")
+        await checker.check(url, what="the image URL")
+    except ApiError as exc:  # about the job's one image: no image index
+        exc.message, exc.image_index = exc.message.removeprefix("image 0: "), None
         raise
 
 

@@ -161,7 +161,7 @@ def _decode_whole(path: Path, kind: str, max_pixels: int) -> np.ndarray:
                     f"max_job_image_pixels ({max_pixels}); send a tiled TIFF instead"
                 )
             image.draft("RGB", (width, height))
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # writable: torch.from_numpy wants that
     except UnreadableImageError:
         raise
     except Exception as exc:  # truncated data, bad chunks: Pillow's OSError, SyntaxError...
