@@ -24,11 +24,13 @@ async def _until_done(client: httpx.AsyncClient, job_id: str) -> dict:
 
 
 async def test_a_job_runs_in_one_process(client_factory, tmp_path: Path) -> None:
-    client, _ = await client_factory(jobs_dir=tmp_path, tiling_tile_size=128)
+    client, _ = await client_factory(jobs_dir=tmp_path)
     buf = io.BytesIO()
     Image.new("RGB", (300, 200), (40, 90, 160)).save(buf, format="PNG")
     r = await client.post(
-        "/v1/jobs", files={"file": ("a.png", buf.getvalue())}, data={"max_detections": "5"}
+        "/v1/jobs",
+        files={"file": ("a.png", buf.getvalue())},
+        data={"max_detections": "5", "threshold": "0.0", "tiling": '{"tile_size": 128}'},
     )
     assert r.status_code == 202, r.text
     job = await _until_done(client, r.json()["id"])
@@ -37,6 +39,9 @@ async def test_a_job_runs_in_one_process(client_factory, tmp_path: Path) -> None
     assert job["progress"]["tiles_total"] == 6 == job["progress"]["tiles_done"]
     assert job["image"] == {"width": 300, "height": 200}
     assert len(job["result"]["detections"]) <= 5 and job["result"]["width"] == 300
+    listed = (await client.get("/v1/jobs", params={"status": "succeeded", "limit": 10})).json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert (await client.get("/v1/jobs", params={"status": "running"})).json() == {"jobs": []}
 
 
 async def test_json_jobs_name_what_is_wrong(client_factory, tmp_path: Path) -> None:
