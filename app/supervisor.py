@@ -3,6 +3,8 @@ uvicorn's supervisor of the HTTP front-end workers (which replaces a worker that
 
     supervisor (this process; no model, no HTTP)
       |- engine process per device  app/ipc/server.py: model, batcher, forward pass
+      |- job runner (--jobs)        app/jobs/process.py: runs /v1/jobs jobs, tiles to the
+                                    engines at low priority (restarted when it dies)
       |- front-end worker x N       uvicorn + app.main.create_frontend_app: HTTP, fetch,
                                     decode, encode; pixels to the engine in shared memory
 
