@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from app.batching import Batcher, BatchStats, ShuttingDownError
+from app.batching import Batcher, BatchStats, Priority, ShuttingDownError
 from app.config import Settings, model_dir_problem
 from app.engine.pool import BatchRunner, EnginePool
 from app.engine.preprocess_spec import PreprocessSpec
@@ -98,6 +98,9 @@ class EngineHost:
             on_batch=self._record_batch,
             max_concurrent_batches=pool.max_concurrent_batches,
             ahead_only_full=ahead_only_full,
+            low_share=s.job_batch_share,
+            max_low_per_batch=s.job_tiles_per_batch(on_cuda),
+            low_yield=s.job_yield,
         )
         batcher.start()
         self.batcher = batcher
@@ -120,16 +123,17 @@ class EngineHost:
         return self.settings.max_batch_size
 
     async def submit(
-        self, tasks: Sequence[DetectionTask], deadline: float
+        self, tasks: Sequence[DetectionTask], deadline: float, priority: Priority = "online"
     ) -> list[ImageDetections]:
         """The batcher's submit, with tiled tasks run as their tiles (one batcher submission:
         the tiles fill batches with each other and with other requests' images, and count as
-        images in the queue bound and the deadline) and merged back into one answer each."""
+        images in the queue bound and the deadline) and merged back into one answer each.
+        `priority` "low": the batcher's low lane (job tiles, app/jobs/)."""
         batcher = self.batcher
         if batcher is None:
             raise ShuttingDownError()
         if not any(t.tiling is not None for t in tasks):
-            return await batcher.submit(tasks, deadline)
+            return await batcher.submit(tasks, deadline, priority)
         from app.engine import tiling
 
         spec = self._spec or PreprocessSpec.from_dir(self.settings.model)
@@ -138,7 +142,7 @@ class EngineHost:
             tiling.expand, tasks, spec.output_size, spec.resample
         )
         self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
-        outputs = await batcher.submit(items, deadline)
+        outputs = await batcher.submit(items, deadline, priority)
         return await asyncio.to_thread(tiling.collect, tasks, parts, outputs, self.info.device)
 
     @property

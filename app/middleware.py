@@ -100,28 +100,31 @@ class RequestContextMiddleware:
 class BodyLimitMiddleware:
     """Answers 413 when a request body is larger than the limit, without reading it all."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: dict[str, int] | None = None) -> None:
+        """`paths`: another limit for these exact paths (the job uploads of /v1/jobs)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope.get("path", ""), self.max_bytes)
         declared = _header(scope, b"content-length")
         # ASCII digits only: str.isdigit says yes to '²', which int() then refuses.
         if (
             declared is not None
             and declared.isascii()
             and declared.isdigit()
-            and (len(declared) > 20 or int(declared) > self.max_bytes)
+            and (len(declared) > 20 or int(declared) > limit)
         ):
             await _send_error(
                 send,
                 scope,
                 413,
                 PayloadTooLargeError.error_type,
-                _too_large(self.max_bytes),
+                _too_large(limit),
                 [(b"connection", b"close")],
             )
             return
@@ -132,8 +135,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLargeError(_too_large(self.max_bytes))
+                if seen > limit:
+                    raise PayloadTooLargeError(_too_large(limit))
             return message
 
         await self.app(scope, counting_receive, send)
