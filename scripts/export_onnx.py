@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         help="Hugging Face checkpoint folder, or an Ultralytics RT-DETR checkpoint (.pt)",
     )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx (x.pt: x.onnx)")
+    where.add_argument(
+        "--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx (x.pt: x.onnx)"
+    )
     where.add_argument(
         "--cache-dir",
         type=Path,

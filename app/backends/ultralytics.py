@@ -45,7 +45,7 @@ class DetectorOutput(NamedTuple):
 class UltralyticsDetector(nn.Module):
     """An RTDETRDetectionModel with transformers' calling convention."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:  # an ultralytics RTDETRDetectionModel
         super().__init__()
         self.model = model
 
@@ -59,14 +59,14 @@ class UltralyticsDetector(nn.Module):
         return DetectorOutput(logits=dec_scores[-1], pred_boxes=dec_bboxes[-1])
 
 
-def output_layout(model: nn.Module) -> str:
-    """"topk" (the head selects a top-K over queries x classes) or "best_class" (the predictor
+def output_layout(model: Any) -> str:
+    """Either "topk" (the head selects a top-K over queries x classes) or "best_class" (the predictor
     takes each query's best class): see the module docstring."""
     head = model.model[-1]
     return "topk" if callable(getattr(type(head), "postprocess", None)) else "best_class"
 
 
-def postprocess_spec(model: nn.Module) -> PostprocessSpec:
+def postprocess_spec(model: Any) -> PostprocessSpec:
     return _spec(output_layout(model), int(model.model[-1].num_queries))
 
 
@@ -86,7 +86,7 @@ def _spec(layout: str, queries: int) -> PostprocessSpec:
     return PostprocessSpec("sigmoid", queries, best_class_per_query=True)
 
 
-def load_module(checkpoint: UltralyticsCheckpoint, device: torch.device) -> nn.Module:
+def load_module(checkpoint: UltralyticsCheckpoint, device: torch.device) -> Any:
     """The checkpoint's RTDETRDetectionModel, float32, fused, in eval mode, on `device`."""
     _offline()
     try:

@@ -192,9 +192,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
 def _input_size(top: dict[str, Any], state: dict[str, Any]) -> tuple[int, int]:
     """Where Ultralytics' predictor takes imgsz from: the training arguments saved with the
     checkpoint, else the model's args, else its default; rounded up to the stride (check_imgsz)."""
-    imgsz = _as_dict(top.get("train_args")).get("imgsz") or _as_dict(state.get("args")).get(
-        "imgsz"
-    )
+    imgsz = _as_dict(top.get("train_args")).get("imgsz") or _as_dict(state.get("args")).get("imgsz")
     if imgsz is None:
         imgsz = DEFAULT_IMGSZ
     sides = [imgsz, imgsz] if isinstance(imgsz, int | float) else list(imgsz)

@@ -65,9 +65,7 @@ def _rtdetr(names: object = None, args: object = None) -> RTDETRDetectionModel:
 
 
 def test_probe_reads_input_size_labels_and_version(tmp_path: Path, fake_ultralytics) -> None:
-    path = _save(
-        tmp_path / "best.pt", _rtdetr(), train_args={"imgsz": 320}, version="8.4.190"
-    )
+    path = _save(tmp_path / "best.pt", _rtdetr(), train_args={"imgsz": 320}, version="8.4.190")
     checkpoint = probe(path)
     assert checkpoint is not None
     assert checkpoint.input_size == (320, 320)  # the training imgsz wins over the model's args
