@@ -44,28 +44,28 @@ def assert_parity(got: ImageDetections | dict, want: Reference) -> None:
         free.remove(match)
 
 
+def assert_engine_parity(case: UltralyticsCase, **load: object) -> None:
+    """The engine loaded with `load`, on all the images in one batch, against the references."""
+    from app.engine.pipeline import Engine
+
+    engine = Engine.load(case.checkpoint, name="rtdetr-l-random", device="cpu", **load)
+    assert engine.info.labels[0] == "0" and len(engine.info.labels) == 80
+    assert engine.info.architecture.startswith("RTDETRDetectionModel (Ultralytics")
+    assert engine.info.backend == load["backend"]
+    tasks = [DetectionTask(rgb(data), CONF, MAX_DET) for data in case.images]
+    results = engine.run_batch(tasks)  # one batch of all the images
+    assert len(results) == len(tasks)
+    for got, want in zip(results, case.references, strict=True):
+        assert isinstance(got, ImageDetections), got
+        assert got.batch_size == len(tasks)
+        assert_parity(got, want)
+
+
 @pytest.mark.parametrize("msda_kernel", [True, False], ids=["detr-serve-op", "ultralytics-op"])
 def test_engine_batch_matches_ultralytics_predict(
     ultralytics_case: UltralyticsCase, msda_kernel: bool
 ) -> None:
-    from app.engine.pipeline import Engine
-
-    engine = Engine.load(
-        ultralytics_case.checkpoint,
-        name="rtdetr-l-random",
-        device="cpu",
-        backend="torch",
-        msda_kernel=msda_kernel,
-    )
-    assert engine.info.labels[0] == "0" and len(engine.info.labels) == 80
-    assert engine.info.architecture.startswith("RTDETRDetectionModel (Ultralytics")
-    tasks = [DetectionTask(rgb(data), CONF, MAX_DET) for data in ultralytics_case.images]
-    results = engine.run_batch(tasks)  # one batch of all the images
-    assert len(results) == len(tasks)
-    for got, want in zip(results, ultralytics_case.references, strict=True):
-        assert isinstance(got, ImageDetections), got
-        assert got.batch_size == len(tasks)
-        assert_parity(got, want)
+    assert_engine_parity(ultralytics_case, backend="torch", msda_kernel=msda_kernel)
 
 
 def test_msda_patch_replaces_ultralytics_sampling(ultralytics_case: UltralyticsCase) -> None:

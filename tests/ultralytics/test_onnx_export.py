@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.tasks import DetectionTask, ImageDetections
-from tests.ultralytics.conftest import UltralyticsCase, rgb
-from tests.ultralytics.test_engine_parity import assert_parity
+from tests.ultralytics.conftest import UltralyticsCase
+from tests.ultralytics.test_engine_parity import assert_engine_parity
 
 DECODER_LAYERS = 6  # rtdetr-l.yaml: six decoder layers, one MSDeformAttn each
 
@@ -20,39 +19,52 @@ def exported(ultralytics_case: UltralyticsCase, tmp_path_factory: pytest.TempPat
     from scripts.export_onnx import export_onnx
 
     output = tmp_path_factory.mktemp("ultralytics-onnx") / "rtdetr-l-random.onnx"
-    summary = export_onnx(ultralytics_case.checkpoint, output, verify=True, log=lambda _: None)
+    summary = export_onnx(ultralytics_case.checkpoint, output, verify=False, log=lambda _: None)
     return output, summary
 
 
-def test_export_has_the_custom_node_and_matches_torch(exported) -> None:
+def test_export_has_the_custom_node(exported) -> None:
     output, summary = exported
     assert output.is_file()
     assert summary.custom_nodes == DECODER_LAYERS
+    assert summary.functions == ["detr_serve::MultiscaleDeformableAttnPlugin_TRT"]
     assert summary.input_size == (640, 640)
     assert summary.inputs == ["pixel_values"]
-    assert summary.checks["onnxruntime batch 1, 3"] == "ok", summary.max_abs_diff
-    assert max(summary.max_abs_diff.values()) <= 1e-3
+
+
+def test_onnxruntime_matches_torch_on_the_images(
+    exported, ultralytics_case: UltralyticsCase
+) -> None:
+    """The raw outputs of onnxruntime and eager torch on the pre-processed test images. (The
+    export's own check runs uniform noise, on which this random model's encoder scores of many
+    anchors nearly tie: the 300 queries it selects may then differ in order or membership.)"""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from app.backends.ultralytics import load_checkpoint
+    from app.engine.processing import Preprocessor
+    from app.models.ultralytics import probe
+    from tests.ultralytics.conftest import rgb
+
+    checkpoint = probe(ultralytics_case.checkpoint)
+    assert checkpoint is not None
+    backend, _ = load_checkpoint(checkpoint, device="cpu", dtype="float32", msda_kernel=True)
+    preprocess = Preprocessor(checkpoint.preprocess_spec(), torch.device("cpu"), torch.float32)
+    images = [torch.from_numpy(rgb(d)).permute(2, 0, 1) for d in ultralytics_case.images]
+    pixels, _ = preprocess(images)
+    want = backend.infer(pixels, None)
+    session = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
+    logits, boxes = session.run(["logits", "pred_boxes"], {"pixel_values": pixels.numpy()})
+    np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(boxes, want.pred_boxes.numpy(), atol=1e-4, rtol=0)
 
 
 def test_onnx_backend_matches_ultralytics_predict(
     exported, ultralytics_case: UltralyticsCase
 ) -> None:
-    from app.engine.pipeline import Engine
-
     output: Path = exported[0]
-    engine = Engine.load(
-        ultralytics_case.checkpoint,
-        name="rtdetr-l-random",
-        device="cpu",
-        backend="onnx",
-        onnx_path=output,
-    )
-    assert engine.info.backend == "onnx"
-    tasks = [DetectionTask(rgb(data), 0.25, 300) for data in ultralytics_case.images]
-    results = engine.run_batch(tasks)
-    for got, want in zip(results, ultralytics_case.references, strict=True):
-        assert isinstance(got, ImageDetections), got
-        assert_parity(got, want)
+    assert_engine_parity(ultralytics_case, backend="onnx", onnx_path=output)
 
 
 def test_default_export_lands_beside_the_checkpoint(ultralytics_case: UltralyticsCase) -> None:
