@@ -104,16 +104,22 @@ def test_msda_patch_replaces_ultralytics_sampling(ultralytics_case: UltralyticsC
         patch.ms_deform_attn = saved
     assert len(calls) == len(attns)
 
-    # The op against Ultralytics' function, in the layout the installed version uses.
+    # The op against Ultralytics' function, in the layout the installed version takes (levels
+    # and points folded into one axis since 8.4.x, apart before), ours in both.
+    import inspect
+
+    folded = "num_total_points" in inspect.getsource(multi_scale_deformable_attn_pytorch)
     generator = torch.Generator().manual_seed(0)
     shapes = [(8, 8), (4, 4), (2, 2)]
     value = torch.randn(2, sum(h * w for h, w in shapes), 8, 16, generator=generator)
-    for loc_shape in [(2, 5, 8, 3 * 4, 2), (2, 5, 8, 3, 4, 2)]:
-        loc = torch.rand(*loc_shape, generator=generator) * 1.2 - 0.1
-        weights = torch.rand(*loc_shape[:-1], generator=generator)
-        ours = ms_deform_attn_ultralytics(value, shapes, loc, weights)
-        flat_loc = loc.reshape(2, 5, 8, 12, 2)
+    loc = torch.rand(2, 5, 8, 3, 4, 2, generator=generator) * 1.2 - 0.1
+    weights = torch.rand(2, 5, 8, 3, 4, generator=generator)
+    if folded:
         theirs = multi_scale_deformable_attn_pytorch(
-            value, shapes, flat_loc, weights.reshape(2, 5, 8, 12)
+            value, shapes, loc.reshape(2, 5, 8, 12, 2), weights.reshape(2, 5, 8, 12)
         )
+    else:
+        theirs = multi_scale_deformable_attn_pytorch(value, shapes, loc, weights)
+    for layout in [(loc, weights), (loc.reshape(2, 5, 8, 12, 2), weights.reshape(2, 5, 8, 12))]:
+        ours = ms_deform_attn_ultralytics(value, shapes, *layout)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
