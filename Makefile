@@ -63,6 +63,7 @@ test: install test-deps
 ULTRALYTICS_VENV ?= .venv-ultralytics
 ULTRALYTICS_TORCH ?= torch==2.14.1 torchvision==0.29.1
 ULTRALYTICS_STAMP := $(ULTRALYTICS_VENV)/.installed-stamp
+ULTRALYTICS_PYTEST_ARGS ?=
 
 $(ULTRALYTICS_STAMP): pyproject.toml Makefile
 	@test -x $(ULTRALYTICS_VENV)/bin/python || python3 -m venv $(ULTRALYTICS_VENV)
@@ -73,7 +74,8 @@ $(ULTRALYTICS_STAMP): pyproject.toml Makefile
 	@touch $@
 
 test-ultralytics: $(ULTRALYTICS_STAMP)
-	$(ULTRALYTICS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ultralytics $(PYTEST_ARGS)
+	$(ULTRALYTICS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ultralytics \
+		$(ULTRALYTICS_PYTEST_ARGS)
 
 # The dependency floors of pyproject.toml, proven: a fresh .venv-floors with every dependency at
 # its floor (constraints/floors.txt; torch at TORCH_FLOOR, the oldest release tested), then the
