@@ -60,8 +60,8 @@ class UltralyticsDetector(nn.Module):
 
 
 def output_layout(model: Any) -> str:
-    """Either "topk" (the head selects a top-K over queries x classes) or "best_class" (the predictor
-    takes each query's best class): see the module docstring."""
+    """Either "topk" (the head selects a top-K over queries x classes) or "best_class" (the
+    predictor takes each query's best class): see the module docstring."""
     head = model.model[-1]
     return "topk" if callable(getattr(type(head), "postprocess", None)) else "best_class"
 
