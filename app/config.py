@@ -24,11 +24,25 @@ _CUDA_INDEX_RE = re.compile(r"^(cuda:)?(\d+)$")
 
 
 def model_dir_problem(path: Path) -> str | None:
-    """Why `path` cannot be a model folder, or None."""
+    """Why `path` cannot be a model (a Hugging Face folder, or an Ultralytics RT-DETR checkpoint
+    file), or None."""
+    if path.is_file():
+        from app.models.ultralytics import UltralyticsCheckpointError, probe
+
+        try:
+            if probe(path) is not None:
+                return None
+        except UltralyticsCheckpointError as exc:
+            return str(exc)
+        return (
+            f"{path} is a file but not an Ultralytics RT-DETR checkpoint (.pt): point --model / "
+            "DETR_SERVE_MODEL at one, or at a Hugging Face checkpoint folder"
+        )
     if not path.is_dir():
         return (
             f"{path} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
-            "checkpoint folder holding config.json and preprocessor_config.json"
+            "checkpoint folder holding config.json and preprocessor_config.json, or at an "
+            "Ultralytics RT-DETR checkpoint (.pt)"
         )
     missing = [n for n in ("config.json", "preprocessor_config.json") if not (path / n).is_file()]
     if missing:
@@ -55,10 +69,13 @@ class Settings(BaseSettings):
     model: Path = Field(
         default=REPO_MODELS_DIR / DEFAULT_MODEL_NAME,
         description="Hugging Face-format checkpoint directory (config.json, weights, "
-        "preprocessor_config.json). Defaults to the embedded model.",
+        "preprocessor_config.json), or an Ultralytics RT-DETR checkpoint file (.pt; needs the "
+        "ultralytics extra). Defaults to the embedded model.",
     )
     model_name: str | None = Field(
-        default=None, description="Name the model is served under (default: the folder name)."
+        default=None,
+        description="Name the model is served under (default: the folder name; a checkpoint "
+        "file's name without its suffix).",
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
@@ -510,7 +527,7 @@ class Settings(BaseSettings):
 
     @property
     def served_model_name(self) -> str:
-        return self.model_name or self.model.name
+        return self.model_name or (self.model.stem if self.model.is_file() else self.model.name)
 
 
 # (setting, limit, what would happen): the setting may not be over the limit.

@@ -136,7 +136,7 @@ class EngineHost:
             return await batcher.submit(tasks, deadline, priority)
         from app.engine import tiling
 
-        spec = self._spec or PreprocessSpec.from_dir(self.settings.model)
+        spec = self._spec or PreprocessSpec.for_model(self.settings.model)
         self._spec = spec
         items, parts = await asyncio.to_thread(
             tiling.expand, tasks, spec.output_size, spec.resample

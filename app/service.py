@@ -201,11 +201,13 @@ class DetectionService:
         # Renders decode whole images, draw and encode them: at most all but one decode worker
         # at once, so that detection requests always find one.
         self._render_slots = CapacityLimiter(max(1, workers - 1))
-        spec = PreprocessSpec.from_dir(settings.model)
+        spec = PreprocessSpec.for_model(settings.model)
         # A model on the CPU shares its cores with decoding: every image is resized to its input
         # in the decode worker (Pillow, as the model's own processor does), not in the engine's
         # float pre-processing. A GPU resizes a batch faster than Pillow: small images go whole.
-        on_cpu = info.device.startswith("cpu")
+        # An Ultralytics model resizes with OpenCV in the engine (spec.resize_with): its images
+        # go whole up to REDUCE_ABOVE_PIXELS, so that they get exactly Ultralytics' pixels.
+        on_cpu = info.device.startswith("cpu") and spec.resize_with == "pillow"
         self._fit = Fit(spec.output_size, spec.resample, 0 if on_cpu else REDUCE_ABOVE_PIXELS)
         # The model's input side: the default tile size, and what "auto" compares images with.
         self._model_side = max(spec.output_size(1024, 1024))

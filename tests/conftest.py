@@ -15,6 +15,10 @@ from PIL import Image, ImageDraw
 
 LABELS = ["circle", "square", "triangle", "star", "cross"]
 
+# tests/ultralytics needs the ultralytics extra, which lives in its own environment
+# (`make test-ultralytics`, run by `make test`): elsewhere the folder is not collected.
+collect_ignore = [] if importlib.util.find_spec("ultralytics") else ["ultralytics"]
+
 
 def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
     """A ~0.5 M-parameter RT-DETR saved with save_pretrained, with its image processor."""
