@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps test-docker test-floors fuzz lint fmt bench clean
+.PHONY: install run test test-deps test-docker test-floors test-ultralytics fuzz lint fmt bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,28 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-ultralytics
+
+# Ultralytics RT-DETR checkpoints (the `ultralytics` extra, AGPL-3.0) in an environment of their
+# own: ultralytics imports torchvision, and no torchvision imports beside the CPU build of torch
+# 2.13 that .venv holds. ULTRALYTICS_TORCH is the newest pair that does (torch's CUDA build,
+# which runs on the CPU); .venv keeps its torch and its floors. tests/ultralytics runs there only.
+ULTRALYTICS_VENV ?= .venv-ultralytics
+ULTRALYTICS_TORCH ?= torch==2.14.1 torchvision==0.29.1
+ULTRALYTICS_STAMP := $(ULTRALYTICS_VENV)/.installed-stamp
+ULTRALYTICS_PYTEST_ARGS ?=
+
+$(ULTRALYTICS_STAMP): pyproject.toml Makefile
+	@test -x $(ULTRALYTICS_VENV)/bin/python || python3 -m venv $(ULTRALYTICS_VENV)
+	$(ULTRALYTICS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ULTRALYTICS_VENV)/bin/python -m pip install --quiet $(ULTRALYTICS_TORCH)
+	$(ULTRALYTICS_VENV)/bin/python -m pip install --quiet -e '.[onnx,ultralytics]' \
+		$(ULTRALYTICS_TORCH) pytest pytest-asyncio hypothesis psutil
+	@touch $@
+
+test-ultralytics: $(ULTRALYTICS_STAMP)
+	$(ULTRALYTICS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ultralytics \
+		$(ULTRALYTICS_PYTEST_ARGS)
 
 # The real image and compose stack (tests/docker): as root, installs Debian's docker.io,
 # mmdebstrap and docker-compose when missing and starts dockerd when no daemon answers (and
@@ -95,4 +117,4 @@ bench: install
 	$(PY) scripts/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ULTRALYTICS_VENV) .pytest_cache .mypy_cache .ruff_cache

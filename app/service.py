@@ -184,6 +184,10 @@ class DetectionService:
         self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
+        # Observed for every image: the labelled children kept (labels() locks and looks up).
+        self._answer_stages = tuple(
+            metrics.stage_latency.labels(s) for s in ("queue", "inference", "postprocess")
+        )
         # Decoding competes with the model for the same cores: more decode workers than cores
         # only adds switching (and stalls torch's parallel regions).
         workers = settings.decode_threads or os.cpu_count() or 1
@@ -197,11 +201,13 @@ class DetectionService:
         # Renders decode whole images, draw and encode them: at most all but one decode worker
         # at once, so that detection requests always find one.
         self._render_slots = CapacityLimiter(max(1, workers - 1))
-        spec = PreprocessSpec.from_dir(settings.model)
+        spec = PreprocessSpec.for_model(settings.model)
         # A model on the CPU shares its cores with decoding: every image is resized to its input
         # in the decode worker (Pillow, as the model's own processor does), not in the engine's
         # float pre-processing. A GPU resizes a batch faster than Pillow: small images go whole.
-        on_cpu = info.device.startswith("cpu")
+        # An Ultralytics model resizes with OpenCV in the engine (spec.resize_with): its images
+        # go whole up to REDUCE_ABOVE_PIXELS, so that they get exactly Ultralytics' pixels.
+        on_cpu = info.device.startswith("cpu") and spec.resize_with == "pillow"
         self._fit = Fit(spec.output_size, spec.resample, 0 if on_cpu else REDUCE_ABOVE_PIXELS)
         # The model's input side: the default tile size, and what "auto" compares images with.
         self._model_side = max(spec.output_size(1024, 1024))
@@ -565,13 +571,13 @@ class DetectionService:
     ) -> DetectResult:
         images = []
         answered = time.monotonic()
-        stages = self.metrics.stage_latency
+        queue, inference, postprocess = self._answer_stages
         detections = 0
         for p, out in zip(prepared, outputs, strict=True):
             queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
-            stages.labels("queue").observe(queue_s)
-            stages.labels("inference").observe(out.inference_s)
-            stages.labels("postprocess").observe(out.postprocess_s)
+            queue.observe(queue_s)
+            inference.observe(out.inference_s)
+            postprocess.observe(out.postprocess_s)
             detections += len(out.scores)
             timings = {
                 "fetch_ms": round(p.fetch_s * 1e3, 3),

@@ -3,6 +3,8 @@ uvicorn's supervisor of the HTTP front-end workers (which replaces a worker that
 
     supervisor (this process; no model, no HTTP)
       |- engine process per device  app/ipc/server.py: model, batcher, forward pass
+      |- job runner (--jobs)        app/jobs/process.py: runs /v1/jobs jobs, tiles to the
+                                    engines at low priority (restarted when it dies)
       |- front-end worker x N       uvicorn + app.main.create_frontend_app: HTTP, fetch,
                                     decode, encode; pixels to the engine in shared memory
 
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,8 +61,22 @@ def shutdown_bound_s(settings: Settings) -> float:
 class EngineProcess:
     """One engine process, started again (with backoff) whenever it dies."""
 
-    def __init__(self, index: int, settings: Settings, socket_path: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        socket_path: str,
+        metrics: Metrics,
+        target: Callable[..., None] = run_engine_process,
+        args: tuple[object, ...] | None = None,
+        name: str = "engine",
+    ) -> None:
+        """`target`, `args`, `name`: another child kept alive the same way (the job runner,
+        app/jobs/process.py)."""
         self.index = index
+        self._target = target
+        self._args = args if args is not None else (settings, socket_path)
+        self._name = name
         self.settings = settings
         self.socket_path = socket_path
         self.metrics = metrics
@@ -87,14 +104,14 @@ class EngineProcess:
                 if self._stopping.is_set():
                     return
                 process = ctx.Process(
-                    target=run_engine_process,
-                    args=(self.settings, self.socket_path),
-                    name=f"detr-serve-engine-{self.index}",
+                    target=self._target,
+                    args=self._args,
+                    name=f"detr-serve-{self._name}-{self.index}",
                 )
                 process.start()
                 self._process = process
             started = time.monotonic()
-            logger.info("engine %d started (pid %d)", self.index, process.pid)
+            logger.info("%s %d started (pid %d)", self._name, self.index, process.pid)
             process.join()
             if self._stopping.is_set():
                 return
@@ -113,13 +130,15 @@ class EngineProcess:
             if time.monotonic() - started > _STABLE_S:
                 backoff = 0.5
             logger.error(
-                "engine %d (pid %d) died (exit code %s); restarting in %.1f s",
+                "%s %d (pid %d) died (exit code %s); restarting in %.1f s",
+                self._name,
                 self.index,
                 process.pid,
                 process.exitcode,
                 backoff,
             )
-            self.metrics.engine_restarts.inc()
+            if self._target is run_engine_process:
+                self.metrics.engine_restarts.inc()
             if self._stopping.wait(backoff):
                 return
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -206,6 +225,21 @@ def serve(settings: Settings) -> int:
         EngineProcess(i, s, str(workdir / f"engine-{i}.sock"), metrics)
         for i, s in enumerate(engine_settings(settings))
     ]
+    children = list(engines)
+    if settings.jobs:
+        from app.jobs.process import run_job_runner_process
+
+        children.append(
+            EngineProcess(
+                0,
+                settings,
+                "",
+                metrics,
+                target=run_job_runner_process,
+                args=(settings, [e.socket_path for e in engines]),
+                name="job-runner",
+            )
+        )
     workers = worker_count(settings)
     logger.info(
         "starting %d engine process(es) and %d front-end worker(s) (%d CPUs usable)",
@@ -230,9 +264,9 @@ def serve(settings: Settings) -> int:
     )
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])  # installs uvicorn's signal handlers
-    signal.signal(signal.SIGTERM, _Drain(engines, supervisor, settings).on_sigterm)
-    for engine in engines:
-        engine.start()
+    signal.signal(signal.SIGTERM, _Drain(children, supervisor, settings).on_sigterm)
+    for child in children:
+        child.start()
     watcher = threading.Thread(
         target=_stop_when_an_engine_fails, args=(engines, supervisor), daemon=True
     )
@@ -241,8 +275,8 @@ def serve(settings: Settings) -> int:
         supervisor.run()
     finally:
         sock.close()
-        for engine in engines:
-            engine.stop(settings.drain_timeout_s + 5)
+        for child in children:
+            child.stop(settings.drain_timeout_s + 5)
         shutil.rmtree(workdir, ignore_errors=True)
     logger.info("detr-serve stopped")
     return 1 if any(e.failed.is_set() for e in engines) else 0

@@ -32,6 +32,7 @@ from app.export.cache import (  # noqa: E402
     META_EXPORT_KEY,
     cache_path,
     export_key,
+    local_export,
     recorded_key,
 )
 from app.export.onnx_export import (  # noqa: E402, F401 (re-exported for scripts and tests)
@@ -57,7 +58,7 @@ def calibration_feeds(
     from app.engine.processing import Preprocessor, PreprocessSpec
     from scripts import synthetic_shapes as shapes
 
-    spec = PreprocessSpec.from_dir(model_dir)
+    spec = PreprocessSpec.for_model(model_dir)
     preprocess = Preprocessor(spec, torch.device("cpu"), torch.float32)
     for index in range(count):
         sample = shapes.generate_sample(seed, index)
@@ -96,9 +97,15 @@ def ensure_int8(model: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", type=Path, help="Hugging Face checkpoint folder")
+    parser.add_argument(
+        "model_dir",
+        type=Path,
+        help="Hugging Face checkpoint folder, or an Ultralytics RT-DETR checkpoint (.pt)",
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx")
+    where.add_argument(
+        "--output", type=Path, default=None, help="default: MODEL_DIR/model.onnx (x.pt: x.onnx)"
+    )
     where.add_argument(
         "--cache-dir",
         type=Path,
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_dir is not None:
         output = cache_path(args.cache_dir.expanduser(), model_dir, key, "float32")
     else:
-        output = args.output or model_dir / FILE_NAMES["float32"]
+        output = args.output or local_export(model_dir)
     if not args.force and output.is_file() and recorded_key(output) == key:
         print(f"{output} is up to date (export key {key[:16]}): kept (--force exports again)")
     else:

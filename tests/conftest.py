@@ -16,9 +16,13 @@ from PIL import Image, ImageDraw
 
 LABELS = ["circle", "square", "triangle", "star", "cross"]
 
+# tests/ultralytics needs the ultralytics extra, which lives in its own environment
+# (`make test-ultralytics`, run by `make test`): elsewhere the folder is not collected.
 # tests/docker builds and runs the real image with a Docker daemon (as root it installs Debian's
 # docker.io and starts dockerd): `make test-docker` runs it, a plain `pytest` leaves it out.
-collect_ignore = [] if os.environ.get("DETR_TEST_DOCKER") == "1" else ["docker"]
+collect_ignore = [] if importlib.util.find_spec("ultralytics") else ["ultralytics"]
+if os.environ.get("DETR_TEST_DOCKER") != "1":
+    collect_ignore.append("docker")
 
 
 def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
@@ -66,15 +70,20 @@ def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
 def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Servers and engines of the session export into one temporary cache (each model once),
     never into the user's: the environment variable reaches the servers the tests start."""
-    name = "DETR_SERVE_ONNX_CACHE_DIR"
-    previous = os.environ.get(name)
     path = tmp_path_factory.mktemp("onnx-cache")
-    os.environ[name] = str(path)
-    yield path
-    if previous is None:
-        del os.environ[name]
-    else:
-        os.environ[name] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETR_SERVE_ONNX_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jobs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The job store (issue 15) of every server and app the session starts that names none:
+    a temporary folder, never the user's cache (a test's runner would take its lock)."""
+    path = tmp_path_factory.mktemp("jobs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETR_SERVE_JOBS_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

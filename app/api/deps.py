@@ -22,8 +22,8 @@ async def runtime_dependency(request: Request) -> Runtime:
     return get_runtime(request)
 
 
-async def get_service(request: Request) -> DetectionService:
-    runtime = get_runtime(request)
+def service_of(runtime: Runtime) -> DetectionService:
+    """The runtime's service, or the 503 that says why there is none yet."""
     failure = runtime.failure
     if failure is not None:
         raise ModelLoadFailedError(failure)
@@ -34,15 +34,24 @@ async def get_service(request: Request) -> DetectionService:
     return runtime.service
 
 
-async def get_inference_service(request: Request) -> DetectionService:
+def inference_service_of(runtime: Runtime) -> DetectionService:
     """The service, for a route that runs the model: refused while draining (the requests
-    accepted before the drain still finish; new ones go to another replica)."""
-    if get_runtime(request).draining:
+    accepted before the drain still finish; new ones go to another replica). The door of
+    every inference route, the pure-ASGI /v1/detect (app/api/detect_asgi.py) included."""
+    if runtime.draining:
         raise UnavailableError(
             "the server is shutting down (draining); retry on another replica",
             headers={"Retry-After": "1"},
         )
-    return await get_service(request)
+    return service_of(runtime)
+
+
+async def get_service(request: Request) -> DetectionService:
+    return service_of(get_runtime(request))
+
+
+async def get_inference_service(request: Request) -> DetectionService:
+    return inference_service_of(get_runtime(request))
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]

@@ -123,6 +123,11 @@ class OnnxBackend:
         logger.info("loaded %s in onnxruntime %s with %s", path, ort.__version__, used)
         return cls(session, dev, file_dtype)
 
+    @property
+    def num_queries(self) -> int:
+        """The queries of the exported model (its logits' second dimension)."""
+        return int(self._outputs["logits"].shape[1])
+
     def infer(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
         inputs = {"pixel_values": pixel_values.to(self.dtype)}
         if "pixel_mask" in self._input_names:

@@ -93,7 +93,9 @@ def _int8_file(s: Settings) -> Path | None:
 
     found = find_export(s.model, onnx_cache_dir(s), "int8")
     if found is None and s.backend == "onnx":
-        local = s.model / "model.int8.onnx"
+        from app.export.cache import local_export
+
+        local = local_export(s.model, "int8")
         if local.is_file():  # asked for explicitly: serve the user's file, stale or not
             logger.warning("%s is not up to date with %s; serving it as asked", local, s.model)
             return local
@@ -101,9 +103,9 @@ def _int8_file(s: Settings) -> Path | None:
 
 
 def _float_file(s: Settings) -> OnnxFile:
-    from app.export.cache import OnnxFile, ensure_export
+    from app.export.cache import OnnxFile, ensure_export, local_export
 
-    local = s.model / "model.onnx"
+    local = local_export(s.model)
     if s.backend == "onnx" and local.is_file():
         # Asked for explicitly, and the folder has one: serve it as it is (the backend warns
         # when it was exported from other weights).

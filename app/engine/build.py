@@ -146,7 +146,7 @@ def _finish(
 
 def _check_size(model_dir: Path) -> tuple[int, int]:
     """(height, width) the precision check's pixel tolerances refer to: the model's input."""
-    return fixed_input_size(PreprocessSpec.from_dir(model_dir)) or _FALLBACK_CHECK_SIZE
+    return fixed_input_size(PreprocessSpec.for_model(model_dir)) or _FALLBACK_CHECK_SIZE
 
 
 def capture_graphs(

@@ -45,6 +45,7 @@ from app.engine.tasks import (  # noqa: F401 (re-exported: where they were first
 )
 from app.errors import ApiError
 from app.images import EncodedJpeg, decode_image
+from app.models.ultralytics import UltralyticsCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,22 @@ class Engine:
     ) -> Engine:
         """backend: "torch" (eager transformers model; msda_kernel swaps its deformable
         attention for detr-serve's op) or "onnx" (onnx_path, default MODEL_DIR/model.onnx, in
-        onnxruntime)."""
+        onnxruntime). An Ultralytics RT-DETR checkpoint (a .pt file) loads through
+        app/models/ultralytics.py instead of transformers."""
+        from app.models.ultralytics import probe
+
+        checkpoint = probe(model_dir)
+        if checkpoint is not None:
+            return cls._load_ultralytics(
+                checkpoint,
+                name=name,
+                device=device,
+                dtype=dtype,
+                backend=backend,
+                msda_kernel=msda_kernel,
+                onnx_path=onnx_path,
+                onnx_spinning=onnx_spinning,
+            )
         config = AutoConfig.from_pretrained(model_dir)
         runner: Backend
         if backend == "onnx":
@@ -155,6 +171,54 @@ class Engine:
             runner,
             Preprocessor(PreprocessSpec.from_dir(model_dir), runner.device, runner.dtype),
             Postprocessor(PostprocessSpec.from_config(config)),
+            info,
+        )
+
+    @classmethod
+    def _load_ultralytics(
+        cls,
+        checkpoint: UltralyticsCheckpoint,
+        *,
+        name: str,
+        device: str,
+        dtype: str,
+        backend: str,
+        msda_kernel: bool,
+        onnx_path: Path | None,
+        onnx_spinning: bool,
+    ) -> Engine:
+        runner: Backend
+        if backend == "onnx":
+            from app.backends.onnx_backend import OnnxBackend
+            from app.backends.ultralytics import installed_postprocess_spec
+
+            onnx_runner = OnnxBackend.load(
+                checkpoint.path.parent,
+                device=device,
+                dtype=dtype,
+                path=onnx_path,
+                spinning=onnx_spinning,
+            )
+            # The export holds the decoder's raw outputs: the selection is the installed
+            # Ultralytics version's, as with torch.
+            post = installed_postprocess_spec(onnx_runner.num_queries)
+            runner = onnx_runner
+        elif backend == "torch":
+            runner, post = checkpoint.load(device=device, dtype=dtype, msda_kernel=msda_kernel)
+        else:
+            raise ValueError(f"backend {backend!r} is not one of torch, onnx")
+        info = ModelInfo(
+            name=name,
+            backend=runner.name,
+            device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."),
+            labels=dict(checkpoint.labels),
+            architecture=checkpoint.architecture,
+        )
+        return cls(
+            runner,
+            Preprocessor(checkpoint.preprocess_spec(), runner.device, runner.dtype),
+            Postprocessor(post),
             info,
         )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -108,6 +108,9 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     do_pad: bool = False
     pad_size: tuple[int, int] | None = None  # (height, width); None pads to the batch's largest
+    # "pillow": resized as transformers' processors do (Pillow's filters, antialiased);
+    # "opencv": cv2.resize(INTER_LINEAR) on the host, as Ultralytics' LetterBox does.
+    resize_with: Literal["pillow", "opencv"] = "pillow"
 
     def __post_init__(self) -> None:
         if self.resize is not None and self.resample not in (NEAREST, *_INTERPOLATE_MODES):
@@ -128,6 +131,15 @@ class PreprocessSpec:
                 'do_pad=false needs a fixed size {"height": H, "width": W}; '
                 "without padding, images of different aspect ratios cannot share a batch"
             )
+
+    @classmethod
+    def for_model(cls, model: Path) -> PreprocessSpec:
+        """The pre-processing of whatever `model` is: an Ultralytics checkpoint file, else a
+        Hugging Face folder (from_dir)."""
+        from app.models.ultralytics import preprocess_spec_for
+
+        spec = preprocess_spec_for(Path(model))
+        return spec if spec is not None else cls.from_dir(model)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> PreprocessSpec:

@@ -83,6 +83,12 @@ class Preprocessor:
         elif len(source_sizes) != len(images):
             raise ValueError(f"{len(source_sizes)} source sizes for {len(images)} images")
         out_sizes = [self.spec.output_size(h, w) for h, w in source_sizes]
+        if self.spec.resize_with == "opencv":
+            images = [
+                _resize_opencv(im, size) if size != in_size else im
+                for im, size, in_size in zip(images, out_sizes, in_sizes, strict=True)
+            ]
+            in_sizes = out_sizes
         batch_height, batch_width = self._padded_size(out_sizes)
 
         # Images of the same size are resized together (one set of kernels per distinct size),
@@ -146,6 +152,18 @@ class Preprocessor:
         rows = torch.arange(height, device=self.device) < sizes_t[:, :1]
         cols = torch.arange(width, device=self.device) < sizes_t[:, 1:]
         return (rows[:, :, None] & cols[:, None, :]).long()
+
+
+def _resize_opencv(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w] with cv2.resize(INTER_LINEAR) on the host, Ultralytics'
+    LetterBox resize (not antialiased, OpenCV's fixed-point rounding). OpenCV comes with the
+    ultralytics extra, the only models whose spec asks for it; the result goes back to the
+    image's device."""
+    import cv2
+
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    out = cv2.resize(hwc, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(out).permute(2, 0, 1).to(image.device)
 
 
 def _resize(x: torch.Tensor, height: int, width: int, resample: int) -> torch.Tensor:
@@ -225,6 +243,10 @@ _SOFTMAX = frozenset({"detr", "table-transformer"})
 class PostprocessSpec:
     activation: Literal["sigmoid", "softmax"]
     top_k: int
+    # Sigmoid models: the top-k over queries x classes (transformers, Ultralytics >= 8.4.x), or
+    # each query's best class ranked by its score (Ultralytics' RTDETRPredictor before that).
+    # Softmax models always take each query's best class.
+    best_class_per_query: bool = False
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> PostprocessSpec:
@@ -302,13 +324,14 @@ class Postprocessor:
             keep = class_masks[:, :num_classes].to(device=device, dtype=torch.bool)
             probs = probs.masked_fill(~keep[:, None, :], float("-inf"))
 
-        if self.spec.activation == "sigmoid":
+        if self.spec.activation == "sigmoid" and not self.spec.best_class_per_query:
             flat = probs.flatten(1)
             scores, index = flat.topk(min(self.spec.top_k, flat.shape[1]), dim=1)
             labels = index % num_classes
             query = torch.div(index, num_classes, rounding_mode="floor")
         else:
-            # DETR keeps every query in query order; we sort them by score like the others.
+            # DETR keeps every query in query order (Ultralytics' older predictor sorts them by
+            # score); we sort them by score like the others.
             best, best_label = probs.max(-1)
             scores, query = best.topk(min(self.spec.top_k, best.shape[1]), dim=1)
             labels = best_label.gather(1, query)

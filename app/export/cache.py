@@ -50,8 +50,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def local_export(model: Path, precision: Precision = "float32") -> Path:
+    """Where a model keeps its own export: MODEL_DIR/model.onnx for a folder; beside a checkpoint
+    file (an Ultralytics ``x.pt``: ``x.onnx``, ``x.int8.onnx``)."""
+    model = Path(model)
+    if model.is_file():
+        return model.with_name(model.stem + FILE_NAMES[precision].removeprefix("model"))
+    return model / FILE_NAMES[precision]
+
+
 def model_files(model_dir: Path) -> list[Path]:
-    """The files of ``model_dir`` an export is made from, sorted by name."""
+    """The files of ``model_dir`` an export is made from, sorted by name (a checkpoint file: the
+    file itself)."""
+    if model_dir.is_file():
+        return [model_dir]
     weights = [
         p
         for p in model_dir.iterdir()
@@ -75,7 +87,7 @@ def export_key(model_dir: Path, precision: Precision = "float32", opset: int | N
         "torch": torch.__version__,
         "opset": opset or DEFAULT_OPSET,
         "precision": precision,
-        "input_size": list(input_size(PreprocessSpec.from_dir(model_dir))),
+        "input_size": list(input_size(PreprocessSpec.for_model(model_dir))),
         "files": {p.name: sha256_file(p) for p in model_files(model_dir)},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -112,7 +124,7 @@ def find_export(
     """The up-to-date export of ``model_dir`` at ``precision``, in the model folder or the
     cache, or None."""
     key = key or export_key(model_dir, precision)
-    local = model_dir / FILE_NAMES[precision]
+    local = local_export(model_dir, precision)
     if local.is_file():
         if recorded_key(local) == key:
             return OnnxFile(local, "model folder")

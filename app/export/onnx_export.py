@@ -1,4 +1,5 @@
-"""Export a checkpoint to ONNX: MODEL_DIR -> model.onnx, for the onnx backend.
+"""Export a checkpoint to ONNX: MODEL_DIR -> model.onnx (an Ultralytics x.pt -> x.onnx), for the
+onnx backend.
 
 Used by the server at start-up (app/export/cache.py: exported once into the cache, reused) and by
 ``scripts/export_onnx.py`` (by hand, and in the Docker build). The graph has a dynamic batch
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from app.engine.processing import FixedSize, PreprocessSpec
-from app.export.cache import sha256_file
+from app.export.cache import local_export, sha256_file
 from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE
 from app.ops.onnx_function import add_msda_function
 from app.ops.patch import install_msda
@@ -151,15 +152,14 @@ def export_onnx(
     """Write ``output`` (default MODEL_DIR/model.onnx) atomically; ``metadata`` is added to the
     file's metadata (the cache's key, app/export/cache.py)."""
     import onnx
-    from transformers import AutoModelForObjectDetection
 
     started = time.perf_counter()
     model_dir = Path(model_dir)
-    output = Path(output) if output is not None else model_dir / "model.onnx"
-    spec = PreprocessSpec.from_dir(model_dir)
+    output = Path(output) if output is not None else local_export(model_dir)
+    spec = PreprocessSpec.for_model(model_dir)
     height, width = input_size(spec)
     log(f"[1/4] loading {model_dir} (float32, CPU), input [batch, 3, {height}, {width}]")
-    model = AutoModelForObjectDetection.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = _load_float32(model_dir, height, width)
     replaced = install_msda(model)
     if not replaced:
         log("  warning: no deformable attention found; the graph has no MSDA node")
@@ -224,6 +224,23 @@ def export_onnx(
     summary.path = output
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _load_float32(model_dir: Path, height: int, width: int) -> torch.nn.Module:
+    """The model in float32 on the CPU: a transformers folder, or an Ultralytics checkpoint
+    wrapped to give logits and pred_boxes like one (app/backends/ultralytics.py)."""
+    from transformers import AutoModelForObjectDetection
+
+    from app.models.ultralytics import probe
+
+    checkpoint = probe(model_dir)
+    if checkpoint is None:
+        return AutoModelForObjectDetection.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from app.backends.ultralytics import UltralyticsDetector, load_module, warm_anchors
+
+    detector = UltralyticsDetector(load_module(checkpoint, torch.device("cpu"))).eval()
+    warm_anchors(detector, height, width)
+    return detector
 
 
 @contextlib.contextmanager

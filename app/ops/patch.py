@@ -1,8 +1,8 @@
-"""Install detr-serve's deformable attention op into a loaded transformers detector.
+"""Install detr-serve's deformable attention op into a loaded transformers or Ultralytics detector.
 
-Three shapes of MSDA exist in transformers (5.x), and each is swapped on the model's module
-instances only, never on transformers' classes or module globals, so an unpatched model in the
-same process keeps its own code:
+Three shapes of MSDA exist in transformers (5.x) and one in Ultralytics; each is swapped on the
+model's module instances only, never on their classes or module globals, so an unpatched model in
+the same process keeps its own code:
 
 - ``MultiScaleDeformableAttention`` (RT-DETR, Deformable DETR and their kin): the submodule is
   replaced by :class:`DeformableAttention`, which has the same forward signature.
@@ -11,6 +11,12 @@ same process keeps its own code:
 - ``RTDetrV2MultiscaleDeformableAttention.forward`` calls the module-level function
   ``multi_scale_deformable_attention_v2``: the instance gets a copy of its class's forward whose
   globals map that name to :func:`ms_deform_attn_v2` (same code object, so the same semantics).
+
+- Ultralytics' ``MSDeformAttn`` (``ultralytics.nn.modules.transformer``) calls the function
+  ``multi_scale_deformable_attn_pytorch`` it imported from ``ultralytics.nn.modules.utils``: the
+  instance gets a copy of its class's forward whose globals map that name to
+  :func:`ms_deform_attn_ultralytics` (sampling locations [N, Lq, M, L, P, 2] up to 8.4.0, folded
+  to [N, Lq, M, L * P, 2] later).
 
 Per-level point counts (``num_points_list``, e.g. D-FINE's [3, 6, 3]) are padded to the largest
 count with zero attention weights: the op keeps the standard [N, Lq, M, L, P, 2] layout of
@@ -35,6 +41,7 @@ from app.ops.msda import ms_deform_attn
 logger = logging.getLogger(__name__)
 
 _V2_FUNCTION = "multi_scale_deformable_attention_v2"
+_ULTRALYTICS_FUNCTION = "multi_scale_deformable_attn_pytorch"
 _V1_FORWARD_PARAMS = [
     "value",
     "value_spatial_shapes",
@@ -122,6 +129,30 @@ def ms_deform_attn_v2(
     return ms_deform_attn(value, shapes, start, loc, attn)
 
 
+def ms_deform_attn_ultralytics(
+    value: Tensor,
+    value_spatial_shapes: Sequence[Sequence[int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Ultralytics' ``multi_scale_deformable_attn_pytorch`` contract: value [N, S, M, D], level
+    sizes as a list, locations and weights with the levels and points apart (up to 8.4.0) or
+    folded into one axis of L * P (later)."""
+    levels = tuple((int(h), int(w)) for h, w in value_spatial_shapes)
+    if torch.compiler.is_compiling():
+        shapes, start = _level_tensors(levels, value.device)
+    else:
+        shapes, start = _cached_level_tensors(levels, value.device)
+    if sampling_locations.dim() == 5:
+        batch, queries, heads, total, _ = sampling_locations.shape
+        points = total // len(levels)
+        sampling_locations = sampling_locations.reshape(
+            batch, queries, heads, len(levels), points, 2
+        )
+        attention_weights = attention_weights.reshape(batch, queries, heads, len(levels), points)
+    return ms_deform_attn(value, shapes, start, sampling_locations, attention_weights)
+
+
 def _level_tensors(
     levels: tuple[tuple[int, int], ...], device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -150,7 +181,14 @@ def install_msda(model: nn.Module) -> int:
             parent.ms_deformable_attn_core = functools.partial(ms_deform_attn_v2, fallback=core)
             setattr(parent, _MARK, True)
             replaced += 1
-        elif _calls_v2_function(parent):
+        elif _calls_function(parent, _ULTRALYTICS_FUNCTION):
+            patched = rebind_global(
+                type(parent).forward, _ULTRALYTICS_FUNCTION, ms_deform_attn_ultralytics
+            )
+            parent.forward = types.MethodType(patched, parent)
+            setattr(parent, _MARK, True)
+            replaced += 1
+        elif _calls_function(parent, _V2_FUNCTION):
             forward = type(parent).forward
             fallback = forward.__globals__[_V2_FUNCTION]
             patched = rebind_global(
@@ -176,13 +214,14 @@ def _is_v1_msda(module: nn.Module) -> bool:
     return params == _V1_FORWARD_PARAMS
 
 
-def _calls_v2_function(module: nn.Module) -> bool:
+def _calls_function(module: nn.Module, name: str) -> bool:
+    """Whether the forward of `module`'s class calls the module-level function `name`."""
     forward = getattr(type(module), "forward", None)
     code = getattr(forward, "__code__", None)
     return (
         code is not None
-        and _V2_FUNCTION in code.co_names
-        and callable(getattr(forward, "__globals__", {}).get(_V2_FUNCTION))
+        and name in code.co_names
+        and callable(getattr(forward, "__globals__", {}).get(name))
     )
 
 
