@@ -71,9 +71,11 @@ class EngineHost:
 
             engines = [NullEngine.from_settings(s)]
         else:
-            from app.engine.build import build_engines
+            from app.engine.memory_budget import check_device_memory
+            from app.repository import resolve
 
-            engines = list(await asyncio.to_thread(build_engines, s))
+            await asyncio.to_thread(check_device_memory, s)
+            engines = list(await asyncio.to_thread(resolve(s.model)[0].build_engines, s))
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
         per_engine = s.batches_in_flight or (2 if on_cuda else 1)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -178,10 +179,6 @@ class DetectionService:
         *,
         jpeg_on_device: bool = False,
     ) -> None:
-        self.settings = settings
-        self.jpeg_on_device = jpeg_on_device
-        self.info = info
-        self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
         # Decoding competes with the model for the same cores: more decode workers than cores
@@ -189,7 +186,6 @@ class DetectionService:
         workers = settings.decode_threads or os.cpu_count() or 1
         self._decode_slots = CapacityLimiter(workers)
         self._decode_pool = DecodePool(workers)
-        self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         self._pixels = PixelBudget(settings.max_inflight_pixels)
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
@@ -197,6 +193,32 @@ class DetectionService:
         # Renders decode whole images, draw and encode them: at most all but one decode worker
         # at once, so that detection requests always find one.
         self._render_slots = CapacityLimiter(max(1, workers - 1))
+        self._bind(settings, info, engine, jpeg_on_device)
+
+    def for_model(
+        self,
+        settings: Settings,
+        info: ModelInfo,
+        engine: EngineClient,
+        *,
+        jpeg_on_device: bool = False,
+    ) -> DetectionService:
+        """The service of another model (several models served at once): its own settings,
+        labels, input size and engine; this one's decode workers, pixel budgets and fetcher
+        (the server's, whichever model a request names)."""
+        other = copy.copy(self)
+        other._bind(settings, info, engine, jpeg_on_device)
+        return other
+
+    def _bind(
+        self, settings: Settings, info: ModelInfo, engine: EngineClient, jpeg_on_device: bool
+    ) -> None:
+        """What belongs to the model: settings (serve.json applied), labels, engine, input."""
+        self.settings = settings
+        self.jpeg_on_device = jpeg_on_device
+        self.info = info
+        self.engine = engine
+        self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         spec = PreprocessSpec.from_dir(settings.model)
         # A model on the CPU shares its cores with decoding: every image is resized to its input
         # in the decode worker (Pillow, as the model's own processor does), not in the engine's

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import ModelLoadFailedError, UnavailableError
+from app.errors import UnavailableError
 from app.runtime import Runtime
 from app.service import DetectionService
 
@@ -23,15 +23,8 @@ async def runtime_dependency(request: Request) -> Runtime:
 
 
 async def get_service(request: Request) -> DetectionService:
-    runtime = get_runtime(request)
-    failure = runtime.failure
-    if failure is not None:
-        raise ModelLoadFailedError(failure)
-    if runtime.service is None:
-        raise UnavailableError(
-            "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
-        )
-    return runtime.service
+    """The default model's service (the only one, with one model)."""
+    return get_runtime(request).service_for(None)
 
 
 async def get_inference_service(request: Request) -> DetectionService:
@@ -45,6 +38,22 @@ async def get_inference_service(request: Request) -> DetectionService:
     return await get_service(request)
 
 
+async def get_intake(request: Request) -> Runtime:
+    """For a route that runs the model a request names in its body: refused while draining;
+    with one model, also while it loads (before the body is read). The route then asks
+    `runtime.service_for(name)`."""
+    runtime = get_runtime(request)
+    if runtime.draining:
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
+    if runtime.router is None:
+        runtime.service_for(None)
+    return runtime
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]
+IntakeDep = Annotated[Runtime, Depends(get_intake)]
 ServiceDep = Annotated[DetectionService, Depends(get_service)]
 InferenceServiceDep = Annotated[DetectionService, Depends(get_inference_service)]

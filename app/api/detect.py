@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import InferenceServiceDep
+from app.api.deps import IntakeDep
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
@@ -21,6 +21,7 @@ router = APIRouter(tags=["detection"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Bad input: the message names the image."},
+    404: {"model": ErrorResponse, "description": "Unknown model: the message names the known."},
     413: {"model": ErrorResponse, "description": "Body or image too large."},
     415: {"model": ErrorResponse, "description": "Neither JSON nor multipart/form-data."},
     422: {"model": ErrorResponse, "description": "The request does not match the schema."},
@@ -58,6 +59,7 @@ def multipart_schema(
                 "description": "Tiled inference: true, auto, or the options object as JSON text "
                 '(e.g. {"tile_size": 320, "overlap": 0.2}).',
             },
+            "model": {"type": "string", "description": "The model to run (default: the default)."},
             **extra,
         },
     }
@@ -98,9 +100,10 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     responses=ERRORS,
     openapi_extra=OPENAPI_BODY,
 )
-async def detect(request: Request, service: InferenceServiceDep) -> Response:
-    max_images = service.settings.max_images_per_request
+async def detect(request: Request, runtime: IntakeDep) -> Response:
+    max_images = runtime.settings.max_images_per_request
     sources, options = await read_request(request, detect_request_model(max_images), max_images)
+    service = await runtime.inference_service(options.model)
     render = RenderSpec("jpeg", options.labels) if options.render else None
     result = await service.detect(sources, options, render)
     # Encoded from the arrays (app/encode.py); response_model above documents the shape.
@@ -148,7 +151,7 @@ async def _from_json(
 
 
 # Options a multipart body may carry as form fields (besides 'classes' and the files).
-_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format")
+_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format", "model")
 
 
 async def _from_multipart(

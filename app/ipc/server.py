@@ -6,6 +6,7 @@ the one queue is. Pixels are read in place from each front end's shared-memory a
 
 Messages (pickled tuples; see wire.py):
   front end -> engine   ("hello", arena_name)
+  supervisor -> engine  ("probe",)              answered ("state", state) or ("failed", reason)
                         ("submit", rid, request_id, deadline, [item, ...])
                         ("cancel", rid)                 the request gave up (deadline, client gone)
                         ("idle",)                       draining, and no request open there
@@ -227,6 +228,11 @@ class EngineServer:
         self._connections.add(this)
         try:
             hello = await read_message(reader)
+            if isinstance(hello, tuple) and hello[0] == "probe":
+                # The supervisor asks whether this model is up (app/models/manager.py).
+                write_message(writer, ("state", self.state))
+                await writer.drain()
+                return
             if not (isinstance(hello, tuple) and hello[0] == "hello"):
                 return
             arena = attach_arena(hello[1])
