@@ -149,7 +149,9 @@ class EngineHost:
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
-        self.metrics.batches.labels("ok" if stats.ok else "error").inc()
+        outcome = "ok" if stats.ok else "error"
+        self.metrics.batches.labels(outcome).inc()
+        self.metrics.model_batches.labels(self.settings.served_model_name, outcome).inc()
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop intake, finish queued and running work within `timeout_s` (default: the drain

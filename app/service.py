@@ -588,11 +588,13 @@ class DetectionService:
         images = []
         answered = time.monotonic()
         stages = self.metrics.stage_latency
+        per_model = self.metrics.model_inference.labels(self.info.name)
         detections = 0
         for p, out in zip(prepared, outputs, strict=True):
             queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
             stages.labels("queue").observe(queue_s)
             stages.labels("inference").observe(out.inference_s)
+            per_model.observe(out.inference_s)
             stages.labels("postprocess").observe(out.postprocess_s)
             detections += len(out.scores)
             timings = {
@@ -608,6 +610,8 @@ class DetectionService:
             images.append(AnsweredImage(p.width, p.height, out, timings))
         self.metrics.detections.inc(detections)
         self.metrics.images.inc(len(images))
+        self.metrics.model_detections.labels(self.info.name).inc(detections)
+        self.metrics.model_images.labels(self.info.name).inc(len(images))
         return DetectResult(self.info.name, images)
 
 

@@ -10,6 +10,7 @@ its explicit mode); the index is always served. All three need the API key when 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -99,14 +100,8 @@ def _controlled(runtime: Runtime) -> None:
         )
 
 
-@router.post(
-    "/index",
-    response_model=list[IndexEntry],
-    summary="Every model of the repository, loaded or not, with its state",
-    responses=_ERRORS,
-)
-async def repository_index(request: Request, runtime: RuntimeDep) -> Response:
-    options = await _body(request, IndexRequest)
+async def index_entries(runtime: Runtime, ready_only: bool) -> list[IndexEntry]:
+    """The index, for HTTP and gRPC alike."""
     if runtime.router is None:
         state = runtime.state
         entries = [
@@ -119,8 +114,40 @@ async def repository_index(request: Request, runtime: RuntimeDep) -> Response:
     else:
         views = await runtime.router.control("index")
         entries = [_entry(runtime, v) for v in views]
-    if options.ready:
-        entries = [e for e in entries if e.state == "READY"]
+    return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+
+async def load_model(runtime: Runtime, name: str, parameters: Collection[str]) -> None:
+    """Load (or swap in again) `name`; returns once this front end routes to it."""
+    _controlled(runtime)
+    if parameters:
+        raise InvalidRequestError(
+            f"load parameters are not taken ({', '.join(sorted(parameters))}): a model's "
+            "settings come from the serve.json in its folder; edit it and load again"
+        )
+    assert runtime.router is not None
+    view = await runtime.router.control("load", name)
+    await runtime.router.settled(view)
+
+
+async def unload_model(runtime: Runtime, name: str, parameters: Collection[str]) -> None:
+    _controlled(runtime)
+    unknown = set(parameters) - {"unload_dependents"}
+    if unknown:
+        raise InvalidRequestError(f"unknown unload parameters: {', '.join(sorted(unknown))}")
+    assert runtime.router is not None
+    await runtime.router.control("unload", name)
+
+
+@router.post(
+    "/index",
+    response_model=list[IndexEntry],
+    summary="Every model of the repository, loaded or not, with its state",
+    responses=_ERRORS,
+)
+async def repository_index(request: Request, runtime: RuntimeDep) -> Response:
+    options = await _body(request, IndexRequest)
+    entries = await index_entries(runtime, options.ready)
     return JSONResponse([e.model_dump() for e in entries])
 
 
@@ -131,15 +158,7 @@ async def repository_index(request: Request, runtime: RuntimeDep) -> Response:
 )
 async def repository_load(model_name: str, request: Request, runtime: RuntimeDep) -> Response:
     body = await _body(request, LoadRequest)
-    _controlled(runtime)
-    if body.parameters:
-        raise InvalidRequestError(
-            f"load parameters are not taken ({', '.join(sorted(body.parameters))}): a model's "
-            "settings come from the serve.json in its folder; edit it and load again"
-        )
-    assert runtime.router is not None
-    view = await runtime.router.control("load", model_name)
-    await runtime.router.settled(view)
+    await load_model(runtime, model_name, body.parameters)
     return JSONResponse({})
 
 
@@ -150,10 +169,5 @@ async def repository_load(model_name: str, request: Request, runtime: RuntimeDep
 )
 async def repository_unload(model_name: str, request: Request, runtime: RuntimeDep) -> Response:
     body = await _body(request, LoadRequest)
-    _controlled(runtime)
-    unknown = set(body.parameters) - {"unload_dependents"}
-    if unknown:
-        raise InvalidRequestError(f"unknown unload parameters: {', '.join(sorted(unknown))}")
-    assert runtime.router is not None
-    await runtime.router.control("unload", model_name)
+    await unload_model(runtime, model_name, body.parameters)
     return JSONResponse({})

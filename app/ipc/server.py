@@ -207,6 +207,9 @@ class EngineServer:
             self.metrics.refresh_engine_gauges(
                 batcher.queue_depth, batcher.in_flight, pool.memory_usage
             )
+            self.metrics.model_queue_depth.labels(self.host.settings.served_model_name).set(
+                batcher.queue_depth
+            )
             state = self.state
             if state != last:
                 if state == "stuck":
