@@ -79,11 +79,15 @@ class ModelRouter:
         control_path: str,
         make_service: Callable[[Settings, ModelInfo, ModelClient, bool], DetectionService],
         on_draining: Callable[[], None],
+        report_if_idle: Callable[[], None],
     ) -> None:
+        """`on_draining`: the server is stopping (SIGTERM); `report_if_idle`: an engine drains,
+        and waits for the front ends that have no request open to say so."""
         self.settings = settings
         self.control_path = control_path
         self._make_service = make_service
         self._on_draining = on_draining
+        self._report_if_idle = report_if_idle
         self.models: dict[str, _Model] = {}
         self.draining = False
         self._watcher: asyncio.Task[None] | None = None
@@ -167,8 +171,8 @@ class ModelRouter:
 
     def _engine_draining(self) -> None:
         # An engine drains when its model is swapped or unloaded, and at SIGTERM; only the
-        # supervisor's "draining" means the server is stopping. The idle report is due in both.
-        self._on_draining()
+        # supervisor's "draining" means the server is stopping (and the idle report is due).
+        self._report_if_idle()
 
     def report_idle(self) -> None:
         for model in self.models.values():

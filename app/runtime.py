@@ -64,7 +64,11 @@ class Runtime:
             from app.model_router import ModelRouter
 
             self.router = ModelRouter(
-                settings, control_socket, self._make_model_service, self._drain_started
+                settings,
+                control_socket,
+                self._make_model_service,
+                self._drain_started,
+                self._report_if_idle,
             )
         elif engine_sockets:
             self.remote = RemoteEngine(
