@@ -104,9 +104,10 @@ async def index_entries(runtime: Runtime, ready_only: bool) -> list[IndexEntry]:
     """The index, for HTTP and gRPC alike."""
     if runtime.router is None:
         state = runtime.state
+        service = runtime.service
         entries = [
             IndexEntry(
-                name=runtime.settings.served_model_name,
+                name=service.info.name if service else runtime.settings.served_model_name,
                 state="READY" if state == "ready" else "UNAVAILABLE",
                 reason="" if state == "ready" else (runtime.failure or state),
             )
