@@ -107,7 +107,7 @@ class ModelManager:
         found = self.available()
         self._threads = settings.torch_threads or max(1, available_cpus() // max(1, len(found)))
         for name, path in found.items():
-            self._slots[name] = _Slot(name, path, startup=True)
+            self._slots[name] = _Slot(name, path, startup=True, state="loading")
 
     # -- what there is ------------------------------------------------------------------------
     def explicit(self) -> dict[str, Path]:

@@ -218,10 +218,9 @@ class ModelRouter:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded at start-up is ready (what /readyz reports)."""
-        if not self._seen_table:
-            return False
-        return all(self.state(m.name)[0] == "ready" for m in self.models.values() if m.view.startup)
+        """Every model loaded at start-up is ready (what /readyz reports); one unloaded since
+        through the control API no longer counts."""
+        return self._seen_table and not self.not_ready()
 
     def not_ready(self) -> dict[str, str]:
         """The start-up models that are not ready, with their state (and reason)."""
@@ -229,7 +228,7 @@ class ModelRouter:
         for model in self.models.values():
             if model.view.startup:
                 state, reason = self.state(model.name)
-                if state != "ready":
+                if state not in ("ready", "unloaded"):
                     found[model.name] = f"{state}: {reason}" if reason else state
         return found
 

@@ -216,6 +216,8 @@ def test_grpc_repository_rpcs_go_through_the_same_control(server: RunningServer)
     assert names["alpha"] == names["beta"] == "READY"
     client.unload_model("beta", headers=metadata)
     assert not client.is_model_ready("beta", headers=metadata)
+    # A start-up model unloaded on purpose no longer holds readiness back.
+    assert httpx.get(server.url + "/readyz").status_code == 200
     client.load_model("beta", headers=metadata)
     assert client.is_model_ready("beta", headers=metadata)
     with pytest.raises(InferenceServerException, match="UNAUTHENTICATED|API key"):
