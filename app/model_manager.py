@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.config import Settings
+from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.cpus import available_cpus
 from app.ipc.wire import call_blocking, read_message, write_message
 from app.repository import model_name, model_settings, name_problem, scan
@@ -111,13 +111,24 @@ class ModelManager:
 
     # -- what there is ------------------------------------------------------------------------
     def explicit(self) -> dict[str, Path]:
-        """The models named by --model (repeated), by name."""
-        paths = self.settings.model_list
-        if not paths and "model" in self.settings.model_fields_set:
-            paths = [self.settings.model]
-        if not paths and self.settings.model_repository is None:
-            paths = [self.settings.model]
+        """The models named by --model (repeated), by name. Beside a repository, one --model
+        joins it unless it is the embedded default (which the container image always sets)."""
+        s = self.settings
+        paths = s.model_list
+        embedded = s.model == REPO_MODELS_DIR / DEFAULT_MODEL_NAME
+        if not paths and (s.model_repository is None or not embedded):
+            paths = [s.model]
         return {model_name(p): p.resolve() for p in paths}
+
+    def problem(self) -> str | None:
+        """What stops the server from starting: no model at all, or an unknown default."""
+        if not self._slots:
+            return f"the model repository {self.settings.model_repository} holds no model folder"
+        default = self.settings.default_model
+        if default is not None and default not in self._slots:
+            known = ", ".join(sorted(self._slots))
+            return f"default_model {default!r} is not among the models served: {known}"
+        return None
 
     def available(self) -> dict[str, Path]:
         """Every model that could be served now: the repository's (scanned again each time: a

@@ -97,11 +97,12 @@ class EngineProcess:
             started = time.monotonic()
             logger.info("engine %d started (pid %d)", self.index, process.pid)
             process.join()
+            assert process.pid is not None
+            # Its "live" gauges (queue depth, memory) must not count any more (an engine of a
+            # model swapped out or unloaded stops while the server goes on).
+            multiprocess.mark_process_dead(process.pid)
             if self._stopping.is_set():
                 return
-            assert process.pid is not None
-            # Its "live" gauges (queue depth, memory) must not count any more.
-            multiprocess.mark_process_dead(process.pid)
             if process.exitcode == LOAD_FAILED:
                 # The engine logged the cause; restarting cannot help (no restart loop).
                 logger.critical(
@@ -211,6 +212,11 @@ def serve(settings: Settings) -> int:
         from app.model_manager import ControlServer, ModelManager
 
         manager = ModelManager(settings, workdir, metrics)
+        problem = manager.problem()
+        if problem is not None:
+            logger.critical("%s", problem)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 2
         control_path = str(workdir / "control.sock")
         control = ControlServer(manager, control_path)
         control.start()

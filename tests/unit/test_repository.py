@@ -14,6 +14,7 @@ from app import repository
 from app.cli import load_settings
 from app.config import REPO_MODELS_DIR, Settings
 from app.engine.memory_budget import budget_problem, needed_bytes, weights_bytes
+from app.model_manager import ControlError, ModelManager
 from app.repository import ModelKind, model_settings, resolve, scan
 
 DEFAULT = REPO_MODELS_DIR / "rtdetr-shapes"
@@ -21,11 +22,12 @@ DEFAULT = REPO_MODELS_DIR / "rtdetr-shapes"
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
     for name in ("alpha", "beta"):
-        (tmp_path / name).mkdir()
+        (root / name).mkdir(parents=True)
         for file in ("config.json", "preprocessor_config.json"):
-            shutil.copy(DEFAULT / file, tmp_path / name / file)
-    return tmp_path
+            shutil.copy(DEFAULT / file, root / name / file)
+    return root
 
 
 @pytest.fixture
@@ -159,3 +161,46 @@ def test_weights_bytes_counts_weight_files_only(repo: Path) -> None:
     assert weights_bytes(repo / "alpha") == 1000
     assert weights_bytes(repo / "alpha" / "model.safetensors") == 1000
     assert weights_bytes(repo / "absent") == 0
+
+
+def _manager(tmp_path: Path, **values: object) -> ModelManager:
+    # No process starts until start(); the metrics are only handed to the engines.
+    return ModelManager(Settings(**values), tmp_path, metrics=None)  # type: ignore[arg-type]
+
+
+def test_manager_serves_the_repository_and_the_models_named_beside_it(
+    repo: Path, tmp_path: Path
+) -> None:
+    assert set(_manager(tmp_path, model_repository=repo).views()) == {"alpha", "beta"}
+    extra = tmp_path / "extra" / "gamma"
+    shutil.copytree(repo / "alpha", extra)
+    both = _manager(tmp_path, model_repository=repo, model=extra)
+    assert set(both.views()) == {"alpha", "beta", "gamma"}
+    assert all(v.state == "loading" and v.startup for v in both.views().values())
+    listed = _manager(tmp_path, models=f"{repo / 'alpha'},{extra}")
+    assert set(listed.views()) == {"alpha", "gamma"} and listed.default_model == "alpha"
+
+
+def test_manager_refuses_an_unknown_default_model_and_an_empty_repository(
+    repo: Path, tmp_path: Path
+) -> None:
+    problem = _manager(tmp_path, model_repository=repo, default_model="nope").problem()
+    assert problem == "default_model 'nope' is not among the models served: alpha, beta"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no model folder" in str(_manager(tmp_path, model_repository=empty).problem())
+    assert _manager(tmp_path, model_repository=repo, default_model="beta").problem() is None
+
+
+def test_manager_loads_unknown_names_as_404_naming_the_repository(
+    repo: Path, tmp_path: Path
+) -> None:
+    manager = _manager(tmp_path, model_repository=repo)
+    with pytest.raises(ControlError) as refused:
+        manager.load("delta")
+    assert (refused.value.status, refused.value.message) == (
+        404,
+        "unknown model 'delta'; the repository holds: alpha, beta",
+    )
+    with pytest.raises(ControlError, match="unknown model 'delta'"):
+        manager.unload("delta")
