@@ -155,7 +155,8 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description="Batches each device holds at once; 2 decodes and pre-processes the next "
-        "batch while the current one runs (default: 2 on CUDA, 1 on the CPU).",
+        "batch while the current one runs (default: 2 on CUDA; on the CPU 2 with onnxruntime, "
+        "the second only when it is full, and 1 with torch).",
     )
     torch_threads: int | None = Field(
         default=None,
@@ -282,6 +283,76 @@ class Settings(BaseSettings):
         ge=1,
         description="Tiles (full-image passes included) one request may make, all images "
         "together; 413 beyond. Taken as at most max_queue_size.",
+    )
+    jobs: bool = Field(
+        default=True,
+        description="Serve /v1/jobs (gigapixel images as background jobs) and run them in a "
+        "job-runner process.",
+    )
+    jobs_dir: Path | None = Field(
+        default=None,
+        description="Folder of the job store: the SQLite database (WAL) and the uploaded "
+        "images (default: the user's cache folder, $XDG_CACHE_HOME/detr-serve/jobs). One "
+        "server runs the jobs of a folder at a time (a lock file); give each server its own.",
+    )
+    max_job_bytes: int = Field(
+        default=4 << 30,
+        ge=1,
+        description="Largest image file a job accepts (upload or URL download), in bytes; 413 "
+        "beyond.",
+    )
+    max_job_image_pixels: int = Field(
+        default=100_000_000,
+        ge=1,
+        description="Largest width*height of a job image that is decoded whole (JPEG, PNG, "
+        "WebP, untiled TIFF); tiled TIFFs are read tile by tile and have no pixel limit.",
+    )
+    max_concurrent_jobs: int = Field(
+        default=1, ge=1, description="Jobs running at once (the others wait queued)."
+    )
+    max_queued_jobs: int = Field(
+        default=16, ge=0, description="Jobs waiting to run; POST /v1/jobs answers 429 beyond."
+    )
+    job_batch_items: int | None = Field(
+        default=None,
+        ge=1,
+        description="Job tiles one batch may carry (default: 1 on the CPU, max_batch_size / 4 "
+        "on CUDA): what an online request arriving meanwhile may wait for.",
+    )
+    job_batch_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of every batch kept for job tiles while online requests also wait "
+        "(0: jobs only fill the places online traffic leaves free).",
+    )
+    job_yield: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="While online requests keep coming (one in the last second), a batch of "
+        "job tiles alone is followed by an idle gap this many times its duration, cut short "
+        "by online work: the CPU left to the front ends' decoding (0: no gap).",
+    )
+    job_max_detections: int = Field(
+        default=100_000, ge=1, description="Detections a job keeps when it asks for no limit."
+    )
+    job_inline_detections: int = Field(
+        default=1_000,
+        ge=0,
+        description="GET /v1/jobs/{id} carries the detections up to this many; beyond, only "
+        "the results link (JSON lines).",
+    )
+    job_retention_s: float = Field(
+        default=7 * 86_400.0,
+        gt=0,
+        description="Finished jobs (and their results and uploads) are deleted this long after "
+        "they end.",
+    )
+    job_store_max_bytes: int = Field(
+        default=20 << 30,
+        ge=1,
+        description="Size limit of the job store (database and uploads): the oldest finished "
+        "jobs are deleted first; POST /v1/jobs answers 507 while it is still over.",
     )
     default_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Score threshold when a request gives none."
@@ -422,6 +493,22 @@ class Settings(BaseSettings):
         """Tiles one request may make: never more than the queue holds (that would be 429
         forever)."""
         return min(self.tiling_max_tiles, self.max_queue_size)
+
+    @property
+    def jobs_path(self) -> Path:
+        """The job store's folder."""
+        if self.jobs_dir is not None:
+            return self.jobs_dir.expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("detr-serve", appauthor=False)) / "jobs"
+
+    def job_tiles_per_batch(self, on_cuda: bool) -> int:
+        """Job tiles one batch may carry: job_batch_items, else 1 on the CPU (a batch's time
+        grows with its size there, and is what an online request arriving meanwhile waits
+        for; batching buys the CPU no throughput) and max_batch_size / 4 on CUDA."""
+        chosen = self.job_batch_items or (max(1, self.max_batch_size // 4) if on_cuda else 1)
+        return min(chosen, self.max_batch_size)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from app.batching import Batcher, BatchStats, ShuttingDownError
+from app.batching import Batcher, BatchStats, Priority, ShuttingDownError
 from app.config import Settings, model_dir_problem
 from app.engine.pool import BatchRunner, EnginePool
 from app.engine.preprocess_spec import PreprocessSpec
@@ -78,7 +78,14 @@ class EngineHost:
             engines = list(await asyncio.to_thread(resolve(s.model)[0].build_engines, s))
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
-        per_engine = s.batches_in_flight or (2 if on_cuda else 1)
+        # Two batches in flight: the next one is prepared while the current one runs. On the
+        # CPU by default only with onnxruntime, and only a full next batch goes ahead (tiles, a
+        # saturated queue: no gap between forward passes; a partial one waits for the device,
+        # to fill meanwhile). Torch's CPU forward shares its OpenMP threads with the
+        # pre-processing: there the overlap measured slower (README, tiled inference).
+        overlap_on_cpu = engines[0].info.backend == "onnx"
+        per_engine = s.batches_in_flight or (2 if on_cuda or overlap_on_cpu else 1)
+        ahead_only_full = s.batches_in_flight is None and not on_cuda and overlap_on_cpu
         pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
         self.pool = pool
         self._executor = ThreadPoolExecutor(
@@ -92,6 +99,10 @@ class EngineHost:
             executor=self._executor,
             on_batch=self._record_batch,
             max_concurrent_batches=pool.max_concurrent_batches,
+            ahead_only_full=ahead_only_full,
+            low_share=s.job_batch_share,
+            max_low_per_batch=s.job_tiles_per_batch(on_cuda),
+            low_yield=s.job_yield,
         )
         batcher.start()
         self.batcher = batcher
@@ -100,12 +111,13 @@ class EngineHost:
             (b.device, b.batch_size, b.cuda_graph) for b in pool.info.buckets
         )
         logger.info(
-            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device",
+            "ready: %s on %s (%s), max batch %d, %d batch(es) in flight per device%s",
             pool.info.name,
             pool.info.device,
             pool.info.dtype,
             s.max_batch_size,
             per_engine,
+            " (the second only when full)" if ahead_only_full else "",
         )
 
     @property
@@ -113,16 +125,17 @@ class EngineHost:
         return self.settings.max_batch_size
 
     async def submit(
-        self, tasks: Sequence[DetectionTask], deadline: float
+        self, tasks: Sequence[DetectionTask], deadline: float, priority: Priority = "online"
     ) -> list[ImageDetections]:
         """The batcher's submit, with tiled tasks run as their tiles (one batcher submission:
         the tiles fill batches with each other and with other requests' images, and count as
-        images in the queue bound and the deadline) and merged back into one answer each."""
+        images in the queue bound and the deadline) and merged back into one answer each.
+        `priority` "low": the batcher's low lane (job tiles, app/jobs/)."""
         batcher = self.batcher
         if batcher is None:
             raise ShuttingDownError()
         if not any(t.tiling is not None for t in tasks):
-            return await batcher.submit(tasks, deadline)
+            return await batcher.submit(tasks, deadline, priority)
         from app.engine import tiling
 
         spec = self._spec or PreprocessSpec.from_dir(self.settings.model)
@@ -131,7 +144,7 @@ class EngineHost:
             tiling.expand, tasks, spec.output_size, spec.resample
         )
         self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
-        outputs = await batcher.submit(items, deadline)
+        outputs = await batcher.submit(items, deadline, priority)
         return await asyncio.to_thread(tiling.collect, tasks, parts, outputs, self.info.device)
 
     @property

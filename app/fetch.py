@@ -152,6 +152,13 @@ class Fetcher:
             exc.__context__ = None
             raise
 
+    async def check(self, url: str, *, what: str = "the URL") -> None:
+        """Refuse now what fetch() would refuse before connecting (scheme, host, an address the
+        SSRF rules do not allow): a job's URL is answered 400 at submission, then fetched, and
+        checked again hop by hop, by the job runner."""
+        parsed = self._parse(url, 0, what)
+        await self._checked_address(parsed, self._checked_host(parsed, 0, what), 0)
+
     async def _fetch_in_slot(self, url: str, index: int) -> bytes:
         async with self._slots:
             transport = self._shared_transport or httpx.AsyncHTTPTransport(verify=self._ssl)

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import detect, health, kserve, models, page, render, repository
+from app.api import detect, health, jobs, kserve, models, page, render, repository
+from app.api.detect_asgi import DetectRoute
 from app.config import Settings
 from app.errors import ApiError
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -55,6 +56,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
         await runtime.settle()
+        job_runner = None
+        if settings.jobs and not engine_sockets:  # one process: the jobs run here
+            from app.jobs.local import start_local_runner
+
+            job_runner = await start_local_runner(settings, runtime)
         grpc_server = None
         if grpc_workers and settings.grpc_port:
             from app.api.kserve_grpc.server import start_grpc_server
@@ -63,6 +69,8 @@ def create_app(
                 settings, runtime, app.version, workers=grpc_workers
             )
         yield
+        if job_runner is not None:
+            await job_runner()
         if grpc_server is not None:
             # Calls in progress finish (up to the drain timeout); new ones are refused.
             await grpc_server.stop(settings.drain_timeout_s)
@@ -78,6 +86,10 @@ def create_app(
         static_url="/docs/static",
     )
     app.state.runtime = runtime
+    if settings.jobs:
+        from app.jobs.store import JobStore
+
+        app.state.job_store = JobStore(settings.jobs_path)
     app.include_router(detect.router)
     app.include_router(render.router)
     app.include_router(page.router)
@@ -85,11 +97,18 @@ def create_app(
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(kserve.router)
+    app.include_router(jobs.router)
     app.include_router(repository.router)
     _install_error_handlers(app)
     # Added last runs first: request context, then open requests (counted for the drain,
-    # cancelled when their client goes), then CORS, then auth, then the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # cancelled when their client goes), then CORS, then auth, then the body limit; then
+    # POST /v1/detect is answered as plain ASGI (app/api/detect_asgi.py), the rest routed.
+    app.add_middleware(DetectRoute, runtime=runtime)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        paths={"/v1/jobs": settings.max_job_bytes + jobs.MULTIPART_SLACK} if settings.jobs else {},
+    )
     if settings.api_key is not None:
         app.add_middleware(
             ApiKeyMiddleware,

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+_MAX_CACHED_LABELS = 256
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
 # Set in the scope of a request whose client went away before its answer (app/open_requests.py):
 # counted and logged as 499, nginx's "client closed request".
@@ -32,6 +34,10 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled children, kept: labels() takes a lock and builds a key on every call.
+        # Bounded, since a client chooses the method: past the bound, labels() as before.
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,8 +65,19 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.request_latency.labels(path).observe(elapsed)
+            key = (scope["method"], path, status)
+            counter = self._counted.get(key)
+            if counter is None:
+                counter = self.metrics.requests.labels(key[0], path, str(status))
+                if len(self._counted) < _MAX_CACHED_LABELS:
+                    self._counted[key] = counter
+            counter.inc()
+            timer = self._timed.get(path)
+            if timer is None:
+                timer = self.metrics.request_latency.labels(path)
+                if len(self._timed) < _MAX_CACHED_LABELS:
+                    self._timed[path] = timer
+            timer.observe(elapsed)
             # One line per request, at the boundary: failures always, successes at debug.
             level = (
                 logging.WARNING
@@ -83,28 +100,31 @@ class RequestContextMiddleware:
 class BodyLimitMiddleware:
     """Answers 413 when a request body is larger than the limit, without reading it all."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: dict[str, int] | None = None) -> None:
+        """`paths`: another limit for these exact paths (the job uploads of /v1/jobs)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope.get("path", ""), self.max_bytes)
         declared = _header(scope, b"content-length")
         # ASCII digits only: str.isdigit says yes to '²', which int() then refuses.
         if (
             declared is not None
             and declared.isascii()
             and declared.isdigit()
-            and (len(declared) > 20 or int(declared) > self.max_bytes)
+            and (len(declared) > 20 or int(declared) > limit)
         ):
             await _send_error(
                 send,
                 scope,
                 413,
                 PayloadTooLargeError.error_type,
-                _too_large(self.max_bytes),
+                _too_large(limit),
                 [(b"connection", b"close")],
             )
             return
@@ -115,8 +135,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLargeError(_too_large(self.max_bytes))
+                if seen > limit:
+                    raise PayloadTooLargeError(_too_large(limit))
             return message
 
         await self.app(scope, counting_receive, send)

@@ -32,13 +32,29 @@ class OpenRequestsMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body_read = asyncio.Event()
+        # The handler runs in this task; one watcher task, started once the body is read,
+        # cancels it when the client goes (two tasks and a wait() per request before).
+        handler = asyncio.current_task()
+        assert handler is not None
+        watcher: asyncio.Task[None] | None = None
         response_started = False
+        gone = False
+
+        async def client_gone() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not response_started:
+                gone = True
+                handler.cancel()
 
         async def receive_body() -> Message:
+            nonlocal watcher
             message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
+            if watcher is None and (
+                message["type"] != "http.request" or not message.get("more_body", False)
+            ):
+                watcher = asyncio.get_running_loop().create_task(client_gone())
             return message
 
         async def send_answer(message: Message) -> None:
@@ -46,28 +62,19 @@ class OpenRequestsMiddleware:
             response_started = True
             await send(message)
 
-        async def client_gone() -> None:
-            await body_read.wait()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         self.runtime.request_started()
-
-        async def answer() -> None:
-            await self.app(scope, receive_body, send_answer)
-
-        handler = asyncio.create_task(answer())
-        watcher = asyncio.create_task(client_gone())
         try:
-            await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done() and not response_started:
-                scope[CLIENT_GONE] = True
-                handler.cancel()
-                logger.info("the client went away: its request is cancelled")
-                await asyncio.wait((handler,))
-                return
-            await handler
+            await self.app(scope, receive_body, send_answer)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            handler.uncancel()
+            scope[CLIENT_GONE] = True
+            logger.info("the client went away: its request is cancelled")
         finally:
-            for task in (handler, watcher):
-                task.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            if gone and handler.cancelling():  # a cancel the handler caught and ended on
+                handler.uncancel()
+                scope[CLIENT_GONE] = True
             self.runtime.request_finished()

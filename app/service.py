@@ -181,6 +181,10 @@ class DetectionService:
     ) -> None:
         self.fetcher = fetcher
         self.metrics = metrics
+        # Observed for every image: the labelled children kept (labels() locks and looks up).
+        self._answer_stages = tuple(
+            metrics.stage_latency.labels(s) for s in ("queue", "inference", "postprocess")
+        )
         # Decoding competes with the model for the same cores: more decode workers than cores
         # only adds switching (and stalls torch's parallel regions).
         workers = settings.decode_threads or os.cpu_count() or 1
@@ -587,15 +591,15 @@ class DetectionService:
     ) -> DetectResult:
         images = []
         answered = time.monotonic()
-        stages = self.metrics.stage_latency
+        queue, inference, postprocess = self._answer_stages
         per_model = self.metrics.model_inference.labels(self.info.name)
         detections = 0
         for p, out in zip(prepared, outputs, strict=True):
             queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
-            stages.labels("queue").observe(queue_s)
-            stages.labels("inference").observe(out.inference_s)
+            queue.observe(queue_s)
+            inference.observe(out.inference_s)
             per_model.observe(out.inference_s)
-            stages.labels("postprocess").observe(out.postprocess_s)
+            postprocess.observe(out.postprocess_s)
             detections += len(out.scores)
             timings = {
                 "fetch_ms": round(p.fetch_s * 1e3, 3),

@@ -3,6 +3,8 @@ uvicorn's supervisor of the HTTP front-end workers (which replaces a worker that
 
     supervisor (this process; no model, no HTTP)
       |- engine process per device  app/ipc/server.py: model, batcher, forward pass
+      |- job runner (--jobs)        app/jobs/process.py: runs /v1/jobs jobs, tiles to the
+                                    engines at low priority (restarted when it dies)
       |- front-end worker x N       uvicorn + app.main.create_frontend_app: HTTP, fetch,
                                     decode, encode; pixels to the engine in shared memory
 
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,8 +62,22 @@ def shutdown_bound_s(settings: Settings) -> float:
 class EngineProcess:
     """One engine process, started again (with backoff) whenever it dies."""
 
-    def __init__(self, index: int, settings: Settings, socket_path: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        socket_path: str,
+        metrics: Metrics,
+        target: Callable[..., None] = run_engine_process,
+        args: tuple[object, ...] | None = None,
+        name: str = "engine",
+    ) -> None:
+        """`target`, `args`, `name`: another child kept alive the same way (the job runner,
+        app/jobs/process.py)."""
         self.index = index
+        self._target = target
+        self._args = args if args is not None else (settings, socket_path)
+        self._name = name
         self.settings = settings
         self.socket_path = socket_path
         self.metrics = metrics
@@ -88,14 +105,14 @@ class EngineProcess:
                 if self._stopping.is_set():
                     return
                 process = ctx.Process(
-                    target=run_engine_process,
-                    args=(self.settings, self.socket_path),
-                    name=f"detr-serve-engine-{self.index}",
+                    target=self._target,
+                    args=self._args,
+                    name=f"detr-serve-{self._name}-{self.index}",
                 )
                 process.start()
                 self._process = process
             started = time.monotonic()
-            logger.info("engine %d started (pid %d)", self.index, process.pid)
+            logger.info("%s %d started (pid %d)", self._name, self.index, process.pid)
             process.join()
             assert process.pid is not None
             # Its "live" gauges (queue depth, memory) must not count any more (an engine of a
@@ -115,13 +132,15 @@ class EngineProcess:
             if time.monotonic() - started > _STABLE_S:
                 backoff = 0.5
             logger.error(
-                "engine %d (pid %d) died (exit code %s); restarting in %.1f s",
+                "%s %d (pid %d) died (exit code %s); restarting in %.1f s",
+                self._name,
                 self.index,
                 process.pid,
                 process.exitcode,
                 backoff,
             )
-            self.metrics.engine_restarts.inc()
+            if self._target is run_engine_process:
+                self.metrics.engine_restarts.inc()
             if self._stopping.wait(backoff):
                 return
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -211,6 +230,11 @@ def serve(settings: Settings) -> int:
         # Several models: the engines (per model, per device) come and go at run time.
         from app.model_manager import ControlServer, ModelManager
 
+        if settings.jobs:
+            logger.warning(
+                "/v1/jobs is off with several models: the job runner drives one model's engines"
+            )
+            settings = settings.model_copy(update={"jobs": False})
         manager = ModelManager(settings, workdir, metrics)
         problem = manager.problem()
         if problem is not None:
@@ -226,6 +250,21 @@ def serve(settings: Settings) -> int:
             EngineProcess(i, s, str(workdir / f"engine-{i}.sock"), metrics)
             for i, s in enumerate(engine_settings(settings))
         ]
+    children = list(engines)
+    if settings.jobs:
+        from app.jobs.process import run_job_runner_process
+
+        children.append(
+            EngineProcess(
+                0,
+                settings,
+                "",
+                metrics,
+                target=run_job_runner_process,
+                args=(settings, [e.socket_path for e in engines]),
+                name="job-runner",
+            )
+        )
     workers = worker_count(settings)
     logger.info(
         "starting %s and %d front-end worker(s) (%d CPUs usable)",
@@ -259,10 +298,10 @@ def serve(settings: Settings) -> int:
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])  # installs uvicorn's signal handlers
     signal.signal(
-        signal.SIGTERM, _Drain(engines, supervisor, settings, manager, control).on_sigterm
+        signal.SIGTERM, _Drain(children, supervisor, settings, manager, control).on_sigterm
     )
-    for engine in engines:
-        engine.start()
+    for child in children:
+        child.start()
     if manager is not None:
         manager.start()
     else:
@@ -276,9 +315,9 @@ def serve(settings: Settings) -> int:
         sock.close()
         if manager is not None:
             manager.close()
-            engines = manager.engines()
-        for engine in engines:
-            engine.stop(settings.drain_timeout_s + 5)
+            children = manager.engines()
+        for child in children:
+            child.stop(settings.drain_timeout_s + 5)
         if control is not None:
             control.stop()
         shutil.rmtree(workdir, ignore_errors=True)

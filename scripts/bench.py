@@ -5,17 +5,21 @@
     python scripts/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
     python scripts/bench.py --compare --rounds 3  # side by side: LitServe, naive, raw forward
     python scripts/bench.py --overhead --rounds 3 # null engine vs a bare FastAPI endpoint
+    python scripts/bench.py --compare-int8 --rounds 3  # INT8 vs float32 onnxruntime, alone
+    python scripts/bench.py --skip-http --backend auto  # raw pass of what a server runs (ORT)
 
 1. Raw: the engine (pre-process + forward + post-process) on already decoded 640x480 images,
-   images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone.
+   images/s at batch sizes 1, 2, 4 .. max; also the forward pass alone. --backend picks the
+   raw pass's backend (torch by default; auto resolves as a server does).
 2. End to end: the real `detr-serve` on a free port, loaded by Locust (headless) with real
    JPEGs at 1, 8 and 32 concurrent clients, with batching on (max batch size = --max-batch)
    and off (max batch size 1); images/s and p50/p95/p99 latency.
 It prints a table and the two ratios the project tracks, and writes JSON with --out.
 
---compare and --overhead are scripts/bench_compare.py's (see there): detr-serve against LitServe,
-the naive endpoint and the raw forward pass in one run, 16 clients, base64 JSON and multipart;
-and the serving path's own cost with the null engine against a bare FastAPI endpoint.
+--compare, --compare-int8 and --overhead are scripts/bench_compare.py's (see there): detr-serve
+against LitServe, the naive endpoint and the raw forward pass in one run, 16 clients, base64 JSON
+and multipart; the INT8 and float32 rows alone; and the serving path's own cost with the null
+engine against a bare FastAPI endpoint.
 
 With --device cuda the run is scripts/bench_cuda.py's: RT-DETR-R18 and -R50 sized models at 640
 (random weights, or --models DIR,...), raw forward passes with and without CUDA graphs at batch
@@ -79,16 +83,62 @@ def batch_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: bytes) -> list[dict]:
+def load_raw_engine(
+    model: Path,
+    device: str,
+    backend: str = "torch",
+    precision: str = "float",
+    threads: int | None = None,
+    onnx_spinning: bool = False,
+):
+    """The engine the raw pass times, as a server with these settings builds it: `backend`
+    resolved the same way (auto on the CPU: onnxruntime on the cached export, app/engine/
+    backend_choice.py; int8: model.int8.onnx), the model's intra-op threads (torch's and
+    onnxruntime's) set as the server sets them (--torch-threads, default the usable CPUs)."""
     import torch
 
-    from app.engine.pipeline import DetectionTask, Engine
+    from app.config import Settings
+    from app.cpus import available_cpus
+    from app.engine.backend_choice import choose_backend
+    from app.engine.pipeline import Engine
+
+    torch.set_num_threads(threads or available_cpus())
+    settings = Settings(model=model, backend=backend, precision=precision)
+    choice = choose_backend(settings, torch.device(device).type)
+    return Engine.load(
+        model,
+        name=model.name,
+        device=device,
+        backend=choice.backend,
+        onnx_path=choice.onnx_path,
+        onnx_spinning=onnx_spinning,
+    )
+
+
+def bench_raw(
+    model: Path,
+    device: str,
+    max_batch: int,
+    seconds: float,
+    jpeg: bytes,
+    *,
+    backend: str = "torch",
+    precision: str = "float",
+    sizes: list[int] | None = None,
+    onnx_spinning: bool = False,
+) -> list[dict]:
+    """Engine (pre-process + forward + post-process) and forward-only img/s at each batch size
+    (default 1, 2, 4 .. max_batch) of `backend` (torch, onnx, or auto as a server resolves it:
+    see load_raw_engine). Each row names the backend that ran."""
+    import torch
+
+    from app.engine.pipeline import DetectionTask
     from app.images import decode_image
 
-    engine = Engine.load(model, name=model.name, device=device)
+    engine = load_raw_engine(model, device, backend, precision, onnx_spinning=onnx_spinning)
     pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels
     rows = []
-    for bs in batch_sizes(max_batch):
+    for bs in sizes or batch_sizes(max_batch):
         tasks = [DetectionTask(pixels, 0.5, 100)] * bs
         engine.run_batch(tasks)  # warm-up
         images = [torch.from_numpy(pixels).permute(2, 0, 1)] * bs
@@ -107,6 +157,8 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
         rows.append(
             {
                 "batch": bs,
+                "backend": engine.backend.name,
+                "threads": torch.get_num_threads(),
                 "engine_ms": engine_s * 1e3,
                 "engine_img_s": bs / engine_s,
                 "forward_ms": forward_s * 1e3,
@@ -114,8 +166,8 @@ def bench_raw(model: Path, device: str, max_batch: int, seconds: float, jpeg: by
             }
         )
         print(
-            f"  raw batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms ({bs / engine_s:7.1f} img/s)"
-            f"  forward {forward_s * 1e3:8.1f} ms",
+            f"  raw {engine.backend.name} batch {bs:3d}: engine {engine_s * 1e3:8.1f} ms "
+            f"({bs / engine_s:7.1f} img/s)  forward {forward_s * 1e3:8.1f} ms",
             flush=True,
         )
     return rows
@@ -210,10 +262,26 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=None, help="seconds per load step")
     parser.add_argument("--raw-seconds", type=float, default=None)
     parser.add_argument("--image", type=Path, default=None, help="JPEG to send (640x480)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default="torch",
+        help="the raw pass's backend (auto: as a server resolves it, onnxruntime on the CPU)",
+    )
+    parser.add_argument("--precision", choices=("float", "int8"), default="float")
+    parser.add_argument(
+        "--raw-batch-sizes", default=None, help="raw pass batch sizes, e.g. 8 (default 1,2,4..max)"
+    )
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument(
+        "--onnx-spinning", action="store_true", help="raw onnx pass: spinning intra-op threads"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    side = parser.add_argument_group("--compare / --overhead")
+    side = parser.add_argument_group("--compare / --compare-int8 / --overhead")
     side.add_argument("--compare", action="store_true", help="vs LitServe, naive, raw")
+    side.add_argument(
+        "--compare-int8", action="store_true", help="--precision int8 vs float32 only"
+    )
     side.add_argument("--overhead", action="store_true", help="null engine vs bare FastAPI")
     side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
     side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")
@@ -243,8 +311,8 @@ def main() -> None:
         return
     args.max_batch = args.max_batch or 8
     args.delay_ms = 5.0 if args.delay_ms is None else args.delay_ms
-    if args.compare or args.overhead:
-        from scripts.bench_compare import bench_compare, bench_overhead, environment
+    if args.compare or args.compare_int8 or args.overhead:
+        from scripts.bench_compare import bench_compare, bench_int8, bench_overhead, environment
 
         args.clients = int(args.clients or 16)
         args.duration = args.duration or 15.0
@@ -254,6 +322,8 @@ def main() -> None:
         print(f"model {args.model}; image {len(jpeg)} bytes; {report['environment']}")
         if args.compare:
             report["compare"] = bench_compare(args, jpeg)
+        if args.compare_int8:
+            report["compare_int8"] = bench_int8(args, jpeg)
         if args.overhead:
             report["overhead"] = bench_overhead(args, jpeg)
         if args.out:
@@ -274,7 +344,18 @@ def main() -> None:
         flush=True,
     )
     print("raw engine throughput:", flush=True)
-    raw = bench_raw(args.model, args.device, args.max_batch, args.raw_seconds, jpeg)
+    sizes = [int(b) for b in args.raw_batch_sizes.split(",")] if args.raw_batch_sizes else None
+    raw = bench_raw(
+        args.model,
+        args.device,
+        args.max_batch,
+        args.raw_seconds,
+        jpeg,
+        backend=args.backend,
+        precision=args.precision,
+        sizes=sizes,
+        onnx_spinning=args.onnx_spinning,
+    )
     report = {"model": str(args.model), "device": args.device, "raw": raw}
     best_raw = max(r["engine_img_s"] for r in raw)
     print(f"raw saturation: {best_raw:.1f} img/s", flush=True)

@@ -8,10 +8,17 @@ JPEG, sent as base64 JSON and as multipart.
              checkpoint (scripts/litserve_server.py: transformers' processor and model, LitServe's
              batching with max_batch_size and batch_timeout equal to detr-serve's), the naive
              endpoint (scripts/naive_server.py), and the raw forward pass of the checkpoint in a
-             process of its own (scripts/bench.py --skip-http, torch's default threads) at its
-             best batch size. Per round and body format: img/s and p50, then detr-serve/LitServe,
-             detr-serve/naive and end-to-end/raw; then the range of each ratio over the rounds.
+             process of its own (scripts/bench.py --skip-http) at its best batch size, in each
+             backend: torch (torch's default threads) and onnxruntime (the export --backend auto
+             serves, threads as the server sets them). Per round and body format: img/s and p50,
+             then detr-serve/LitServe, detr-serve/naive and end-to-end/raw of each backend (the
+             torch row over the raw torch pass, the shipped onnx row over the raw onnxruntime
+             pass); then the range of each ratio over the rounds.
              Servers run one at a time, in a rotated order each round.
+--compare-int8
+             the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
+             --precision int8, alternating first each round; img/s, CPU time per image and
+             INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
 --overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
              JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
              FastAPI endpoint (scripts/bare_server.py) that reads the same upload and answers the
@@ -100,14 +107,42 @@ def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt:
     )
 
 
-def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
-    """The raw pass in a process of its own, torch's default threads, every batch size up to
-    max_batch, under PASSIVE and under OpenMP's default policy: the best forward-only img/s."""
+def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str):
+    """The load's result, and the CPU time of all the server's processes per image answered: on
+    a shared machine, where img/s is mostly the CPU share a server gets, this is what a quiet
+    machine's img/s follows."""
+    pids = _all_pids(server)
+    before = _tree_cpu_s(pids)
+    res = _load(server, jpeg, args.clients, args.duration, fmt)
+    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+
+
+def raw_forward(
+    model: Path,
+    max_batch: int,
+    seconds: float,
+    *,
+    backend: str = "torch",
+    precision: str = "float",
+    image: Path | None = None,
+    sizes: list[int] | None = None,
+) -> dict[str, Any]:
+    """The raw pass in a process of its own, the server's threads, every batch size up to
+    max_batch (or `sizes`), under PASSIVE and under OpenMP's default policy: the best
+    forward-only img/s. `backend`, `precision`: as scripts/bench.py's flags (auto resolves as a
+    server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     from scripts.bench import USER_OMP_WAIT_POLICY
 
-    policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
+    if backend == "onnx":
+        variants = [("no spinning", []), ("spinning", ["--onnx-spinning"])]
+        policy_of = {name: USER_OMP_WAIT_POLICY or "PASSIVE" for name, _ in variants}
+    else:
+        policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
+        variants = [(policy, []) for policy in policies]
+        policy_of = {policy: policy for policy in policies}
     rows = []
-    for policy in policies:
+    for variant, flags in variants:
+        policy = policy_of[variant]
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
@@ -117,16 +152,26 @@ def raw_forward(model: Path, max_batch: int, seconds: float) -> dict[str, Any]:
             cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--skip-http"]
             cmd += ["--model", str(model), "--max-batch", str(max_batch)]
             cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+            cmd += ["--backend", backend, "--precision", precision]
+            if image is not None:
+                cmd += ["--image", str(image)]
+            if sizes:
+                cmd += ["--raw-batch-sizes", ",".join(map(str, sizes))]
+            cmd += flags
             subprocess.run(
                 cmd, check=True, cwd=ROOT, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            rows += [{**r, "omp": policy} for r in json.loads(Path(out.name).read_text())["raw"]]
+            found = json.loads(Path(out.name).read_text())["raw"]
+            rows += [{**r, "variant": variant, "omp": policy} for r in found]
     best = max(rows, key=lambda r: r["forward_img_s"])
     return {
+        "backend": best["backend"],
         "forward_img_s": best["forward_img_s"],
         "batch": best["batch"],
+        "variant": best["variant"],
         "omp": best["omp"],
+        "threads": best["threads"],
         "engine_img_s": max(r["engine_img_s"] for r in rows),
     }
 
@@ -152,27 +197,23 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
-        print(f"round {r + 1}/{args.rounds}: raw forward pass ...", flush=True)
+        print(f"round {r + 1}/{args.rounds}: raw forward passes ...", flush=True)
         raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
-        print(
-            f"  raw: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
-            f"(OMP {raw['omp']}), "
-            f"engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
-            flush=True,
-        )
+        raw_onnx = raw_forward(args.model, args.max_batch, args.raw_seconds, backend="onnx")
+        for found in (raw, raw_onnx):
+            print(
+                f"  raw {found['backend']:5s}: forward {found['forward_img_s']:.1f} img/s at "
+                f"batch {found['batch']} ({found['variant']}), "
+                f"engine (pre+forward+post) {found['engine_img_s']:.1f} img/s",
+                flush=True,
+            )
         results: dict[str, dict[str, LoadResult]] = {}
         cpu: dict[str, dict[str, float]] = {}
         for name in order:
             server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
             try:
                 for fmt in FORMATS:
-                    pids = _all_pids(server)
-                    before = _tree_cpu_s(pids)
-                    res = _load(server, jpeg, args.clients, args.duration, fmt)
-                    # CPU time of all the server's processes per image answered: on a shared
-                    # machine, where img/s is mostly the CPU share a server gets, this is what
-                    # a quiet machine's img/s follows.
-                    cpu_ms = (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
                     results.setdefault(name, {})[fmt] = res
                     cpu.setdefault(name, {})[fmt] = cpu_ms
                     print(
@@ -183,7 +224,7 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
                     )
             finally:
                 server.stop()
-        row: dict[str, Any] = {"raw": raw, "http": {}, "ratios": {}}
+        row: dict[str, Any] = {"raw": raw, "raw_onnx": raw_onnx, "http": {}, "ratios": {}}
         for fmt in FORMATS:
             d, torch_, int8, lit, naive = (results[n][fmt].img_s for n in names)
             row["http"][fmt] = {
@@ -194,7 +235,10 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
                 "torch_over_litserve": _ratio(torch_, lit),
                 "int8_over_default": _ratio(int8, d),
                 "detr_over_naive": _ratio(d, naive),
-                "e2e_over_raw": _ratio(d, raw["forward_img_s"]),
+                # Each backend over its own raw pass: detr-serve --backend torch over torch's,
+                # detr-serve as shipped (onnxruntime on the CPU) over onnxruntime's.
+                "e2e_over_raw": _ratio(torch_, raw["forward_img_s"]),
+                "onnx_e2e_over_raw": _ratio(d, raw_onnx["forward_img_s"]),
                 "litserve_over_raw": _ratio(lit, raw["forward_img_s"]),
                 "litserve_cpu_over_detr_cpu": _ratio(cpu["litserve"][fmt], cpu["detr-serve"][fmt]),
             }
@@ -204,7 +248,8 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
                 f"torch/LitServe {q['torch_over_litserve']:.2f}  "
                 f"INT8/default {q['int8_over_default']:.2f}  "
                 f"detr-serve/naive {q['detr_over_naive']:.2f}  "
-                f"end-to-end/raw {q['e2e_over_raw']:.2f}  "
+                f"end-to-end/raw: torch {q['e2e_over_raw']:.2f}, "
+                f"onnx (as shipped) {q['onnx_e2e_over_raw']:.2f}  "
                 f"(LitServe/raw {q['litserve_over_raw']:.2f}); CPU per image "
                 f"LitServe/detr-serve {q['litserve_cpu_over_detr_cpu']:.2f}",
                 flush=True,
@@ -219,6 +264,7 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             ("int8_over_default", 1.3),
             ("detr_over_naive", None),
             ("e2e_over_raw", 0.9),
+            ("onnx_e2e_over_raw", 0.9),
             ("litserve_over_raw", None),
             ("litserve_cpu_over_detr_cpu", None),
         ):
@@ -226,6 +272,55 @@ def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
             summary[f"{fmt}.{key}"] = values
             aim = f"  (target >= {target})" if target else ""
             print(f"  {fmt:9s} {key:20s} {_range(values)}{aim}")
+    return {"rounds": rounds, "summary": summary}
+
+
+def bench_int8(args: Any, jpeg: bytes) -> dict[str, Any]:
+    """INT8 against the float32 model it was quantized from, through the same server, same run."""
+    from scripts.export_onnx import ensure_int8
+
+    names = ["detr-serve", "detr-serve-int8"]
+    ensure_int8(args.model)
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        for name in names[r % 2 :] + names[: r % 2]:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                for fmt in FORMATS:
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                    }
+                    print(
+                        f"  round {r + 1} {name:16s} {fmt:9s} {res.img_s:6.1f} img/s  "
+                        f"p50 {res.p50_ms:6.0f} ms  CPU {cpu_ms:5.1f} ms/image  "
+                        f"failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        ratios = {}
+        for fmt in FORMATS:
+            f32, int8 = (results[n][fmt] for n in names)
+            ratios[fmt] = {
+                "img_s": _ratio(int8["img_s"], f32["img_s"]),
+                "cpu": _ratio(f32["cpu_ms_per_image"], int8["cpu_ms_per_image"]),
+            }
+            print(
+                f"  => {fmt:9s} INT8/float32 img/s {ratios[fmt]['img_s']:.2f}, "
+                f"CPU per image float32/INT8 {ratios[fmt]['cpu']:.2f}  (target >= 1.3)",
+                flush=True,
+            )
+        rounds.append({"http": results, "ratios": ratios})
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for key in ("img_s", "cpu"):
+            values = [row["ratios"][fmt][key] for row in rounds]
+            summary[f"{fmt}.int8_over_default.{key}"] = values
+            print(f"  {fmt:9s} INT8/float32 {key:5s} {_range(values)}  (target >= 1.3)")
     return {"rounds": rounds, "summary": summary}
 
 
@@ -245,10 +340,15 @@ def _all_pids(server: RunningServer) -> list[int]:
     return [root.pid, *(c.pid for c in root.children(recursive=True))]
 
 
+def _engine_pids(server: RunningServer) -> set[int]:
+    """detr-serve's engine processes (none for the bare endpoint), from its log."""
+    return {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", server.log())}
+
+
 def _front_end_pids(server: RunningServer) -> list[int]:
     """The processes that do HTTP: every descendant but the engine and the resource tracker
     (detr-serve), or the server and its workers (the bare endpoint)."""
-    engines = {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", server.log())}
+    engines = _engine_pids(server)
     root = psutil.Process(server.proc.pid)
     procs = [root, *root.children(recursive=True)]
     return [
@@ -269,20 +369,25 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
                 time.sleep(1.0)
                 for fmt in FORMATS:
                     pids = _front_end_pids(server)
-                    before = _tree_cpu_s(pids)
+                    engines = list(_engine_pids(server))
+                    before, engine_before = _tree_cpu_s(pids), _tree_cpu_s(engines)
                     load = _load(server, jpeg, args.clients, args.duration, fmt)
                     cpu_s = _tree_cpu_s(pids) - before
+                    engine_s = _tree_cpu_s(engines) - engine_before
                     # _load's own 1 s warm-up is in the CPU time too: count its answers.
                     images = load.completed + 2  # at least; a slight overestimate of ms/image
                     res.setdefault(name, {})[fmt] = {
                         **load.as_dict(),
                         "front_end_cpu_ms_per_image": cpu_s * 1e3 / max(1, images),
                         "front_end_processes": len(pids),
+                        # The null engine's own process: the IPC and batcher side of the split.
+                        "engine_cpu_ms_per_image": engine_s * 1e3 / max(1, images),
                     }
                     print(
                         f"  {name:16s} {fmt:9s} {load.img_s:7.1f} img/s  "
                         f"p50 {load.p50_ms:5.1f} ms  front-end CPU "
                         f"{cpu_s * 1e3 / max(1, images):.2f} ms/image ({len(pids)} processes)  "
+                        f"engine CPU {engine_s * 1e3 / max(1, images):.2f} ms/image  "
                         f"failures {load.failures}",
                         flush=True,
                     )
@@ -304,6 +409,8 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
         cpu = [row["http"]["detr-serve-null"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
         bare = [row["http"]["bare"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
         print(f"  {fmt:9s} front-end CPU ms/image: detr-serve {_range(cpu)}; bare {_range(bare)}")
+        engine = [row["http"]["detr-serve-null"][fmt]["engine_cpu_ms_per_image"] for row in rows]
+        print(f"  {fmt:9s} engine CPU ms/image (null engine): {_range(engine)}")
     return {"rounds": rows}
 
 

@@ -9,7 +9,8 @@ a running server. With both, the difference shows what serving changes (it shoul
 
 --tiling (issue 14) evaluates on high-resolution scenes (3840x2160, 4000x3000, objects of
 16-64 px) through HTTP, tiling off then on: mAP@0.5, recall, images/s both ways, and the tiles/s
-of the tiled run against the raw forward pass of the same model at the server's batch size.
+of the tiled run against the raw forward pass of the same model, on the backend the server runs
+(/v1/models: onnxruntime under --backend auto on the CPU), at the server's batch size and threads.
 
     python scripts/evaluate.py --compare-int8 --count 500   # float32 and INT8 servers, HTTP
 
@@ -405,10 +406,23 @@ def _print_table(columns: dict[str, dict[str, float]]) -> None:
 TILING_BAR_MAP50, PLAIN_CEILING_MAP50, TILES_OVER_RAW = 0.85, 0.3, 0.85
 
 
+def served_raw_pass(card: dict) -> tuple[str, str]:
+    """(backend, precision) of the raw pass that matches the model a server describes at
+    /v1/models: the backend it runs (onnx for --backend auto on the CPU), INT8 when it serves
+    the INT8 model."""
+    backend = str(card["backend"])
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"the server runs backend {backend!r}: no raw forward pass to compare")
+    return backend, "int8" if card.get("dtype") == "int8" else "float"
+
+
 def tiling_evaluation(args: argparse.Namespace) -> dict:
     """--tiling: the high-resolution scenes through HTTP, tiling off then on, and the raw
-    forward pass of the same model at the server's batch size (in this process, before the
-    HTTP runs, so that the two never share the cores)."""
+    forward pass of the backend the server runs (as /v1/models says), at the server's batch
+    size, with the server's threads (in a process of its own, before the HTTP runs, so that
+    the two never share the cores)."""
+    import tempfile
+
     import httpx
 
     seed = args.seed if args.seed != shapes.HELDOUT_SEED else shapes.HIGHRES_SEED
@@ -421,14 +435,26 @@ def tiling_evaluation(args: argparse.Namespace) -> dict:
     )
     card = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["models"][0]
     max_batch = int(card["max_batch_size"])
-    from scripts.bench import bench_raw
+    backend, precision = served_raw_pass(card)
+    from scripts.bench_compare import raw_forward
 
     # A tile of the first scene at the model's input size: what each tiled batch item is.
-    tile = io.BytesIO()
-    samples[0].image.crop((0, 0, 256, 256)).save(tile, format="JPEG", quality=90)
-    rows = bench_raw(args.model, "cpu", max_batch, args.raw_seconds, tile.getvalue())
-    raw = next(r for r in rows if r["batch"] == max_batch)
-    print(f"raw forward pass at batch {max_batch}: {raw['forward_img_s']:.1f} img/s", flush=True)
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as tile:
+        samples[0].image.crop((0, 0, 256, 256)).save(tile.name, format="JPEG", quality=90)
+        raw = raw_forward(
+            args.model,
+            max_batch,
+            args.raw_seconds,
+            backend=backend,
+            precision=precision,
+            image=Path(tile.name),
+            sizes=[max_batch],
+        )
+    print(
+        f"raw forward pass ({raw['backend']}, {precision}, {raw['threads']} threads, OMP "
+        f"{raw['omp']}) at batch {max_batch}: {raw['forward_img_s']:.1f} img/s",
+        flush=True,
+    )
     tiling = json.loads(args.tiling_options) if args.tiling_options else True
     runs: dict[str, dict[str, float]] = {}
     tile_counts: list[int] = []
@@ -479,6 +505,10 @@ def tiling_evaluation(args: argparse.Namespace) -> dict:
         "max_detections": args.max_detections,
         "max_batch_size": max_batch,
         "tiles_per_image": sum(tile_counts) / max(1, len(tile_counts)),
+        "raw_backend": raw["backend"],
+        "raw_precision": precision,
+        "raw_threads": raw["threads"],
+        "raw_omp_wait_policy": raw["omp"],
         "raw_forward_img_s": raw["forward_img_s"],
         "tiles_over_raw": tiled["tiles_per_s"] / raw["forward_img_s"],
         "runs": runs,
@@ -498,8 +528,9 @@ def tiling_table(report: dict) -> str:
         f"{tiled['recall@0.5']:.3f} |",
         f"| images/s | {plain['images_per_s']:.3f} | {tiled['images_per_s']:.3f} |",
         f"| tiles per image | 1 | {report['tiles_per_image']:.1f} |",
-        f"| tiles/s (raw forward pass at batch {report['max_batch_size']}: "
-        f"{report['raw_forward_img_s']:.1f}) | | {tiled['tiles_per_s']:.1f} "
+        f"| tiles/s (raw {report.get('raw_backend', 'torch')} forward pass at batch "
+        f"{report['max_batch_size']}: {report['raw_forward_img_s']:.1f}) | | "
+        f"{tiled['tiles_per_s']:.1f} "
         f"({report['tiles_over_raw']:.2f}x raw) |",
     ]
     return "\n".join(lines)

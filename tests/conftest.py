@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,15 +61,20 @@ def build_tiny_checkpoint(path: Path, size: int = 128) -> Path:
 def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Servers and engines of the session export into one temporary cache (each model once),
     never into the user's: the environment variable reaches the servers the tests start."""
-    name = "DETR_SERVE_ONNX_CACHE_DIR"
-    previous = os.environ.get(name)
     path = tmp_path_factory.mktemp("onnx-cache")
-    os.environ[name] = str(path)
-    yield path
-    if previous is None:
-        del os.environ[name]
-    else:
-        os.environ[name] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETR_SERVE_ONNX_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jobs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The job store (issue 15) of every server and app the session starts that names none:
+    a temporary folder, never the user's cache (a test's runner would take its lock)."""
+    path = tmp_path_factory.mktemp("jobs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETR_SERVE_JOBS_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

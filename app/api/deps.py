@@ -22,35 +22,47 @@ async def runtime_dependency(request: Request) -> Runtime:
     return get_runtime(request)
 
 
-async def get_service(request: Request) -> DetectionService:
-    """The default model's service (the only one, with one model)."""
-    return get_runtime(request).service_for(None)
+def service_of(runtime: Runtime) -> DetectionService:
+    """The runtime's (default model's) service, or the 503 that says why there is none yet."""
+    return runtime.service_for(None)
 
 
-async def get_inference_service(request: Request) -> DetectionService:
+def inference_service_of(runtime: Runtime) -> DetectionService:
     """The service, for a route that runs the model: refused while draining (the requests
-    accepted before the drain still finish; new ones go to another replica)."""
-    if get_runtime(request).draining:
-        raise UnavailableError(
-            "the server is shutting down (draining); retry on another replica",
-            headers={"Retry-After": "1"},
-        )
-    return await get_service(request)
-
-
-async def get_intake(request: Request) -> Runtime:
-    """For a route that runs the model a request names in its body: refused while draining;
-    with one model, also while it loads (before the body is read). The route then asks
-    `runtime.service_for(name)`."""
-    runtime = get_runtime(request)
+    accepted before the drain still finish; new ones go to another replica). The door of
+    every inference route, the pure-ASGI /v1/detect (app/api/detect_asgi.py) included."""
     if runtime.draining:
         raise UnavailableError(
             "the server is shutting down (draining); retry on another replica",
             headers={"Retry-After": "1"},
         )
+    return service_of(runtime)
+
+
+async def get_service(request: Request) -> DetectionService:
+    return service_of(get_runtime(request))
+
+
+async def get_inference_service(request: Request) -> DetectionService:
+    return inference_service_of(get_runtime(request))
+
+
+def intake_of(runtime: Runtime) -> Runtime:
+    """The door of a route that runs the model its body names: refused while draining; with
+    one model, also while it loads (before the body is read), as `inference_service_of`. The
+    route then asks `runtime.inference_service(name)`."""
     if runtime.router is None:
-        runtime.service_for(None)
+        inference_service_of(runtime)
+    elif runtime.draining:
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
     return runtime
+
+
+async def get_intake(request: Request) -> Runtime:
+    return intake_of(get_runtime(request))
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from app.api.deps import IntakeDep
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
+from app.runtime import Runtime
 from app.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
 from app.service import ImageSource, RenderSpec
 
@@ -101,38 +104,53 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     openapi_extra=OPENAPI_BODY,
 )
 async def detect(request: Request, runtime: IntakeDep) -> Response:
+    # Served by app/api/detect_asgi.py in front of the router (same contract, less work per
+    # request); this declaration documents the route and serves an app built without it.
+    body = await answer_detect(runtime, request.headers, request.stream())
+    return Response(body, media_type="application/json")
+
+
+async def answer_detect(
+    runtime: Runtime, headers: Headers, chunks: AsyncGenerator[bytes, None]
+) -> bytes:
+    """One /v1/detect request, body to answer: the one place its parsing happens (a new
+    request field goes into DetectRequest, and its form field into _FORM_OPTIONS). The caller
+    has passed the door (app/api/deps.py, `intake_of`); the body names the model."""
     max_images = runtime.settings.max_images_per_request
-    sources, options = await read_request(request, detect_request_model(max_images), max_images)
+    sources, options = await read_request(
+        headers, chunks, detect_request_model(max_images), max_images
+    )
     service = await runtime.inference_service(options.model)
     render = RenderSpec("jpeg", options.labels) if options.render else None
     result = await service.detect(sources, options, render)
     # Encoded from the arrays (app/encode.py); response_model above documents the shape.
-    return Response(v1_json(result, service.info.labels), media_type="application/json")
+    return v1_json(result, service.info.labels)
 
 
 async def read_request(
-    request: Request, model: type[_Request], max_images: int
+    headers: Headers, chunks: AsyncGenerator[bytes, None], model: type[_Request], max_images: int
 ) -> tuple[list[ImageSource], _Request]:
-    """The images and options of a JSON or multipart body, validated as `model`."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    """The images and options of a JSON or multipart body (its `chunks`: starlette's
+    request.stream(), or app/api/detect_asgi.py's), validated as `model`."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaTypeError(
             f"Content-Encoding {encoding[:40]!r} is not accepted here: send the body as it is"
         )
     if content_type == "application/json":
-        return await _from_json(request, model, max_images)
+        return await _from_json(chunks, model, max_images)
     if content_type == "multipart/form-data":
-        return await _from_multipart(request, model, max_images)
+        return await _from_multipart(headers, chunks, model, max_images)
     raise UnsupportedMediaTypeError(
         f"send application/json or multipart/form-data (got {content_type or 'no content type'})"
     )
 
 
 async def _from_json(
-    request: Request, model: type[_Request], max_images: int
+    chunks: AsyncGenerator[bytes, None], model: type[_Request], max_images: int
 ) -> tuple[list[ImageSource], _Request]:
-    body = await collect(request.stream())
+    body = await collect(chunks)
     # Counted before it is parsed, parsed before it is validated, validated up to the image
     # limit only (see app/request_body.py): a dense body costs milliseconds, not seconds.
     value = await run_sized(len(body), lambda: parse_json(body, "the body"))
@@ -155,19 +173,24 @@ _FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "f
 
 
 async def _from_multipart(
-    request: Request, model: type[_Request], max_files: int
+    headers: Headers, chunks: AsyncGenerator[bytes, None], model: type[_Request], max_files: int
 ) -> tuple[list[ImageSource], _Request]:
     try:
-        form = await request.form(max_files=max_files + 1, max_fields=32)
+        # What starlette's request.form() does, without a Request.
+        parser = MultiPartParser(headers, chunks, max_files=max_files + 1, max_fields=32)
+        form = await parser.parse()
     except ApiError:
         raise
     except Exception as exc:  # starlette raises MultiPartException / HTTPException on bad bodies
         raise InvalidRequestError(f"the multipart body cannot be parsed: {exc}") from None
     sources = []
-    for part in form.getlist("file"):
-        if not isinstance(part, UploadFile):
-            raise InvalidRequestError("each 'file' part must be a file upload")
-        sources.append(ImageSource(raw=await part.read()))
+    try:
+        for part in form.getlist("file"):
+            if not isinstance(part, UploadFile):
+                raise InvalidRequestError("each 'file' part must be a file upload")
+            sources.append(ImageSource(raw=await part.read()))
+    finally:
+        await form.close()  # parts over 1 MB spill to temporary files
     if not sources:
         raise InvalidRequestError("the multipart body holds no 'file' part")
     if len(sources) > max_files:

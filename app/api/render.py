@@ -53,7 +53,9 @@ _MULTIPART_SCHEMA = multipart_schema(
     },
 )
 async def render(request: Request, runtime: IntakeDep) -> Response:
-    sources, options = await read_request(request, RenderRequest, max_images=1)
+    sources, options = await read_request(
+        request.headers, request.stream(), RenderRequest, max_images=1
+    )
     service = await runtime.inference_service(options.model)
     fmt = options.format or _format_from_accept(request.headers.get("accept", ""))
     result = await service.detect(sources, options, RenderSpec(fmt, options.labels))

@@ -9,7 +9,10 @@ the detection heads, and so each multi-scale deformable attention node
 rewrites the main-graph nodes it is given, so the node receives float inputs and its gather-based
 bilinear sampling runs exactly as in the float model. On the default model, quantizing every
 node instead was as fast but lost 0.07 mAP@[.5:.95] (box edges), and Conv/MatMul alone gained
-only ~1.1x (README, "INT8"). Nodes are told apart by the module scope torch.onnx records in
+only ~1.1x (README, "INT8"); adding the encoder-output heads, the decoder's matrix products,
+QOperator format or onnxruntime's pre-processing measured no faster (README, "Where INT8's time
+goes": the float32 parts left are the deformable-attention sampling and the decoder's small ops,
+which do not gain from INT8 here). Nodes are told apart by the module scope torch.onnx records in
 their metadata. The calibration images are the caller's (scripts/export_onnx.py --int8 generates
 them with scripts/synthetic_shapes.py).
 """

@@ -26,6 +26,7 @@ from app.batching import (
     BatcherError,
     BatchFailedError,
     DeadlineExceededError,
+    Priority,
     QueueFullError,
     ShuttingDownError,
 )
@@ -270,7 +271,7 @@ class RemoteEngine:
         return min(conns, key=lambda c: c.outstanding)
 
     async def submit(
-        self, tasks: Sequence[DetectionTask], deadline: float
+        self, tasks: Sequence[DetectionTask], deadline: float, priority: Priority = "online"
     ) -> list[ImageDetections]:
         """Same contract as Batcher.submit, plus EngineUnavailableError."""
         if self._closing:
@@ -296,7 +297,10 @@ class RemoteEngine:
         if pending.future.done():  # the engine went away during the copy
             pending.future.exception()  # retrieved: it is raised below as 503
             raise EngineUnavailableError("the engine process went away")
-        write_message(conn.writer, ("submit", rid, request_id_var.get(), deadline, items))
+        message: tuple[Any, ...] = ("submit", rid, request_id_var.get(), deadline, items)
+        if priority != "online":
+            message += (priority,)
+        write_message(conn.writer, message)
         # One timer on the answer's future rather than wait_for(shield(...)): two futures, a
         # task and their callbacks less per request. A cancelled wait cancels the future too,
         # which _dispatch then skips (the answer only frees the blocks).

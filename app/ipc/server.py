@@ -7,7 +7,8 @@ the one queue is. Pixels are read in place from each front end's shared-memory a
 Messages (pickled tuples; see wire.py):
   front end -> engine   ("hello", arena_name)
   supervisor -> engine  ("probe",)              answered ("state", state) or ("failed", reason)
-                        ("submit", rid, request_id, deadline, [item, ...])
+                        ("submit", rid, request_id, deadline, [item, ...][, "low"])
+                                               "low": job tiles (the batcher's low lane)
                         ("cancel", rid)                 the request gave up (deadline, client gone)
                         ("idle",)                       draining, and no request open there
   engine -> front end   ("hello", ModelInfo, max_batch_size, jpeg_on_device, state)
@@ -43,6 +44,7 @@ from app.config import Settings
 from app.ipc.wire import attach_arena, read_message, write_message
 
 if TYPE_CHECKING:
+    from app.batching import Priority
     from app.engine.tasks import DetectionTask
     from app.engine_host import EngineHost
     from app.metrics import Metrics
@@ -248,9 +250,10 @@ class EngineServer:
             while True:
                 message = await read_message(reader)
                 if message[0] == "submit":
-                    _, rid, request_id, deadline, items = message
+                    _, rid, request_id, deadline, items, *rest = message
+                    priority: Priority = "low" if rest and rest[0] == "low" else "online"
                     task = asyncio.get_running_loop().create_task(
-                        self._submit(writer, arena, rid, request_id, deadline, items)
+                        self._submit(writer, arena, rid, request_id, deadline, items, priority)
                     )
                     running[rid] = task
                     task.add_done_callback(functools.partial(_forget, running, rid))
@@ -282,6 +285,7 @@ class EngineServer:
         request_id: str,
         deadline: float,
         items: list[tuple[Any, ...]],
+        priority: Priority = "online",
     ) -> None:
         from app.batching import (
             BatchFailedError,
@@ -299,7 +303,8 @@ class EngineServer:
         reply: tuple[Any, ...]
         try:
             tasks = [_task(arena, item) for item in items]
-            pending = self.host.submit(tasks, deadline)  # tiled images run as their tiles
+            # Tiled images run as their tiles; "low": job tiles (the batcher's low lane).
+            pending = self.host.submit(tasks, deadline, priority)
             self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
             outputs = await pending
             reply = (

@@ -4,6 +4,7 @@ batches in flight per device follow the setting."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.engine.backend_choice import choose_backend
 from app.engine.device_jpeg import DeviceJpegDecoder
 from app.engine.pipeline import Engine
 from app.main import create_app
@@ -43,9 +45,17 @@ class StandInDecoder(DeviceJpegDecoder):
 async def serve(tiny_model_dir: Path) -> AsyncIterator[Any]:
     lifespans = []
 
-    async def start(decoder: DeviceJpegDecoder | None = None, **overrides: Any) -> Any:
+    async def start(
+        decoder: DeviceJpegDecoder | None = None, backend: str = "torch", **overrides: Any
+    ) -> Any:
         settings = make_settings(tiny_model_dir, **overrides)
-        engine = Engine.load(settings.model, name="tiny", device="cpu")
+        onnx_path = None
+        if backend == "onnx":  # the session cache's export (tests/conftest.py)
+            choice = choose_backend(settings.model_copy(update={"backend": "auto"}), "cpu")
+            onnx_path = choice.onnx_path
+        engine = Engine.load(
+            settings.model, name="tiny", device="cpu", backend=backend, onnx_path=onnx_path
+        )
         engine.jpeg_decoder = decoder
         app = create_app(settings, engine=engine)
         lifespan = app.router.lifespan_context(app)
@@ -88,12 +98,27 @@ async def test_a_jpeg_corrupt_past_its_header_is_refused_naming_the_image(serve)
     assert_error(response, 400, "invalid_image", "image 1: the JPEG data is corrupt or truncated")
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(None, 1), (2, 2)])
-async def test_batches_in_flight_default_to_one_on_the_cpu_and_follow_the_setting(
-    serve, setting: int | None, expected: int
+@pytest.mark.parametrize(
+    ("backend", "setting", "expected", "only_full"),
+    [
+        ("torch", None, 1, False),
+        ("onnx", None, 2, True),
+        ("torch", 2, 2, False),
+        ("onnx", 1, 1, False),
+        ("onnx", 2, 2, False),
+    ],
+)
+async def test_batches_in_flight_on_the_cpu_by_backend_and_as_set(
+    serve, backend: str, setting: int | None, expected: int, only_full: bool
 ) -> None:
-    app, client = await serve(batches_in_flight=setting)
+    """On the CPU by default: one batch in flight with torch; with onnxruntime a second one,
+    handed over only when full (tiles, a saturated queue). A set value is taken as it is."""
+    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed")
+    app, client = await serve(backend=backend, batches_in_flight=setting)
     runtime = app.state.runtime
+    assert runtime.pool.info.backend == backend
     assert runtime.pool.max_concurrent_batches == expected
     assert runtime.host._executor._max_workers == expected
+    assert runtime.host.batcher.ahead_only_full is only_full
     assert (await detect(client, shapes_image())).status_code == 200

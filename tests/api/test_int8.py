@@ -121,3 +121,24 @@ def test_precision_int8_serves_the_quantized_file(int8_cache):
     assert engine.info.backend == "onnx" and engine.info.dtype == "int8"
     assert "INT8 model" in engine.info.backend_reason
     assert "model.int8.onnx" in engine.info.backend_reason
+
+
+def test_profile_attributes_the_int8_models_time_to_the_detectors_parts(int8_cache):
+    """scripts/profile_onnx.py (README, "Where INT8's time goes") names the part of the detector
+    each kernel ran for: the backbone's convolutions in INT8, the deformable attention's inlined
+    function body, the decoder in float32, and next to nothing left unattributed."""
+    from app.export.cache import find_export
+    from scripts import profile_onnx
+
+    model, cache = int8_cache
+    found = {p: find_export(model, cache, p) for p in ("float32", "int8")}
+    assert None not in found.values()
+    prof = {p: profile_onnx.profile(f.path, 1, 1, 1) for p, f in found.items()}  # type: ignore[union-attr]
+    for precision, figures in prof.items():
+        parts, total = figures["by_part"], sum(figures["by_part"].values())
+        assert {"backbone", "encoder", "decoder", profile_onnx.MSDA_BODY} <= set(parts), parts
+        assert parts.get("other", 0.0) < 0.1 * total, (precision, parts)
+    assert "QLinearConv" in prof["int8"]["by_op"] and "QLinearConv" not in prof["float32"]["by_op"]
+    assert "Conv" in prof["float32"]["by_op"]
+    rows = profile_onnx.throughput([f.path for f in found.values()], [1], 1, 1)  # type: ignore[union-attr]
+    assert [r["batch"] for r in rows] == [1, 1] and all(r["cpu_ms_per_image"] > 0 for r in rows)

@@ -52,10 +52,12 @@ class FakeModel:
         return out
 
 
-def make_batcher(model: FakeModel, stats: list[BatchStats] | None = None, **kw) -> Batcher:
+def make_batcher(
+    model: FakeModel, stats: list[BatchStats] | None = None, workers: int = 1, **kw
+) -> Batcher:
     params = {"max_batch_size": 4, "max_delay_s": 0.05, "max_queue_size": 64}
     params.update(kw)
-    executor = ThreadPoolExecutor(1, thread_name_prefix="fake-device")
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="fake-device")
     return Batcher(
         model, executor=executor, on_batch=stats.append if stats is not None else None, **params
     )
@@ -393,3 +395,56 @@ async def test_items_of_one_submission_keep_their_order_across_batches() -> None
     finally:
         await batcher.stop(5)
     assert model.batches == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+
+
+async def _ahead_batcher_running_one() -> tuple[FakeModel, Batcher, asyncio.Task]:
+    """A batcher with ahead_only_full, two batches of two at most, whose first batch ([1, 2])
+    is inside the model, held there until `model.gate` is set."""
+    model = FakeModel()
+    model.gate = threading.Event()
+    batcher = make_batcher(
+        model, workers=2, max_batch_size=2, max_delay_s=0, max_concurrent_batches=2,
+        ahead_only_full=True,
+    )  # fmt: skip
+    batcher.start()
+    first = asyncio.create_task(batcher.submit([1, 2], deadline(30)))
+    await until(lambda: model.batches == [[1, 2]], "the first batch inside the model")
+    return model, batcher, first
+
+
+async def test_a_full_batch_goes_ahead_while_another_runs() -> None:
+    """ahead_only_full (the CPU's default): a queued full batch is handed over at once, so that
+    its pre-processing overlaps the running forward pass."""
+    model, batcher, first = await _ahead_batcher_running_one()
+    second = asyncio.create_task(batcher.submit([3, 4], deadline(30)))
+    await until(lambda: len(model.batches) == 2, "the full second batch handed over")
+    assert batcher.in_flight == 4
+    model.gate.set()
+    assert await first == [2, 4] and await second == [6, 8]
+    await batcher.stop(1)
+
+
+async def test_a_partial_batch_waits_for_the_running_one_to_end() -> None:
+    """ahead_only_full: a partial batch is not handed over while another runs (it would split
+    what one batch can carry); it goes, filled meanwhile, once the device is free."""
+    model, batcher, first = await _ahead_batcher_running_one()
+    lone = asyncio.create_task(batcher.submit([3], deadline(30)))
+    await asyncio.sleep(0.3)  # max_delay_s is 0: without the rule it would have gone at once
+    assert model.batches == [[1, 2]] and batcher.queue_depth == 1
+    later = asyncio.create_task(batcher.submit([5], deadline(30)))
+    await until(lambda: len(model.batches) == 2, "the filled second batch handed over")
+    assert model.batches[1] == [3, 5]
+    model.gate.set()
+    assert await first == [2, 4] and await lone == [6] and await later == [10]
+    await batcher.stop(1)
+
+
+async def test_a_partial_batch_goes_when_the_device_frees() -> None:
+    model, batcher, first = await _ahead_batcher_running_one()
+    lone = asyncio.create_task(batcher.submit([3], deadline(30)))
+    await asyncio.sleep(0.2)
+    assert len(model.batches) == 1
+    model.gate.set()
+    assert await first == [2, 4] and await lone == [6]
+    assert model.batches == [[1, 2], [3]]
+    await batcher.stop(1)

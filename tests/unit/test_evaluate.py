@@ -231,3 +231,35 @@ def test_tiling_table_reports_both_modes_and_the_ratio_to_the_raw_pass():
     assert "| recall (score >= 0.5, IoU >= 0.5) | 0.000 | 0.970 |" in table
     assert "| tiles per image | 1 | 254.5 |" in table
     assert "12.0 (0.80x raw)" in table and "batch 8: 15.0" in table
+
+
+def test_tiling_table_names_the_backend_of_the_raw_pass():
+    run = {"mAP50": 0.0, "mAP": 0.0, "recall@0.5": 0.0, "images_per_s": 5.0}
+    report = {
+        "runs": {"plain": run, "tiled": {**run, "tiles_per_s": 51.0}},
+        "tiles_per_image": 254.5,
+        "max_batch_size": 8,
+        "raw_backend": "onnx",
+        "raw_forward_img_s": 60.0,
+        "tiles_over_raw": 0.85,
+    }
+    assert "raw onnx forward pass at batch 8: 60.0) | | 51.0 (0.85x raw)" in (
+        evaluate.tiling_table(report)
+    )
+
+
+@pytest.mark.parametrize(
+    ("card", "expected"),
+    [
+        ({"backend": "onnx", "dtype": "float32"}, ("onnx", "float")),
+        ({"backend": "onnx", "dtype": "int8"}, ("onnx", "int8")),
+        ({"backend": "torch", "dtype": "float32"}, ("torch", "float")),
+    ],
+)
+def test_the_raw_pass_runs_the_backend_the_server_describes(card, expected):
+    assert evaluate.served_raw_pass(card) == expected
+
+
+def test_no_raw_pass_matches_the_null_engine():
+    with pytest.raises(ValueError, match="backend 'null'"):
+        evaluate.served_raw_pass({"backend": "null", "dtype": "float32"})
