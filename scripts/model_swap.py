@@ -29,7 +29,7 @@ import tritonclient.http as httpclient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
-from scripts.serverproc import RunningServer  # noqa: E402
+from scripts.serverproc import RunningServer, group_members  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes-640x480.jpg"
 
@@ -41,15 +41,12 @@ def _cpu_s(pid: int) -> float:
 
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for member in group_members(pid):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pid or int(entry.name) == pid:  # the server's process group
-            total += sum(int(f) for f in fields[11:15]) / tick
+        total += sum(int(f) for f in fields[11:15]) / tick
     return total
 
 
