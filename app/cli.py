@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 _flag(name), dest=name, choices=list(get_args(kind)), default=None, help=help_text
             )
+        elif name == "model":
+            # Repeatable: more than one --model serves them all (the `models` setting).
+            parser.add_argument(
+                _flag(name), dest=name, action="append", default=None, help=help_text
+            )
         else:
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
     return parser
@@ -60,6 +65,11 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     """Parse flags and the environment; exit with a readable message when a value is wrong."""
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "model" in given:
+        paths = given["model"]
+        if len(paths) > 1:
+            given["models"] = ",".join(paths)
+        given["model"] = paths[0]
     try:
         return Settings(**given)
     except ValidationError as exc:

@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
+from app.repository import model_name as name_of_model
+from app.repository import model_problem
 from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -24,33 +26,8 @@ _CUDA_INDEX_RE = re.compile(r"^(cuda:)?(\d+)$")
 
 
 def model_dir_problem(path: Path) -> str | None:
-    """Why `path` cannot be a model (a Hugging Face folder, or an Ultralytics RT-DETR checkpoint
-    file), or None."""
-    if path.is_file():
-        from app.models.ultralytics import UltralyticsCheckpointError, probe
-
-        try:
-            if probe(path) is not None:
-                return None
-        except UltralyticsCheckpointError as exc:
-            return str(exc)
-        return (
-            f"{path} is a file but not an Ultralytics RT-DETR checkpoint (.pt): point --model / "
-            "DETR_SERVE_MODEL at one, or at a Hugging Face checkpoint folder"
-        )
-    if not path.is_dir():
-        return (
-            f"{path} is not a directory: point --model / DETR_SERVE_MODEL at a Hugging Face "
-            "checkpoint folder holding config.json and preprocessor_config.json, or at an "
-            "Ultralytics RT-DETR checkpoint (.pt)"
-        )
-    missing = [n for n in ("config.json", "preprocessor_config.json") if not (path / n).is_file()]
-    if missing:
-        return (
-            f"{path} lacks {', '.join(missing)}: save the model and its image processor there "
-            "with save_pretrained()"
-        )
-    return None
+    """Why `path` cannot be served as a model (of any registered kind), or None."""
+    return model_problem(path)
 
 
 class Settings(BaseSettings):
@@ -76,6 +53,27 @@ class Settings(BaseSettings):
         default=None,
         description="Name the model is served under (default: the folder name; a checkpoint "
         "file's name without its suffix).",
+    )
+    models: str = Field(
+        default="",
+        description="Several models at once: comma-separated model folders (or checkpoint "
+        "files), each served under its folder's name; `--model` given more than once fills it.",
+    )
+    model_repository: Path | None = Field(
+        default=None,
+        description="Serve every model folder (or checkpoint file) under this directory, each "
+        "with its own engine and optional serve.json overrides (see README, model repository).",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="With several models: the one that answers requests naming none (default: "
+        "the only one, else the first by name).",
+    )
+    model_control: Literal["none", "explicit"] = Field(
+        default="none",
+        description="With several models (or a repository): explicit lets clients load and "
+        "unload models at run time (POST /v2/repository/models/{name}/load|unload, as "
+        "Triton's --model-control-mode=explicit); none refuses those calls with 403.",
     )
     host: str = Field(default="127.0.0.1", description="Address to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0: any).")
@@ -527,7 +525,17 @@ class Settings(BaseSettings):
 
     @property
     def served_model_name(self) -> str:
-        return self.model_name or (self.model.stem if self.model.is_file() else self.model.name)
+        return self.model_name or name_of_model(self.model)
+
+    @property
+    def model_list(self) -> list[Path]:
+        """The models named by --model (repeated) / models, in order."""
+        return [Path(p.strip()).expanduser() for p in self.models.split(",") if p.strip()]
+
+    @property
+    def several_models(self) -> bool:
+        """A model repository or more than one model: the multi-model shape (app/models/)."""
+        return self.model_repository is not None or len(self.model_list) > 1
 
 
 # (setting, limit, what would happen): the setting may not be over the limit.
@@ -590,6 +598,16 @@ def contradictions(s: Settings) -> list[str]:
         found.append(
             f"grpc_port and port are both {s.port}: give gRPC another port (8001 by default) "
             "or turn it off with grpc_port 0"
+        )
+    if s.several_models and not s.engine_process:
+        found.append(
+            "several models (model_repository, or models listing more than one) need engine "
+            "processes, one per model: drop --no-engine-process (engine_process false)"
+        )
+    if s.model_repository is not None and not s.model_repository.is_dir():
+        found.append(
+            f"model_repository {s.model_repository} is not a directory: point it at a folder "
+            "holding one folder (or checkpoint file) per model"
         )
     if s.protect_metrics and s.api_key is None:
         found.append(

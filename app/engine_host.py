@@ -71,9 +71,11 @@ class EngineHost:
 
             engines = [NullEngine.from_settings(s)]
         else:
-            from app.engine.build import build_engines
+            from app.engine.memory_budget import check_device_memory
+            from app.repository import resolve
 
-            engines = list(await asyncio.to_thread(build_engines, s))
+            await asyncio.to_thread(check_device_memory, s)
+            engines = list(await asyncio.to_thread(resolve(s.model)[0].build_engines, s))
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
         # Two batches in flight: the next one is prepared while the current one runs. On the
@@ -160,7 +162,9 @@ class EngineHost:
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
-        self.metrics.batches.labels("ok" if stats.ok else "error").inc()
+        outcome = "ok" if stats.ok else "error"
+        self.metrics.batches.labels(outcome).inc()
+        self.metrics.model_batches.labels(self.settings.served_model_name, outcome).inc()
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop intake, finish queued and running work within `timeout_s` (default: the drain

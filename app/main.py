@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import detect, health, jobs, kserve, models, page, render
+from app.api import detect, health, jobs, kserve, models, page, render, repository
 from app.api.detect_asgi import DetectRoute
 from app.config import Settings
 from app.errors import ApiError
@@ -35,6 +35,7 @@ def create_app(
     engine: Engine | None = None,
     *,
     engine_sockets: Sequence[str] | None = None,
+    control_socket: str | None = None,
     grpc_workers: int = 0,
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
@@ -44,7 +45,11 @@ def create_app(
     serve the gRPC port, this one among them) and a --grpc-port, the lifespan also runs the
     KServe v2 gRPC server (app/api/kserve_grpc/)."""
     runtime = Runtime(
-        settings, engine, engine_sockets=engine_sockets, on_load_failure=on_load_failure
+        settings,
+        engine,
+        engine_sockets=engine_sockets,
+        control_socket=control_socket,
+        on_load_failure=on_load_failure,
     )
 
     @asynccontextmanager
@@ -93,6 +98,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(kserve.router)
     app.include_router(jobs.router)
+    app.include_router(repository.router)
     _install_error_handlers(app)
     # Added last runs first: request context, then open requests (counted for the drain,
     # cancelled when their client goes), then CORS, then auth, then the body limit; then
@@ -173,10 +179,14 @@ def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:
 
 
 def create_frontend_app(
-    settings: Settings, engine_sockets: Sequence[str], workers: int = 1
+    settings: Settings,
+    engine_sockets: Sequence[str],
+    workers: int = 1,
+    control_socket: str | None = None,
 ) -> FastAPI:
     """The app of one front-end worker process (uvicorn calls this factory in each of the
-    `workers`)."""
+    `workers`). With several models, `control_socket` is the supervisor's (app/model_manager.py)
+    and the engines' sockets come from there."""
     from app.logging_setup import configure_logging
     from app.malloc_tuning import return_large_frees
     from app.supervisor import die_with_parent
@@ -184,4 +194,9 @@ def create_frontend_app(
     die_with_parent()
     return_large_frees()
     configure_logging(settings.log_level, settings.json_logs)
-    return create_app(settings, engine_sockets=engine_sockets, grpc_workers=workers)
+    return create_app(
+        settings,
+        engine_sockets=engine_sockets,
+        control_socket=control_socket,
+        grpc_workers=workers,
+    )

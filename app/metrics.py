@@ -137,6 +137,39 @@ class Metrics:
             registry=r,
         )
         self.detections = Counter("detr_serve_detections_total", "Detections returned.", registry=r)
+        # Per model (several models: app/model_manager.py); the series above stay server-wide.
+        self.model_images = Counter(
+            "detr_serve_model_images_total",
+            "Images answered with detections, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_detections = Counter(
+            "detr_serve_model_detections_total",
+            "Detections returned, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_inference = Histogram(
+            "detr_serve_model_inference_seconds",
+            "Forward-pass time of one image's batch, by model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_batches = Counter(
+            "detr_serve_model_batches_total",
+            "Forward passes run, by model and outcome.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_queue_depth = Gauge(
+            "detr_serve_model_queue_depth",
+            "Images waiting for the model, by model.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # Written by the engine process(es) only; "livesum" drops a dead engine's last value.
         self.queue_depth = Gauge(
             "detr_serve_queue_depth",

@@ -19,13 +19,16 @@ from app.config import Settings
 from app.engine.pool import EnginePool
 from app.engine.tasks import ModelInfo
 from app.engine_host import EngineHost, describe_load_failure
+from app.errors import ModelLoadFailedError, UnavailableError
 from app.fetch import Fetcher, FetchPolicy
 from app.ipc.client import RemoteEngine
+from app.kserve_codec import UnknownModelError
 from app.metrics import Metrics
 from app.service import DetectionService, EngineClient
 
 if TYPE_CHECKING:
     from app.engine.pipeline import Engine
+    from app.model_router import ModelRouter
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +42,13 @@ class Runtime:
         engine: Engine | None = None,
         *,
         engine_sockets: Sequence[str] | None = None,
+        control_socket: str | None = None,
         on_load_failure: Callable[[], None] | None = None,
     ) -> None:
         """`on_load_failure`: called (one process) when the model cannot be loaded and
-        settings.exit_on_load_failure holds; the CLI stops the server with it."""
+        settings.exit_on_load_failure holds; the CLI stops the server with it.
+        `control_socket`: several models (app/model_router.py), followed through the
+        supervisor's control socket there."""
         self.settings = settings
         self._on_load_failure = on_load_failure
         self.metrics = Metrics()
@@ -53,7 +59,18 @@ class Runtime:
         self._failure: str | None = None  # the load failure, as /readyz and the 503s say it
         self.host: EngineHost | None = None
         self.remote: RemoteEngine | None = None
-        if engine_sockets:
+        self.router: ModelRouter | None = None
+        if control_socket:
+            from app.model_router import ModelRouter
+
+            self.router = ModelRouter(
+                settings,
+                control_socket,
+                self._make_model_service,
+                self._drain_started,
+                self._report_if_idle,
+            )
+        elif engine_sockets:
             self.remote = RemoteEngine(
                 engine_sockets,
                 settings.shm_arena_mb << 20,
@@ -82,6 +99,8 @@ class Runtime:
         """SIGTERM reached the engines (or, in one process, the lifespan is ending)."""
         if self.remote is not None and self.remote.state == "draining":
             return True
+        if self.router is not None and self.router.draining:
+            return True
         return self._state == "draining"
 
     def _drain_started(self) -> None:
@@ -91,6 +110,8 @@ class Runtime:
     def _report_if_idle(self) -> None:
         if self.remote is not None and self.open_requests == 0 and self.draining:
             self.remote.report_idle()
+        if self.router is not None and self.open_requests == 0 and self.draining:
+            self.router.report_idle()
 
     @property
     def pool(self) -> EnginePool[Any, Any] | None:
@@ -108,6 +129,10 @@ class Runtime:
         """loading -> ready -> draining; "stuck" while a forward pass outlives the watchdog;
         "restarting" while the engine process is being replaced; "failed" when the model
         could not be loaded."""
+        if self.router is not None:
+            if self.router.draining:
+                return "draining"
+            return "ready" if self.router.ready else "loading"
         if self.failure is not None and self._state in ("loading", "failed"):
             return "failed"
         if self._state != "ready":
@@ -133,6 +158,9 @@ class Runtime:
                 max_buffered_bytes=self.settings.max_download_buffer_bytes,
             )
         )
+        if self.router is not None:
+            self.router.start()  # each model's service appears when its engines say hello
+            return
         if self.remote is not None:
             self.remote.start()  # the service appears when the engine says hello
             return
@@ -170,6 +198,44 @@ class Runtime:
             self._starting = asyncio.get_running_loop().create_task(ready_once_decoders_start())
         elif self._state == "loading":
             self._state = "ready"
+
+    def service_for(self, name: str | None) -> DetectionService:
+        """The service of the model a request names (None: the default one); ApiErrors for an
+        unknown model (404), one loading or failed (503)."""
+        if self.router is not None:
+            return self.router.service(name)
+        failure = self.failure
+        if failure is not None:
+            raise ModelLoadFailedError(failure)
+        if self.service is None:
+            raise UnavailableError(
+                "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
+            )
+        served = self.service.info.name
+        if name is not None and name != served:
+            raise UnknownModelError(f"unknown model {name!r}; this server serves {served!r}")
+        return self.service
+
+    async def inference_service(self, name: str | None) -> DetectionService:
+        """service_for, for a request that runs the model: a model the supervisor reports
+        ready that this front end is still connecting to (a load answered by another front
+        end a moment ago) is waited for, briefly, instead of answered 503."""
+        if self.router is not None:
+            await self.router.wait_connected(name)
+        return self.service_for(name)
+
+    def _make_model_service(
+        self, settings: Settings, info: ModelInfo, client: EngineClient, jpeg_on_device: bool
+    ) -> DetectionService:
+        """One model's service (several models): the first one made owns the decode workers,
+        the pixel budgets and the fetcher; the others share them."""
+        assert self._fetcher is not None
+        if self.service is None:
+            self.service = DetectionService(
+                settings, info, client, self._fetcher, self.metrics, jpeg_on_device=jpeg_on_device
+            )
+            return self.service
+        return self.service.for_model(settings, info, client, jpeg_on_device=jpeg_on_device)
 
     def _make_service(
         self, info: ModelInfo, client: EngineClient, jpeg_on_device: bool
@@ -213,6 +279,8 @@ class Runtime:
             await self.host.stop()
         if self.remote is not None:
             await self.remote.stop(self.settings.drain_timeout_s)
+        if self.router is not None:
+            await self.router.stop(self.settings.drain_timeout_s)
         if self._fetcher is not None:
             await self._fetcher.aclose()
         if self.service is not None:

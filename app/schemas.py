@@ -184,6 +184,13 @@ class DetectRequest(DetectOptions):
     )
 
     images: list[ImageInput] = Field(min_length=1, description="The images, answered in order.")
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="The model to run, by name (GET /v1/models); default: the server's default "
+        "model.",
+    )
 
 
 class RenderRequest(DetectRequest):
@@ -287,15 +294,22 @@ class BucketCard(BaseModel):
 
 class ModelCard(BaseModel):
     name: str
-    backend: str
-    device: str
-    dtype: str
+    state: Literal["loading", "ready", "failed", "unloaded", "stuck", "restarting"] = Field(
+        default="ready",
+        description="loading, ready, failed (see reason), unloaded; stuck or restarting while "
+        "its engine is in trouble. Backend, device and labels are known once it is ready.",
+    )
+    reason: str = Field(default="", description="with state failed: why the model did not load")
+    default: bool = Field(default=True, description="answers requests that name no model")
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
     backend_reason: str = Field(
         default="", description="why this backend serves (--backend auto's choice, fallbacks)"
     )
-    architecture: str
-    labels: dict[int, str]
-    max_batch_size: int
+    architecture: str | None = None
+    labels: dict[int, str] = Field(default_factory=dict)
+    max_batch_size: int | None = None
     buckets: list[BucketCard] = Field(
         default_factory=list,
         description="per device and batch-size bucket: CUDA graph or eager, and why",

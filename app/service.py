@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -178,10 +179,6 @@ class DetectionService:
         *,
         jpeg_on_device: bool = False,
     ) -> None:
-        self.settings = settings
-        self.jpeg_on_device = jpeg_on_device
-        self.info = info
-        self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
         # Observed for every image: the labelled children kept (labels() locks and looks up).
@@ -193,7 +190,6 @@ class DetectionService:
         workers = settings.decode_threads or os.cpu_count() or 1
         self._decode_slots = CapacityLimiter(workers)
         self._decode_pool = DecodePool(workers)
-        self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         self._pixels = PixelBudget(settings.max_inflight_pixels)
         # Pixels being decoded at once, whatever the cores: two of the largest images. Decoding
         # needs up to ~8 bytes a pixel (the file's own mode, then 8-bit RGB or grey).
@@ -201,6 +197,32 @@ class DetectionService:
         # Renders decode whole images, draw and encode them: at most all but one decode worker
         # at once, so that detection requests always find one.
         self._render_slots = CapacityLimiter(max(1, workers - 1))
+        self._bind(settings, info, engine, jpeg_on_device)
+
+    def for_model(
+        self,
+        settings: Settings,
+        info: ModelInfo,
+        engine: EngineClient,
+        *,
+        jpeg_on_device: bool = False,
+    ) -> DetectionService:
+        """The service of another model (several models served at once): its own settings,
+        labels, input size and engine; this one's decode workers, pixel budgets and fetcher
+        (the server's, whichever model a request names)."""
+        other = copy.copy(self)
+        other._bind(settings, info, engine, jpeg_on_device)
+        return other
+
+    def _bind(
+        self, settings: Settings, info: ModelInfo, engine: EngineClient, jpeg_on_device: bool
+    ) -> None:
+        """What belongs to the model: settings (serve.json applied), labels, engine, input."""
+        self.settings = settings
+        self.jpeg_on_device = jpeg_on_device
+        self.info = info
+        self.engine = engine
+        self._ids_by_name = {name.lower(): cid for cid, name in info.labels.items()}
         spec = PreprocessSpec.for_model(settings.model)
         # A model on the CPU shares its cores with decoding: every image is resized to its input
         # in the decode worker (Pillow, as the model's own processor does), not in the engine's
@@ -572,11 +594,13 @@ class DetectionService:
         images = []
         answered = time.monotonic()
         queue, inference, postprocess = self._answer_stages
+        per_model = self.metrics.model_inference.labels(self.info.name)
         detections = 0
         for p, out in zip(prepared, outputs, strict=True):
             queue_s = max(0.0, answered - queued - out.inference_s - out.postprocess_s)
             queue.observe(queue_s)
             inference.observe(out.inference_s)
+            per_model.observe(out.inference_s)
             postprocess.observe(out.postprocess_s)
             detections += len(out.scores)
             timings = {
@@ -592,6 +616,8 @@ class DetectionService:
             images.append(AnsweredImage(p.width, p.height, out, timings))
         self.metrics.detections.inc(detections)
         self.metrics.images.inc(len(images))
+        self.metrics.model_detections.labels(self.info.name).inc(detections)
+        self.metrics.model_images.labels(self.info.name).inc(len(images))
         return DetectResult(self.info.name, images)
 
 

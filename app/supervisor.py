@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from uvicorn.supervisors import Multiprocess
 
     from app.metrics import Metrics
+    from app.model_manager import ControlServer, ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,12 @@ class EngineProcess:
             started = time.monotonic()
             logger.info("%s %d started (pid %d)", self._name, self.index, process.pid)
             process.join()
+            assert process.pid is not None
+            # Its "live" gauges (queue depth, memory) must not count any more (an engine of a
+            # model swapped out or unloaded stops while the server goes on).
+            multiprocess.mark_process_dead(process.pid)
             if self._stopping.is_set():
                 return
-            assert process.pid is not None
-            # Its "live" gauges (queue depth, memory) must not count any more.
-            multiprocess.mark_process_dead(process.pid)
             if process.exitcode == LOAD_FAILED:
                 # The engine logged the cause; restarting cannot help (no restart loop).
                 logger.critical(
@@ -221,10 +223,33 @@ def serve(settings: Settings) -> int:
     from app.server_limits import uvicorn_limits
 
     metrics = Metrics()
-    engines = [
-        EngineProcess(i, s, str(workdir / f"engine-{i}.sock"), metrics)
-        for i, s in enumerate(engine_settings(settings))
-    ]
+    manager: ModelManager | None = None
+    control: ControlServer | None = None
+    control_path: str | None = None
+    if settings.several_models:
+        # Several models: the engines (per model, per device) come and go at run time.
+        from app.model_manager import ControlServer, ModelManager
+
+        if settings.jobs:
+            logger.warning(
+                "/v1/jobs is off with several models: the job runner drives one model's engines"
+            )
+            settings = settings.model_copy(update={"jobs": False})
+        manager = ModelManager(settings, workdir, metrics)
+        problem = manager.problem()
+        if problem is not None:
+            logger.critical("%s", problem)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return 2
+        control_path = str(workdir / "control.sock")
+        control = ControlServer(manager, control_path)
+        control.start()
+        engines: list[EngineProcess] = []
+    else:
+        engines = [
+            EngineProcess(i, s, str(workdir / f"engine-{i}.sock"), metrics)
+            for i, s in enumerate(engine_settings(settings))
+        ]
     children = list(engines)
     if settings.jobs:
         from app.jobs.process import run_job_runner_process
@@ -242,13 +267,21 @@ def serve(settings: Settings) -> int:
         )
     workers = worker_count(settings)
     logger.info(
-        "starting %d engine process(es) and %d front-end worker(s) (%d CPUs usable)",
-        len(engines),
+        "starting %s and %d front-end worker(s) (%d CPUs usable)",
+        f"{len(engines)} engine process(es)"
+        if manager is None
+        else f"the engines of {len(manager.views())} model(s)",
         workers,
         available_cpus(),
     )
     config = uvicorn.Config(
-        functools.partial(create_frontend_app, settings, [e.socket_path for e in engines], workers),
+        functools.partial(
+            create_frontend_app,
+            settings,
+            [e.socket_path for e in engines],
+            workers,
+            control_path,
+        ),
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -264,19 +297,29 @@ def serve(settings: Settings) -> int:
     )
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])  # installs uvicorn's signal handlers
-    signal.signal(signal.SIGTERM, _Drain(children, supervisor, settings).on_sigterm)
+    signal.signal(
+        signal.SIGTERM, _Drain(children, supervisor, settings, manager, control).on_sigterm
+    )
     for child in children:
         child.start()
-    watcher = threading.Thread(
-        target=_stop_when_an_engine_fails, args=(engines, supervisor), daemon=True
-    )
-    watcher.start()
+    if manager is not None:
+        manager.start()
+    else:
+        watcher = threading.Thread(
+            target=_stop_when_an_engine_fails, args=(engines, supervisor), daemon=True
+        )
+        watcher.start()
     try:
         supervisor.run()
     finally:
         sock.close()
+        if manager is not None:
+            manager.close()
+            children = manager.engines()
         for child in children:
             child.stop(settings.drain_timeout_s + 5)
+        if control is not None:
+            control.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     logger.info("detr-serve stopped")
     return 1 if any(e.failed.is_set() for e in engines) else 0
@@ -302,9 +345,16 @@ class _Drain:
     uvicorn handles its queued signals every 0.5 s: the first step runs in the handler."""
 
     def __init__(
-        self, engines: list[EngineProcess], supervisor: Multiprocess, settings: Settings
+        self,
+        engines: list[EngineProcess],
+        supervisor: Multiprocess,
+        settings: Settings,
+        manager: ModelManager | None = None,
+        control: ControlServer | None = None,
     ) -> None:
         self.engines = engines
+        self.manager = manager
+        self.control = control
         self.supervisor = supervisor
         self.timeout_s = settings.drain_timeout_s + ENGINE_EXIT_S
         self._started = False
@@ -314,6 +364,12 @@ class _Drain:
             return
         self._started = True
         logger.info("SIGTERM: draining (readiness 503; accepted requests finish)")
+        if self.control is not None and self.manager is not None:
+            # Several models: the front ends hear of the drain from the supervisor (an engine
+            # that drains may only be a model's old version being swapped out).
+            self.control.drain()
+            self.manager.close()
+            self.engines = self.manager.engines()
         stopping = [
             threading.Thread(target=e.stop, args=(self.timeout_s,), name=f"drain-{e.index}")
             for e in self.engines

@@ -93,10 +93,10 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.leftovers = _group_members(self.proc.pid)
+        self.leftovers = group_members(self.proc.pid)
         if self.leftovers:
             time.sleep(1.0)  # children exiting on their own right after their parent
-            self.leftovers = _group_members(self.proc.pid)
+            self.leftovers = group_members(self.proc.pid)
         for pid in self.leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -107,7 +107,7 @@ class RunningServer:
         return int(self.proc.returncode)
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Live processes of process group `pgid` (Linux /proc)."""
     members = []
     for entry in Path("/proc").iterdir():

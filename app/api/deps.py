@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import ModelLoadFailedError, UnavailableError
+from app.errors import UnavailableError
 from app.runtime import Runtime
 from app.service import DetectionService
 
@@ -23,15 +23,8 @@ async def runtime_dependency(request: Request) -> Runtime:
 
 
 def service_of(runtime: Runtime) -> DetectionService:
-    """The runtime's service, or the 503 that says why there is none yet."""
-    failure = runtime.failure
-    if failure is not None:
-        raise ModelLoadFailedError(failure)
-    if runtime.service is None:
-        raise UnavailableError(
-            "the model is still loading; poll /readyz", headers={"Retry-After": "2"}
-        )
-    return runtime.service
+    """The runtime's (default model's) service, or the 503 that says why there is none yet."""
+    return runtime.service_for(None)
 
 
 def inference_service_of(runtime: Runtime) -> DetectionService:
@@ -54,6 +47,25 @@ async def get_inference_service(request: Request) -> DetectionService:
     return inference_service_of(get_runtime(request))
 
 
+def intake_of(runtime: Runtime) -> Runtime:
+    """The door of a route that runs the model its body names: refused while draining; with
+    one model, also while it loads (before the body is read), as `inference_service_of`. The
+    route then asks `runtime.inference_service(name)`."""
+    if runtime.router is None:
+        inference_service_of(runtime)
+    elif runtime.draining:
+        raise UnavailableError(
+            "the server is shutting down (draining); retry on another replica",
+            headers={"Retry-After": "1"},
+        )
+    return runtime
+
+
+async def get_intake(request: Request) -> Runtime:
+    return intake_of(get_runtime(request))
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime_dependency)]
+IntakeDep = Annotated[Runtime, Depends(get_intake)]
 ServiceDep = Annotated[DetectionService, Depends(get_service)]
 InferenceServiceDep = Annotated[DetectionService, Depends(get_inference_service)]

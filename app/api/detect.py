@@ -10,12 +10,13 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from app.api.deps import InferenceServiceDep
+from app.api.deps import IntakeDep
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.request_body import collect, parse_json, run_sized
+from app.runtime import Runtime
 from app.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
-from app.service import DetectionService, ImageSource, RenderSpec
+from app.service import ImageSource, RenderSpec
 
 _Request = TypeVar("_Request", bound=DetectRequest)
 
@@ -23,6 +24,7 @@ router = APIRouter(tags=["detection"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Bad input: the message names the image."},
+    404: {"model": ErrorResponse, "description": "Unknown model: the message names the known."},
     413: {"model": ErrorResponse, "description": "Body or image too large."},
     415: {"model": ErrorResponse, "description": "Neither JSON nor multipart/form-data."},
     422: {"model": ErrorResponse, "description": "The request does not match the schema."},
@@ -60,6 +62,7 @@ def multipart_schema(
                 "description": "Tiled inference: true, auto, or the options object as JSON text "
                 '(e.g. {"tile_size": 320, "overlap": 0.2}).',
             },
+            "model": {"type": "string", "description": "The model to run (default: the default)."},
             **extra,
         },
     }
@@ -100,22 +103,24 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     responses=ERRORS,
     openapi_extra=OPENAPI_BODY,
 )
-async def detect(request: Request, service: InferenceServiceDep) -> Response:
+async def detect(request: Request, runtime: IntakeDep) -> Response:
     # Served by app/api/detect_asgi.py in front of the router (same contract, less work per
     # request); this declaration documents the route and serves an app built without it.
-    body = await answer_detect(service, request.headers, request.stream())
+    body = await answer_detect(runtime, request.headers, request.stream())
     return Response(body, media_type="application/json")
 
 
 async def answer_detect(
-    service: DetectionService, headers: Headers, chunks: AsyncGenerator[bytes, None]
+    runtime: Runtime, headers: Headers, chunks: AsyncGenerator[bytes, None]
 ) -> bytes:
     """One /v1/detect request, body to answer: the one place its parsing happens (a new
-    request field goes into DetectRequest, and its form field into _FORM_OPTIONS)."""
-    max_images = service.settings.max_images_per_request
+    request field goes into DetectRequest, and its form field into _FORM_OPTIONS). The caller
+    has passed the door (app/api/deps.py, `intake_of`); the body names the model."""
+    max_images = runtime.settings.max_images_per_request
     sources, options = await read_request(
         headers, chunks, detect_request_model(max_images), max_images
     )
+    service = await runtime.inference_service(options.model)
     render = RenderSpec("jpeg", options.labels) if options.render else None
     result = await service.detect(sources, options, render)
     # Encoded from the arrays (app/encode.py); response_model above documents the shape.
@@ -164,7 +169,7 @@ async def _from_json(
 
 
 # Options a multipart body may carry as form fields (besides 'classes' and the files).
-_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format")
+_FORM_OPTIONS = ("threshold", "max_detections", "tiling", "render", "labels", "format", "model")
 
 
 async def _from_multipart(

@@ -2,7 +2,7 @@
 
 The route stays declared in app/api/detect.py (the OpenAPI document, and an app built
 without this layer); this layer answers it first with the same parsing, door and answer
-(app/api/detect.py's `answer_detect`, app/api/deps.py's `inference_service_of`) and skips what
+(app/api/detect.py's `answer_detect`, app/api/deps.py's `intake_of`) and skips what
 FastAPI adds per request for a route that reads its own body: route matching over every
 route, the dependency solver, the Request and Response objects, the exception middleware.
 It sits innermost among the middleware (app/main.py), so request ids, metrics, the open
@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import inference_service_of
+from app.api.deps import intake_of
 from app.api.detect import answer_detect, router
 from app.errors import ApiError
 from app.middleware import CLIENT_GONE
@@ -48,8 +48,8 @@ class DetectRoute:
             return
         scope["route"] = self.route
         try:
-            service = inference_service_of(self.runtime)
-            body = await answer_detect(service, Headers(scope=scope), body_chunks(receive))
+            runtime = intake_of(self.runtime)
+            body = await answer_detect(runtime, Headers(scope=scope), body_chunks(receive))
         except ApiError as exc:
             headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in
                        exc.headers.items()]  # fmt: skip

@@ -30,14 +30,17 @@ async def healthz(runtime: RuntimeDep) -> Status:
 @router.get(
     "/readyz",
     response_model=Status,
-    summary="Readiness: 200 once the model is loaded and warmed",
+    summary="Readiness: 200 once the model (every model loaded at start-up) is loaded and warmed",
     responses={503: {"model": Status, "description": "Loading, draining or failed."}},
 )
 async def readyz(runtime: RuntimeDep) -> Response:
     state = runtime.state
-    body: dict[str, str] = {"status": state}
+    body: dict[str, object] = {"status": state}
     if state == "failed" and runtime.failure is not None:
         body["reason"] = runtime.failure
+    if runtime.router is not None and state != "ready":
+        # Several models: ready once every model loaded at start-up is; these are not yet.
+        body["models"] = runtime.router.not_ready()
     return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 

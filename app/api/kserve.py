@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import kserve_codec as codec
-from app.api.deps import InferenceServiceDep, RuntimeDep, ServiceDep
+from app.api.deps import IntakeDep, RuntimeDep
 from app.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
 from app.request_body import collect, inflate, run_sized
@@ -176,8 +176,8 @@ async def ready(runtime: RuntimeDep) -> Response:
     summary="Model metadata: input, outputs (names, datatypes, shapes) and parameters",
     responses=_errors(404, 503),
 )
-async def model_metadata(model_name: str, service: ServiceDep) -> dict[str, Any]:
-    return _model_metadata(service, model_name, None)
+async def model_metadata(model_name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return _model_metadata(runtime.service_for(model_name), model_name, None)
 
 
 @router.get(
@@ -187,9 +187,9 @@ async def model_metadata(model_name: str, service: ServiceDep) -> dict[str, Any]
     responses=_errors(404, 503),
 )
 async def model_version_metadata(
-    model_name: str, version: str, service: ServiceDep
+    model_name: str, version: str, runtime: RuntimeDep
 ) -> dict[str, Any]:
-    return _model_metadata(service, model_name, version)
+    return _model_metadata(runtime.service_for(model_name), model_name, version)
 
 
 @router.get(
@@ -219,8 +219,8 @@ async def model_version_ready(model_name: str, version: str, runtime: RuntimeDep
     responses=_errors(400, 404, 413, 429, 500, 503, 504),
     openapi_extra=_INFER_BODY,
 )
-async def infer(model_name: str, request: Request, service: InferenceServiceDep) -> Response:
-    return await _infer(request, service, model_name, None)
+async def infer(model_name: str, request: Request, runtime: IntakeDep) -> Response:
+    return await _infer(request, await runtime.inference_service(model_name), model_name, None)
 
 
 @router.post(
@@ -231,9 +231,9 @@ async def infer(model_name: str, request: Request, service: InferenceServiceDep)
     openapi_extra=_INFER_BODY,
 )
 async def infer_version(
-    model_name: str, version: str, request: Request, service: InferenceServiceDep
+    model_name: str, version: str, request: Request, runtime: IntakeDep
 ) -> Response:
-    return await _infer(request, service, model_name, version)
+    return await _infer(request, await runtime.inference_service(model_name), model_name, version)
 
 
 def _model_metadata(service: DetectionService, name: str, version: str | None) -> dict[str, Any]:
@@ -249,6 +249,14 @@ def _model_metadata(service: DetectionService, name: str, version: str | None) -
 
 
 def _model_ready(runtime: Runtime, name: str, version: str | None) -> Response:
+    if runtime.router is not None:
+        if name not in runtime.router.models:
+            raise codec.UnknownModelError(
+                f"unknown model {name!r}; the models are: {runtime.router.known()}"
+            )
+        codec.check_model(name, name, version)
+        is_ready = runtime.router.state(name)[0] == "ready" and not runtime.draining
+        return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
     served = runtime.service.info.name if runtime.service else runtime.settings.served_model_name
     codec.check_model(served, name, version)
     is_ready = runtime.state == "ready"

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import InferenceServiceDep
+from app.api.deps import IntakeDep
 from app.api.detect import ERRORS, multipart_schema, read_request
 from app.render import MEDIA_TYPES
 from app.schemas import RenderRequest
@@ -52,10 +52,11 @@ _MULTIPART_SCHEMA = multipart_schema(
         }
     },
 )
-async def render(request: Request, service: InferenceServiceDep) -> Response:
+async def render(request: Request, runtime: IntakeDep) -> Response:
     sources, options = await read_request(
         request.headers, request.stream(), RenderRequest, max_images=1
     )
+    service = await runtime.inference_service(options.model)
     fmt = options.format or _format_from_accept(request.headers.get("accept", ""))
     result = await service.detect(sources, options, RenderSpec(fmt, options.labels))
     image = result.images[0]

@@ -6,6 +6,7 @@ the one queue is. Pixels are read in place from each front end's shared-memory a
 
 Messages (pickled tuples; see wire.py):
   front end -> engine   ("hello", arena_name)
+  supervisor -> engine  ("probe",)              answered ("state", state) or ("failed", reason)
                         ("submit", rid, request_id, deadline, [item, ...][, "low"])
                                                "low": job tiles (the batcher's low lane)
                         ("cancel", rid)                 the request gave up (deadline, client gone)
@@ -208,6 +209,9 @@ class EngineServer:
             self.metrics.refresh_engine_gauges(
                 batcher.queue_depth, batcher.in_flight, pool.memory_usage
             )
+            self.metrics.model_queue_depth.labels(self.host.settings.served_model_name).set(
+                batcher.queue_depth
+            )
             state = self.state
             if state != last:
                 if state == "stuck":
@@ -229,6 +233,11 @@ class EngineServer:
         self._connections.add(this)
         try:
             hello = await read_message(reader)
+            if isinstance(hello, tuple) and hello[0] == "probe":
+                # The supervisor asks whether this model is up (app/models/manager.py).
+                write_message(writer, ("state", self.state))
+                await writer.drain()
+                return
             if not (isinstance(hello, tuple) and hello[0] == "hello"):
                 return
             arena = attach_arena(hello[1])

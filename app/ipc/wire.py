@@ -34,10 +34,40 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(length))
 
 
+def pack_message(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
 def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
     """Queue a message (the caller awaits writer.drain() where it wants backpressure)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(payload)) + payload)
+    writer.write(pack_message(message))
+
+
+def call_blocking(path: str, message: Any, timeout_s: float) -> Any:
+    """Send one message over a new connection to `path` and read one answer (no event loop:
+    the supervisor's threads). Raises OSError when nothing listens or answers in time."""
+    import socket
+
+    def exactly(sock: socket.socket, n: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < n:
+            chunk = sock.recv(n - len(chunks))
+            if not chunk:
+                raise ConnectionError("the peer closed the connection")
+            chunks += chunk
+        return bytes(chunks)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        sock.sendall(pack_message(message))
+        (length,) = _HEADER.unpack(exactly(sock, _HEADER.size))
+        if length > MAX_MESSAGE:
+            raise ConnectionError(
+                f"message of {length} bytes: the peer is not a detr-serve process"
+            )
+        return pickle.loads(exactly(sock, length))
 
 
 class ArenaAllocator:

@@ -111,7 +111,9 @@ async function loadModel() {
     if (response.status === 503) setTimeout(loadModel, 2000);
     return;
   }
-  const card = (await response.json()).models[0];
+  // With several models the page runs the default one (requests without "model").
+  const models = (await response.json()).models;
+  const card = models.find((m) => m.default) || models[0];
   state.labels = Object.fromEntries(
     Object.entries(card.labels).map(([id, name]) => [Number(id), name]));
   $("model").textContent =

@@ -142,10 +142,11 @@ class FakeService:
 
 
 class FakeRuntime(SimpleNamespace):
-    """What the servicer reads of app.runtime.Runtime: the service, the drain and its count."""
+    """What the servicer reads of app.runtime.Runtime: the service, the drain and its count,
+    and no model router (one model)."""
 
     def __init__(self, settings: Settings, service: FakeService) -> None:
-        super().__init__(settings=settings, metrics=Metrics(), service=service)
+        super().__init__(settings=settings, metrics=Metrics(), service=service, router=None)
         self.draining = False
         self.open_requests = 0
         self.most_open = 0

@@ -5,7 +5,7 @@ checks the input, options and outputs exactly as for REST), the images go throug
 DetectionService (batcher, pixel admission, deadlines, metrics), and the tensors come back in
 `raw_output_contents`, as Triton sends them. Each RPC gets the HTTP routes' request id, API key
 rule, metrics and access log (`_rpc`). The RPCs of Triton's proto that this server does not
-serve (model repository, statistics, shared memory, streaming) answer UNIMPLEMENTED, from the
+serve (statistics, shared memory, streaming) answer UNIMPLEMENTED, from the
 generated base class.
 """
 
@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app import kserve_codec as codec
+from app.api import repository
 from app.encode import v2_tensors
 from app.errors import ApiError, InvalidRequestError, UnavailableError
 from app.logging_setup import request_id_var
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 _CODES: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -140,6 +142,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         runtime = self.runtime
+        if runtime.router is not None:
+            router = runtime.router
+            ready = request.name in router.models and router.state(request.name)[0] == "ready"
+            return pb.ModelReadyResponse(ready=ready and not runtime.draining)
         served = (
             runtime.service.info.name if runtime.service else runtime.settings.served_model_name
         )
@@ -159,7 +165,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        service = self._service()
+        service = self._service(request.name)
         info = service.info
         codec.check_model(info.name, request.name, request.version or None)
         meta = codec.model_metadata(
@@ -183,7 +189,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(  # noqa: N802
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        service = self._service()
+        if self.runtime.router is not None:
+            service = await self.runtime.inference_service(request.model_name)
+        else:
+            service = self._service(request.model_name)
         if self.runtime.draining:
             # As the HTTP inference routes (app/api/deps.py): accepted calls finish, new go
             # to another replica.
@@ -208,10 +217,42 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=parsed.outputs,
         )
 
-    def _service(self) -> DetectionService:
+    def _service(self, name: str) -> DetectionService:
+        if self.runtime.router is not None:
+            return self.runtime.service_for(name)
         if self.runtime.service is None:
             raise UnavailableError("the model is still loading; poll ServerReady")
         return self.runtime.service
+
+    # Triton's model repository extension, through the same control path as HTTP's
+    # /v2/repository routes (app/api/repository.py).
+    @_rpc("RepositoryIndex")
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = await repository.index_entries(self.runtime, request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    @_rpc("RepositoryModelLoad")
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await repository.load_model(self.runtime, request.model_name, list(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc("RepositoryModelUnload")
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await repository.unload_model(self.runtime, request.model_name, list(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
 
 def parse_infer_request(request: pb.ModelInferRequest, max_images: int) -> codec.InferRequest:
