@@ -63,10 +63,18 @@ def test_scan_lists_checkpoint_files_once_their_kind_is_registered(
     assert resolve(repo / "empty.pt")[1] == f"{repo / 'empty.pt'} is empty"
 
 
-def test_a_checkpoint_file_is_not_a_model_without_its_kind(repo: Path) -> None:
+def test_a_pt_file_is_listed_as_an_ultralytics_model_and_fails_with_the_reason(repo: Path) -> None:
     (repo / "rtdetr-l.pt").write_bytes(b"weights")
-    assert "rtdetr-l" not in scan(repo)
+    assert scan(repo)["rtdetr-l"] == repo / "rtdetr-l.pt"
     kind, problem = resolve(repo / "rtdetr-l.pt")
+    assert kind.name == "ultralytics"
+    assert problem is not None and str(repo / "rtdetr-l.pt") in problem
+
+
+def test_a_file_no_kind_claims_is_not_a_model(repo: Path) -> None:
+    (repo / "weights.bin").write_bytes(b"weights")
+    assert "weights" not in scan(repo) and "weights.bin" not in scan(repo)
+    kind, problem = resolve(repo / "weights.bin")
     assert kind.name == "huggingface"
     assert problem is not None and "is not a directory" in problem
 
