@@ -59,3 +59,15 @@ async def test_json_jobs_name_what_is_wrong(client_factory, tmp_path: Path) -> N
     r = await client.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"})
     assert_error(r, 415, "unsupported_image")
     assert (await client.get("/v1/jobs")).json() == {"jobs": []}
+
+
+async def test_a_method_the_path_lacks_is_405_naming_every_method_it_has(
+    client_factory, tmp_path: Path
+) -> None:
+    client, _ = await client_factory(jobs_dir=tmp_path)
+    r = await client.request("OPTIONS", "/v1/jobs/0")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "DELETE, GET"
+    r = await client.put("/v1/jobs")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "GET, POST"
