@@ -64,6 +64,9 @@ def _start(model: Path, port: int, args: list[str], log: Path) -> subprocess.Pop
     cmd = [*detr_serve_command(), "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--workers", "1", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DETR_SERVE_TORCH_THREADS": "1"}
+    # A free gRPC port of its own (8001 by default), unless the caller's environment chose one:
+    # rows started beside other servers never fight over 8001.
+    env.setdefault("DETR_SERVE_GRPC_PORT", str(free_port()))
     with log.open("wb") as out:
         return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
