@@ -84,7 +84,7 @@ class _Conn:
 @dataclass(eq=False)
 class Reservation:
     """A block of an engine connection's arena held for pixels not decoded yet: a decode
-    worker writes them there (app/decode_pool.py, through `arena`), and the request's
+    worker writes them there (app/images/pool.py, through `arena`), and the request's
     submission sends the block's offset, no copy. Freed with the engine's answer once a
     submission took it; else by release()."""
 
@@ -306,7 +306,7 @@ class RemoteEngine:
     def _pick(self) -> _Conn:
         """The connection to the ready engine with the fewest images outstanding. A draining
         engine still takes the requests its front ends accepted before the drain (they refuse
-        new ones at the door: app/api/deps.py)."""
+        new ones at the door: app/api/http/deps.py)."""
         usable = [link for link in self._links if link.conn is not None]
         ready = [link for link in usable if link.state in ("ready", "stuck", "draining")]
         if not ready:

@@ -1,5 +1,5 @@
 """A tiled image's pixels written by the decode worker straight into the front end's
-shared-memory arena (app/decode_pool.py `into`, app/ipc/wire.py ArenaRef): what lands there,
+shared-memory arena (app/images/pool.py `into`, app/ipc/wire.py ArenaRef): what lands there,
 and the fallbacks when the worker cannot write there."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.decode_pool import DecodePool, Into
 from app.errors import InvalidImageError
+from app.images.pool import DecodePool, Into
 from app.ipc.wire import ArenaRef, create_arena
 from tests.conftest import shapes_image
 

@@ -15,12 +15,12 @@ import pytest
 from app.batching import DeadlineExceededError, QueueFullError
 from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
-from app.engine_host import EngineHost
 from app.errors import InvalidImageError
 from app.ipc.client import EngineUnavailableError, RemoteEngine
 from app.ipc.server import EngineServer
 from app.ipc.wire import ArenaAllocator
 from app.metrics import Metrics
+from app.process.engine_host import EngineHost
 from tests.conftest import until
 
 INFO = ModelInfo("fake", "fake", "cpu", "float32", {0: "a", 1: "b"}, "Fake")
@@ -424,7 +424,7 @@ async def test_a_tiled_request_is_decoded_into_the_engines_arena(
     from PIL import Image as PILImage
 
     from app import service as service_module
-    from app.schemas import DetectOptions
+    from app.api.v1.schemas import DetectOptions
     from app.service import DetectionService, ImageSource
     from tests.conftest import shapes_image
 
