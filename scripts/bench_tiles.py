@@ -4,12 +4,19 @@ a shared machine's load falls on every setting alike (issue 14: tiles/s against 
 
     python scripts/bench_tiles.py                        # backend auto (onnxruntime on the CPU)
     python scripts/bench_tiles.py --backend torch --rounds 4 --crop 1280x1024
+    python scripts/bench_tiles.py --decode --rounds 12   # the front end's side: see below
 
 Each round runs, per setting, `--requests` tiled requests of the example 4K image cropped to
 `--crop`, `--concurrency` in flight, through EngineHost.submit (the engine process's path). The
 settings: `1` one batch in flight, `2` two, `default` what the server picks (2 with a full
 second batch under onnxruntime on the CPU, 1 with torch). "forward busy" is the time inside
 the backend's forward over the wall time: what the engine leaves idle between passes.
+
+--decode measures the front end's side instead (no model): a 3840x2160 and a 4000x3000 scene
+decoded at full size by two decode workers at once, their pixels either written by the workers
+straight into a shared-memory arena (what the server does for tiled images) or sent back
+through pebble's pipe and copied into the arena by the front end (as before), the two ways
+alternated; CPU time of the front end and of the workers per pair of images.
 """
 
 from __future__ import annotations
@@ -109,6 +116,73 @@ async def bench_tiles(
     }
 
 
+def bench_decode(rounds: int) -> dict[str, dict[str, float]]:
+    """{way: {front_end_ms, workers_ms, total_ms}} of CPU per pair of high-resolution images."""
+    import psutil
+
+    from app.images.pool import DecodePool, Into
+    from app.ipc.wire import ArenaAllocator, ArenaRef, create_arena
+    from scripts import synthetic_shapes as shapes
+
+    scenes = [shapes.generate_highres(shapes.HIGHRES_SEED, i) for i in range(2)]
+    size = 128 << 20
+    arena = create_arena(size, unlink=True)
+    ref, allocator = ArenaRef.of(arena), ArenaAllocator(size)
+    pool = DecodePool(2)
+    pool.wait_started()
+    me = psutil.Process()
+
+    def workers_cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in me.children())
+
+    async def one(scene: object, into_arena: bool) -> None:
+        width, height = scene.image.size  # type: ignore[attr-defined]
+        nbytes = height * width * 3
+        offset = allocator.allocate(nbytes)
+        assert offset is not None
+        into = Into(ref, offset, height, width) if into_arena else None
+        pixels = await pool.decode(
+            scene.jpeg,  # type: ignore[attr-defined]
+            max_pixels=10**9,
+            index=0,
+            target=None,
+            resample=2,
+            timeout_s=600,
+            into=into,
+        )
+        if pixels is not None:  # the way before: the front end copies them into the arena
+            view = np.ndarray(pixels.shape, np.uint8, buffer=arena.buf, offset=offset)
+            np.copyto(view, pixels)
+        allocator.release(offset, nbytes)
+
+    totals = {"into the arena": [0.0, 0.0], "back through the pipe": [0.0, 0.0]}
+
+    async def run() -> None:
+        for way in totals:  # untimed: every mapping's first touch of the arena's pages
+            await asyncio.gather(*(one(s, way == "into the arena") for s in scenes))
+        for r in range(rounds):
+            ways = list(totals) if r % 2 == 0 else list(totals)[::-1]
+            for way in ways:
+                front, workers = _cpu_s(), workers_cpu()
+                await asyncio.gather(*(one(s, way == "into the arena") for s in scenes))
+                totals[way][0] += _cpu_s() - front
+                totals[way][1] += workers_cpu() - workers
+
+    try:
+        asyncio.run(run())
+    finally:
+        pool.close()
+        arena.close()
+    return {
+        way: {
+            "front_end_ms": front / rounds * 1e3,
+            "workers_ms": workers / rounds * 1e3,
+            "total_ms": (front + workers) / rounds * 1e3,
+        }
+        for way, (front, workers) in totals.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,7 +196,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", default="1280x1024", help="WxH of the example used, or full")
     parser.add_argument("--image", type=Path, default=EXAMPLE)
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--decode", action="store_true", help="the front end's decode hand-over (see above)"
+    )
     args = parser.parse_args(argv)
+    if args.decode:
+        figures = bench_decode(args.rounds)
+        for way, row in figures.items():
+            print(
+                f"{way:>22}: front end {row['front_end_ms']:6.1f} ms, decode workers "
+                f"{row['workers_ms']:6.1f} ms, total {row['total_ms']:6.1f} ms CPU per pair"
+            )
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2))
+        return
     from PIL import Image
 
     pixels = np.array(Image.open(args.image).convert("RGB"))

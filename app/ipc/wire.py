@@ -188,6 +188,9 @@ def open_arena_ref(ref: ArenaRef) -> mmap.mmap:
         stat = os.fstat(fd)
         if stat.st_ino != ref.inode or stat.st_size != ref.size:
             raise OSError(f"descriptor {ref.fd} of process {ref.pid} is not the arena any more")
-        return mmap.mmap(fd, ref.size)
+        # Page tables filled at once (Linux): a worker writes most of the arena over time, and
+        # one fault per 4 KB page on first touch costs more than populating them in a batch.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, ref.size, flags=flags)
     finally:
         os.close(fd)
