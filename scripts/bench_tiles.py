@@ -200,38 +200,38 @@ def main(argv: list[str] | None = None) -> None:
         "--decode", action="store_true", help="the front end's decode hand-over (see above)"
     )
     args = parser.parse_args(argv)
+    report: dict[str, dict[str, float]]
     if args.decode:
-        figures = bench_decode(args.rounds)
-        for way, row in figures.items():
-            print(
-                f"{way:>22}: front end {row['front_end_ms']:6.1f} ms, decode workers "
-                f"{row['workers_ms']:6.1f} ms, total {row['total_ms']:6.1f} ms CPU per pair"
-            )
-        if args.out:
-            args.out.write_text(json.dumps(figures, indent=2))
-        return
-    from PIL import Image
+        report = bench_decode(args.rounds)
+        lines = [
+            f"{way:>22}: front end {row['front_end_ms']:6.1f} ms, decode workers "
+            f"{row['workers_ms']:6.1f} ms, total {row['total_ms']:6.1f} ms CPU per pair"
+            for way, row in report.items()
+        ]
+    else:
+        from PIL import Image
 
-    pixels = np.array(Image.open(args.image).convert("RGB"))
-    if args.crop != "full":
-        width, height = (int(v) for v in args.crop.split("x"))
-        pixels = np.ascontiguousarray(pixels[:height, :width])
-    report = asyncio.run(
-        bench_tiles(
-            args.model,
-            args.backend,
-            args.settings.split(","),
-            pixels,
-            rounds=args.rounds,
-            requests=args.requests,
-            concurrency=args.concurrency,
+        pixels = np.array(Image.open(args.image).convert("RGB"))
+        if args.crop != "full":
+            width, height = (int(v) for v in args.crop.split("x"))
+            pixels = np.ascontiguousarray(pixels[:height, :width])
+        report = asyncio.run(
+            bench_tiles(
+                args.model,
+                args.backend,
+                args.settings.split(","),
+                pixels,
+                rounds=args.rounds,
+                requests=args.requests,
+                concurrency=args.concurrency,
+            )
         )
-    )
-    for name, row in report.items():
-        print(
+        lines = [
             f"batches in flight {name:>7}: {row['tiles_per_s']:6.1f} tiles/s  "
             f"{row['cpu_ms_per_tile']:5.1f} ms CPU/tile  forward busy {row['forward_busy']:.1%}"
-        )
+            for name, row in report.items()
+        ]
+    print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 
