@@ -11,8 +11,8 @@ Pillow, numpy and app.images.decode.
 
 A full-size decode (a tiled image: 8-36 MB of pixels) is written by the worker straight into
 the block of the front end's shared-memory arena that the engine will read (`into`), instead of
-being pickled back through pebble's pipe and copied into the arena by the front end: one copy
-instead of five, and none on the front end's event loop thread.
+being pickled back through pebble's pipe, unpickled and copied into the arena by the front
+end: one copy, in the worker, and none in the front end.
 """
 
 from __future__ import annotations
