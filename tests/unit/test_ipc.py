@@ -469,3 +469,18 @@ async def test_a_tiled_request_is_decoded_into_the_engines_arena(
         await until(lambda: _arena_used(pair.remote) == 0, "the failed decode's block is freed")
     finally:
         svc.close()
+
+
+async def test_a_models_client_reserves_in_the_arena_of_the_engines_serving_it_now(
+    make_pair,
+) -> None:
+    from app.models.router import ModelClient
+
+    client = ModelClient("fake")
+    assert client.reserve(10, 10) is None  # not loaded (any more): nothing to reserve in
+    pair = await make_pair(arena_mb=4)
+    client.target = pair.remote
+    block = client.reserve(10, 10)
+    assert block is not None and block.conn is pair.remote._links[0].conn
+    block.release()
+    assert _arena_used(pair.remote) == 0
