@@ -98,3 +98,56 @@ def test_the_jpeg_decoder_is_chosen_knowing_how_many_devices_serve(
     settings = Settings(model=tiny_model_dir, devices="0,1", max_batch_size=2)
     build_engine(settings, "cpu")  # one of the two engines, here on the CPU
     assert asked == [2]
+
+
+@pytest.fixture
+def torch_threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_cpu_streams_split_the_threads_and_run_batches_at_once_with_the_same_answers(
+    tiny_model_dir: Path, caplog
+) -> None:
+    """--cpu-streams 2 with torch on the CPU: two forward passes at once on half the threads
+    each, and the same detections as one batch after the other (the model is only read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from app.engine.pipeline import DetectionTask
+
+    caplog.set_level(logging.INFO)
+    torch.set_num_threads(2)
+    common = {"model": tiny_model_dir, "device": "cpu", "backend": "torch", "max_batch_size": 4}
+    plain = build_engine(Settings(**common), "cpu")
+    streamed = build_engine(Settings(**common, cpu_streams=2), "cpu")
+    assert streamed.forward_streams == 2 and plain.forward_streams == 1
+    assert torch.get_num_threads() == 1
+    assert "2 CPU streams of 1 intra-op thread(s) each" in caplog.text
+    rng = np.random.default_rng(7)
+    batches = [
+        [DetectionTask(rng.integers(0, 255, (240, 320, 3), np.uint8), 0.0, 20) for _ in range(n)]
+        for n in (3, 2, 4, 1)
+    ]
+    expected = [plain.run_batch(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(streamed.run_batch, batches))
+    for exp_batch, got_batch in zip(expected, got, strict=True):
+        for exp, res in zip(exp_batch, got_batch, strict=True):
+            assert not isinstance(res, Exception) and not isinstance(exp, Exception)
+            np.testing.assert_allclose(res.boxes, exp.boxes, rtol=1e-4, atol=1e-3)
+            np.testing.assert_array_equal(res.labels, exp.labels)
+
+
+def test_cpu_streams_are_ignored_with_onnxruntime_with_a_log(tiny_model_dir: Path, caplog) -> None:
+    pytest.importorskip("onnxruntime")
+    caplog.set_level(logging.INFO)
+    settings = Settings(model=tiny_model_dir, device="cpu", backend="auto", cpu_streams=2)
+    engine = build_engine(settings, "cpu")
+    assert engine.info.backend == "onnx" and engine.forward_streams == 1
+    assert "cpu_streams is ignored: it applies to the torch backend on the CPU, not onnx" in (
+        caplog.text
+    )
