@@ -19,6 +19,11 @@ JPEG, sent as base64 JSON and as multipart.
              the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
              --precision int8, alternating first each round; img/s, CPU time per image and
              INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
+--e2e-vs-raw issue 12's torch target alone: detr-serve --backend torch as shipped and with each
+             variant (default: --cpu-streams 2; `--variant NAME=FLAGS`, repeatable, replaces
+             them) against the raw torch forward pass in a process of its own, per round and
+             body format: img/s, CPU time per image, the mean batch size the server settled at,
+             end-to-end / raw and each variant over the first row.
 --overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
              JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
              FastAPI endpoint (scripts/bare_server.py) that reads the same upload and answers the
@@ -412,6 +417,109 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
         engine = [row["http"]["detr-serve-null"][fmt]["engine_cpu_ms_per_image"] for row in rows]
         print(f"  {fmt:9s} engine CPU ms/image (null engine): {_range(engine)}")
     return {"rounds": rows}
+
+
+# --e2e-vs-raw: the torch server rows compared (name, detr-serve flags), unless --variant says.
+E2E_VARIANTS = [("torch", []), ("torch-cpu-streams-2", ["--cpu-streams", "2"])]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """--variant "NAME=FLAGS": a detr-serve --backend torch row with these extra flags
+    (split like a shell line), e.g. "streams2=--cpu-streams 2"."""
+    import shlex
+
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--variant takes NAME=FLAGS, not {text!r}")
+    return name.strip(), shlex.split(flags)
+
+
+def _batch_size_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram: their differences over a load give
+    the mean batch size the server settled at."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("detr_serve_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("detr_serve_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
+    """detr-serve --backend torch (as shipped, and each variant) against the raw torch forward
+    pass in a process of its own, same run: img/s, CPU time of all the server's processes per
+    image, the mean batch size the server settled at, end-to-end / raw, and each variant over
+    the first row (paired: servers alternate, in a rotated order each round)."""
+    variants = [parse_variant(v) for v in args.variant] if args.variant else E2E_VARIANTS
+    names = [name for name, _ in variants]
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}: raw torch forward pass ...", flush=True)
+        raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
+        print(
+            f"  raw torch: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
+            f"(OMP {raw['omp']}), engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
+            flush=True,
+        )
+        results: dict[str, dict[str, Any]] = {}
+        shift = r % len(variants)
+        for name, flags in variants[shift:] + variants[:shift]:
+            args_ = ["--model", str(args.model), "--backend", "torch", *flags]
+            args_ += ["--max-batch-size", str(args.max_batch)]
+            args_ += ["--max-batch-delay-ms", str(args.delay_ms), "--max-queue-size", "1024"]
+            args_ += ["--log-level", "warning"]
+            if args.workers:
+                args_ += ["--workers", str(args.workers)]
+            server = RunningServer(args_, ready_timeout_s=600, env_remove=_detr_env_remove())
+            try:
+                for fmt in FORMATS:
+                    before = _batch_size_totals(server.url)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    after = _batch_size_totals(server.url)
+                    batches = after[1] - before[1]
+                    mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                        "mean_batch": mean_batch,
+                        "e2e_over_raw": _ratio(res.img_s, raw["forward_img_s"]),
+                    }
+                    print(
+                        f"  {name:20s} {fmt:9s} {res.img_s:6.1f} img/s  p50 {res.p50_ms:6.0f} ms  "
+                        f"CPU {cpu_ms:5.1f} ms/image  mean batch {mean_batch:4.2f}  "
+                        f"end-to-end/raw {_ratio(res.img_s, raw['forward_img_s']):.2f}  "
+                        f"failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        first = names[0]
+        for fmt in FORMATS:
+            for name in names[1:]:
+                row, ref = results[name][fmt], results[first][fmt]
+                row["over_first"] = _ratio(row["img_s"], ref["img_s"])
+                cpu_ratio = _ratio(row["cpu_ms_per_image"], ref["cpu_ms_per_image"])
+                print(
+                    f"  => {fmt:9s} {name} / {first}: {row['over_first']:.2f} img/s, "
+                    f"CPU per image {cpu_ratio:.2f}",
+                    flush=True,
+                )
+        rounds.append({"raw": raw, "http": results})
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for name in names:
+            values = [row["http"][name][fmt]["e2e_over_raw"] for row in rounds]
+            summary[f"{fmt}.{name}.e2e_over_raw"] = values
+            print(f"  {fmt:9s} {name:20s} end-to-end/raw {_range(values)}  (target >= 0.9)")
+        for name in names[1:]:
+            values = [row["http"][name][fmt]["over_first"] for row in rounds]
+            summary[f"{fmt}.{name}.over_{first}"] = values
+            print(f"  {fmt:9s} {name:20s} / {first}: {_range(values)}")
+    return {"variants": dict(variants), "rounds": rounds, "summary": summary}
 
 
 def environment() -> dict[str, Any]:
