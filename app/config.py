@@ -167,16 +167,6 @@ class Settings(BaseSettings):
         description="Intra-op CPU threads of the model, torch's and onnxruntime's (default: the "
         "CPUs this process may use, container limits included).",
     )
-    cpu_streams: int = Field(
-        default=1,
-        ge=1,
-        le=8,
-        description="Forward passes that run at once on a CPU device with the torch backend, "
-        "each on torch_threads / cpu_streams intra-op threads (OpenVINO's CPU streams): a core "
-        "taken by decoding or HTTP then slows one stream instead of stalling one team of "
-        "threads at every barrier. 1: one forward pass on all the threads (lower latency of a "
-        "lone request). Ignored on CUDA and with onnxruntime.",
-    )
     decode_threads: int | None = Field(
         default=None,
         ge=1,

@@ -73,12 +73,6 @@ def build_engine(settings: Settings, device: str) -> Engine:
             onnx_spinning=s.onnx_spinning,
         )
 
-    if s.cpu_streams > 1 and (dev.type != "cpu" or choice.backend != "torch"):
-        logger.info(
-            "cpu_streams is ignored: it applies to the torch backend on the CPU, not %s on %s",
-            choice.backend,
-            dev,
-        )
     if choice.backend == "onnx" and s.backend == "auto":
         try:
             engine = load(s.dtype)
@@ -134,8 +128,6 @@ def _finish(
         modes = tuple(BucketMode(str(dev), size, False, why_not) for size in buckets.sizes)
     engine.info = dataclasses.replace(engine.info, buckets=modes)
     engine.buckets = buckets
-    if s.cpu_streams > 1 and dev.type == "cpu" and choice.backend == "torch":
-        use_cpu_streams(engine, s.cpu_streams)
     engine.jpeg_decoder = choose_jpeg_decoder(
         s.image_decoder, engine.backend.device, devices_in_use=len(s.device_list)
     )
@@ -150,16 +142,6 @@ def _finish(
         "nvjpeg" if engine.jpeg_decoder is not None else "Pillow",
     )
     return engine
-
-
-def use_cpu_streams(engine: Engine, streams: int) -> None:
-    """`streams` concurrent forward passes, the intra-op threads split between them (at least
-    one each). torch's thread count is read per thread, from this process-wide value, by each
-    inference thread when it first runs an op."""
-    threads = max(1, torch.get_num_threads() // streams)
-    torch.set_num_threads(threads)
-    engine.use_cpu_streams(streams)
-    logger.info("%d CPU streams of %d intra-op thread(s) each", streams, threads)
 
 
 def _check_size(model_dir: Path) -> tuple[int, int]:

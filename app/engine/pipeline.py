@@ -73,10 +73,9 @@ class ComputedBatch:
 
 @dataclass
 class _Stage:
-    """One stage of the pipeline: a lock (one batch at a time, or `streams` at once: see
-    Engine.use_cpu_streams) and, on CUDA, a stream."""
+    """One stage of the pipeline: a lock (one batch at a time) and, on CUDA, a stream."""
 
-    lock: threading.Lock | threading.BoundedSemaphore = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     stream: torch.cuda.Stream | None = None
 
     @contextlib.contextmanager
@@ -113,17 +112,6 @@ class Engine:
             for stage in self._stages:
                 stage.stream = torch.cuda.Stream(device)
         self._prepare_stage, self._compute_stage, self._finish_stage = self._stages
-        self.forward_streams = 1  # forward passes that may run at once (use_cpu_streams)
-
-    def use_cpu_streams(self, streams: int) -> None:
-        """Let `streams` forward passes run at once on this CPU engine (each on the intra-op
-        threads torch.set_num_threads gave: the caller splits them). The model is only read
-        during inference, so concurrent forward passes need no lock of their own."""
-        if self.backend.device.type != "cpu":
-            raise ValueError(f"CPU streams apply to a CPU device, not {self.backend.device}")
-        self.forward_streams = streams
-        if streams > 1:
-            self._compute_stage.lock = threading.BoundedSemaphore(streams)
 
     @classmethod
     def load(

@@ -84,15 +84,8 @@ class EngineHost:
         # to fill meanwhile). Torch's CPU forward shares its OpenMP threads with the
         # pre-processing: there the overlap measured slower (README, tiled inference).
         overlap_on_cpu = engines[0].info.backend == "onnx"
-        # CPU streams (--cpu-streams, torch): one batch per stream, and a batch handed over
-        # while another runs must be full, as with onnxruntime's overlap.
-        streams = max(getattr(e, "forward_streams", 1) for e in engines)
-        per_engine = s.batches_in_flight or (
-            2 if on_cuda or overlap_on_cpu else 1 if streams == 1 else streams
-        )
-        ahead_only_full = (
-            s.batches_in_flight is None and not on_cuda and (overlap_on_cpu or streams > 1)
-        )
+        per_engine = s.batches_in_flight or (2 if on_cuda or overlap_on_cpu else 1)
+        ahead_only_full = s.batches_in_flight is None and not on_cuda and overlap_on_cpu
         pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
         self.pool = pool
         self._executor = ThreadPoolExecutor(

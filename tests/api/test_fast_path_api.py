@@ -46,10 +46,7 @@ async def serve(tiny_model_dir: Path) -> AsyncIterator[Any]:
     lifespans = []
 
     async def start(
-        decoder: DeviceJpegDecoder | None = None,
-        backend: str = "torch",
-        streams: int = 1,
-        **overrides: Any,
+        decoder: DeviceJpegDecoder | None = None, backend: str = "torch", **overrides: Any
     ) -> Any:
         settings = make_settings(tiny_model_dir, **overrides)
         onnx_path = None
@@ -60,8 +57,6 @@ async def serve(tiny_model_dir: Path) -> AsyncIterator[Any]:
             settings.model, name="tiny", device="cpu", backend=backend, onnx_path=onnx_path
         )
         engine.jpeg_decoder = decoder
-        if streams > 1:
-            engine.use_cpu_streams(streams)
         app = create_app(settings, engine=engine)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
@@ -111,21 +106,16 @@ async def test_a_jpeg_corrupt_past_its_header_is_refused_naming_the_image(serve)
         ("torch", 2, 2, False),
         ("onnx", 1, 1, False),
         ("onnx", 2, 2, False),
-        ("torch-streams", None, 2, True),
-        ("torch-streams", 1, 1, False),
     ],
 )
 async def test_batches_in_flight_on_the_cpu_by_backend_and_as_set(
     serve, backend: str, setting: int | None, expected: int, only_full: bool
 ) -> None:
-    """On the CPU by default: one batch in flight with torch, one per stream with
-    --cpu-streams (torch-streams: 2), the second handed over only when full as with
-    onnxruntime's second one (tiles, a saturated queue). A set value is taken as it is."""
+    """On the CPU by default: one batch in flight with torch; with onnxruntime a second one,
+    handed over only when full (tiles, a saturated queue). A set value is taken as it is."""
     if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed")
-    streams = 2 if backend == "torch-streams" else 1
-    backend = backend.removesuffix("-streams")
-    app, client = await serve(backend=backend, batches_in_flight=setting, streams=streams)
+    app, client = await serve(backend=backend, batches_in_flight=setting)
     runtime = app.state.runtime
     assert runtime.pool.info.backend == backend
     assert runtime.pool.max_concurrent_batches == expected

@@ -158,32 +158,3 @@ def test_a_batch_of_only_undecodable_images_never_reaches_the_model() -> None:
 def test_a_task_holds_pixels_or_a_jpeg() -> None:
     with pytest.raises(ValueError, match="either pixels or a JPEG"):
         DetectionTask(None, 0.5, 5)
-
-
-def test_cpu_streams_run_that_many_forward_passes_at_once() -> None:
-    """--cpu-streams 2: two batches are in the forward pass together (each waits here for the
-    other: with one compute lock the second never enters and the wait times out); preparing
-    still takes one batch at a time."""
-    engine, backend, recorder = fake_engine()
-    both_in = threading.Barrier(2, timeout=30)
-    plain_infer = backend.infer
-
-    def infer(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
-        both_in.wait()
-        return plain_infer(pixel_values, pixel_mask)
-
-    backend.infer = infer  # type: ignore[method-assign]
-    engine.use_cpu_streams(2)
-    with ThreadPoolExecutor(2) as pool:
-        outputs = list(pool.map(engine.run_batch, [[pixels_task()] * 2, [pixels_task()] * 3]))
-    assert [len(o) for o in outputs] == [2, 3]
-    assert all(isinstance(r, ImageDetections) for o in outputs for r in o)
-    assert recorder.peak == {"prepare": 1, "compute": 2}
-    assert engine.forward_streams == 2
-
-
-def test_cpu_streams_are_refused_on_another_device() -> None:
-    engine, backend, _ = fake_engine()
-    backend.device = torch.device("meta")  # type: ignore[misc]
-    with pytest.raises(ValueError, match="CPU streams apply to a CPU device, not meta"):
-        engine.use_cpu_streams(2)
