@@ -292,9 +292,9 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME=FLAGS",
-        help="--e2e-vs-raw: a detr-serve --backend torch row with these flags (repeatable; "
-        "the first is the reference; default: as shipped, and --cpu-streams 2)",
+        metavar="NAME=[VAR=VALUE ...] [FLAGS]",
+        help="--e2e-vs-raw: one more detr-serve --backend torch row, with these environment "
+        "variables and flags, beside the shipped one (repeatable)",
     )
     side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
     side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")

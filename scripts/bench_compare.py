@@ -19,11 +19,12 @@ JPEG, sent as base64 JSON and as multipart.
              the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
              --precision int8, alternating first each round; img/s, CPU time per image and
              INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
---e2e-vs-raw issue 12's torch target alone: detr-serve --backend torch as shipped and with each
-             variant (default: --cpu-streams 2; `--variant NAME=FLAGS`, repeatable, replaces
-             them) against the raw torch forward pass in a process of its own, per round and
-             body format: img/s, CPU time per image, the mean batch size the server settled at,
-             end-to-end / raw and each variant over the first row.
+--e2e-vs-raw issue 12's torch target alone: detr-serve --backend torch as shipped, and each
+             `--variant NAME=[VAR=VALUE ...] [FLAGS]` (repeatable: environment variables of the
+             server, e.g. OMP_WAIT_POLICY or GOMP_SPINCOUNT, then detr-serve flags) against the
+             raw torch forward pass in a process of its own, per round and body format: img/s,
+             CPU time per image, the mean batch size the server settled at, end-to-end / raw and
+             each variant over the shipped row.
 --overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
              JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
              FastAPI endpoint (scripts/bare_server.py) that reads the same upload and answers the
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -419,19 +421,30 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
     return {"rounds": rows}
 
 
-# --e2e-vs-raw: the torch server rows compared (name, detr-serve flags), unless --variant says.
-E2E_VARIANTS = [("torch", []), ("torch-cpu-streams-2", ["--cpu-streams", "2"])]
+@dataclass(frozen=True)
+class Variant:
+    """One detr-serve --backend torch row of --e2e-vs-raw: its extra flags and environment."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """--variant "NAME=FLAGS": a detr-serve --backend torch row with these extra flags
-    (split like a shell line), e.g. "streams2=--cpu-streams 2"."""
+def parse_variant(text: str) -> Variant:
+    """--variant "NAME=[VAR=VALUE ...] [FLAGS]", split like a shell line: the leading
+    VAR=VALUE words (upper-case names) go to the server's environment, the rest are detr-serve
+    flags. E.g. "passive=OMP_WAIT_POLICY=PASSIVE", "threads1=--torch-threads 1"."""
     import shlex
 
-    name, sep, flags = text.partition("=")
+    name, sep, rest = text.partition("=")
     if not sep or not name.strip():
-        raise ValueError(f"--variant takes NAME=FLAGS, not {text!r}")
-    return name.strip(), shlex.split(flags)
+        raise ValueError(f"--variant takes NAME=[VAR=VALUE ...] [FLAGS], not {text!r}")
+    words = shlex.split(rest)
+    env = []
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env.append((key, value))
+    return Variant(name.strip(), tuple(words), tuple(env))
 
 
 def _batch_size_totals(url: str) -> tuple[float, float]:
@@ -453,8 +466,10 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
     pass in a process of its own, same run: img/s, CPU time of all the server's processes per
     image, the mean batch size the server settled at, end-to-end / raw, and each variant over
     the first row (paired: servers alternate, in a rotated order each round)."""
-    variants = [parse_variant(v) for v in args.variant] if args.variant else E2E_VARIANTS
-    names = [name for name, _ in variants]
+    variants = [Variant("torch"), *(parse_variant(v) for v in args.variant)]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant names must differ from each other and from torch: {names}")
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}: raw torch forward pass ...", flush=True)
@@ -466,14 +481,17 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
         )
         results: dict[str, dict[str, Any]] = {}
         shift = r % len(variants)
-        for name, flags in variants[shift:] + variants[:shift]:
-            args_ = ["--model", str(args.model), "--backend", "torch", *flags]
+        for variant in variants[shift:] + variants[:shift]:
+            name, env = variant.name, dict(variant.env)
+            args_ = ["--model", str(args.model), "--backend", "torch", *variant.flags]
             args_ += ["--max-batch-size", str(args.max_batch)]
             args_ += ["--max-batch-delay-ms", str(args.delay_ms), "--max-queue-size", "1024"]
             args_ += ["--log-level", "warning"]
             if args.workers:
                 args_ += ["--workers", str(args.workers)]
-            server = RunningServer(args_, ready_timeout_s=600, env_remove=_detr_env_remove())
+            # A policy the variant sets is its own; otherwise as --compare runs detr-serve.
+            remove = tuple(k for k in _detr_env_remove() if k not in env)
+            server = RunningServer(args_, env=env, ready_timeout_s=600, env_remove=remove)
             try:
                 for fmt in FORMATS:
                     before = _batch_size_totals(server.url)
@@ -519,7 +537,8 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
             values = [row["http"][name][fmt]["over_first"] for row in rounds]
             summary[f"{fmt}.{name}.over_{first}"] = values
             print(f"  {fmt:9s} {name:20s} / {first}: {_range(values)}")
-    return {"variants": dict(variants), "rounds": rounds, "summary": summary}
+    described = {v.name: {"flags": list(v.flags), "env": dict(v.env)} for v in variants}
+    return {"variants": described, "rounds": rounds, "summary": summary}
 
 
 def environment() -> dict[str, Any]:
