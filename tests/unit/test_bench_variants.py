@@ -1,10 +1,10 @@
-"""scripts/bench.py --e2e-vs-raw --variant: a row's environment and flags read from one word."""
+"""bench.py --e2e-vs-raw --variant: a row's environment and flags, read from one word."""
 
 from __future__ import annotations
 
 import pytest
 
-from scripts.bench_compare import Variant, parse_variant
+from scripts.bench.bench_compare import Variant, parse_variant
 
 
 def test_leading_upper_case_assignments_are_environment_and_the_rest_flags() -> None:
