@@ -140,7 +140,8 @@ def raw_forward(
     sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """The raw pass in a process of its own, the server's threads, every batch size up to
-    max_batch (or `sizes`), under PASSIVE and under OpenMP's default policy: the best
+    max_batch (or `sizes`), under PASSIVE, under OpenMP's default policy and with the short
+    spin the engine process runs with (GOMP_SPINCOUNT=10000, app/cli.py): the best
     forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
     a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     from scripts.bench.bench import USER_OMP_WAIT_POLICY
@@ -152,10 +153,15 @@ def raw_forward(
         policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
         variants = [(policy, []) for policy in policies]
         policy_of = {policy: policy for policy in policies}
+        if not USER_OMP_WAIT_POLICY:
+            variants.append(("spin 10000", []))
+            policy_of["spin 10000"] = "default"
     rows = []
     for variant, flags in variants:
         policy = policy_of[variant]
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if variant == "spin 10000":
+            env.setdefault("GOMP_SPINCOUNT", "10000")
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         else:

@@ -177,3 +177,14 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_engine_threads_spin_briefly_and_front_ends_load_no_openmp(server: RunningServer) -> None:
+    """The engine process runs torch's OpenMP threads with the short spin (--omp-spin-count's
+    default, as GOMP_SPINCOUNT); the front ends, which inherit it too, never load OpenMP."""
+    (engine,) = _engine_pids(server.log())
+    environ = Path(f"/proc/{engine}/environ").read_bytes().split(b"\0")
+    assert b"GOMP_SPINCOUNT=10000" in environ
+    assert any("libgomp" in m.path for m in psutil.Process(engine).memory_maps())
+    for worker in _worker_pids(server.log()):
+        assert not any("libgomp" in m.path for m in psutil.Process(worker).memory_maps())
