@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import types
-from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
@@ -92,29 +91,17 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise SystemExit(2) from None
 
 
-def openmp_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """The OpenMP variables detr-serve sets for its processes (torch loads OpenMP in the engine
-    process, or in the one process; the front ends never load it), given what `environ`
-    already holds: a wait policy or spin count set there always wins.
-
-    In one process, idle OpenMP workers must sleep (PASSIVE) so that decoding and HTTP get the
-    cores between forward passes (+18% end to end on 2 cores). With the engine in a process of
-    its own, its threads spin `omp_spin_count` iterations (~0.1 ms) before they sleep: enough
-    to stay awake between the ops of a forward pass (PASSIVE measured 16.0-17.6 img/s against
-    21.6-26.4 with spinning), short enough to give a core back during the forward pass's
-    single-threaded stretches and between batches, where libgomp's default (~4 ms) kept it
-    from the front ends' decoding (torch end to end on 2 cores, README: 1.23-2.02x img/s)."""
-    if not settings.engine_process:
-        return {} if "OMP_WAIT_POLICY" in environ else {"OMP_WAIT_POLICY": "PASSIVE"}
-    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
-        return {}
-    return {"GOMP_SPINCOUNT": str(settings.omp_spin_count)}
-
-
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
-    # Read when torch loads OpenMP, so before anything imports torch.
-    os.environ.update(openmp_environment(settings, os.environ))
+    # OpenMP's wait policy (read when torch loads it). In one process, idle OpenMP workers must
+    # sleep (PASSIVE) so that decoding and HTTP get the cores between forward passes (+18%
+    # end to end on 2 cores). With the engine in a process of its own, nothing else there
+    # needs the cores: OpenMP's default (spin ~3 ms, then sleep) keeps its threads awake
+    # between the ops of one forward pass and sleeps between batches; measured on 2 cores,
+    # 16 clients: 21.6-26.4 img/s against 16.0-17.6 with PASSIVE (ACTIVE, spinning without
+    # end, starves the front ends: 12.8-16.8). The front ends do not load OpenMP at all.
+    if not settings.engine_process:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cap_arenas()
     from app.logging_setup import configure_logging
 

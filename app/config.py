@@ -167,15 +167,6 @@ class Settings(BaseSettings):
         description="Intra-op CPU threads of the model, torch's and onnxruntime's (default: the "
         "CPUs this process may use, container limits included).",
     )
-    omp_spin_count: int = Field(
-        default=10_000,
-        ge=0,
-        description="Busy-wait iterations of the engine process's OpenMP threads (torch's, GNU "
-        "libgomp: GOMP_SPINCOUNT) before a waiting thread sleeps: 10000 is about 0.1 ms here, "
-        "libgomp's own default 300000 about 4 ms, during which a thread that waits for work "
-        "holds a core the front ends' decoding and HTTP need. Not applied when OMP_WAIT_POLICY "
-        "or GOMP_SPINCOUNT is set in the environment, nor with --no-engine-process (PASSIVE).",
-    )
     decode_threads: int | None = Field(
         default=None,
         ge=1,

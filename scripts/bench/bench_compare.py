@@ -140,8 +140,8 @@ def raw_forward(
     sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """The raw pass in a process of its own, the server's threads, every batch size up to
-    max_batch (or `sizes`), under PASSIVE, under OpenMP's default policy and with the short
-    spin the engine process runs with (GOMP_SPINCOUNT=10000, app/cli.py): the best
+    max_batch (or `sizes`), under PASSIVE, under OpenMP's default policy and with a short spin
+    (GOMP_SPINCOUNT=10000, which --e2e-vs-raw measures as a server variant): the best
     forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
     a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     from scripts.bench.bench import USER_OMP_WAIT_POLICY

@@ -179,12 +179,10 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_engine_threads_spin_briefly_and_front_ends_load_no_openmp(server: RunningServer) -> None:
-    """The engine process runs torch's OpenMP threads with the short spin (--omp-spin-count's
-    default, as GOMP_SPINCOUNT); the front ends, which inherit it too, never load OpenMP."""
+def test_only_the_engine_process_loads_openmp(server: RunningServer) -> None:
+    """torch's OpenMP threads live in the engine process; the front ends never load OpenMP,
+    so its wait policy and spinning concern the engine alone (README, torch end to end)."""
     (engine,) = _engine_pids(server.log())
-    environ = Path(f"/proc/{engine}/environ").read_bytes().split(b"\0")
-    assert b"GOMP_SPINCOUNT=10000" in environ
     assert any("libgomp" in m.path for m in psutil.Process(engine).memory_maps())
     for worker in _worker_pids(server.log()):
         assert not any("libgomp" in m.path for m in psutil.Process(worker).memory_maps())

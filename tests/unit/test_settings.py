@@ -141,27 +141,3 @@ def test_the_console_script_exits_2_naming_both_settings(tiny_model_dir: Path) -
     assert done.returncode == 2
     assert "max_images_per_request (9) is over max_queue_size (8)" in done.stderr
     assert done.stdout == ""
-
-
-@pytest.mark.parametrize(
-    ("overrides", "environ", "expected"),
-    [
-        ({}, {}, {"GOMP_SPINCOUNT": "10000"}),
-        ({"omp_spin_count": 0}, {}, {"GOMP_SPINCOUNT": "0"}),
-        ({}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
-        ({}, {"GOMP_SPINCOUNT": "300000"}, {}),
-        ({"engine_process": False}, {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
-        ({"engine_process": False}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
-        ({"engine_process": False}, {"OMP_WAIT_POLICY": "ACTIVE"}, {}),
-    ],
-)
-def test_openmp_threads_spin_briefly_in_the_engine_process_unless_the_environment_says(
-    tiny_model_dir: Path, overrides: dict, environ: dict, expected: dict
-) -> None:
-    """The engine's OpenMP threads spin omp_spin_count iterations, then sleep; one process
-    (--no-engine-process) sleeps at once (PASSIVE); a policy or spin count set in the
-    environment is left alone."""
-    from app.cli import openmp_environment
-
-    settings = Settings(model=tiny_model_dir, **overrides)
-    assert openmp_environment(settings, environ) == expected
