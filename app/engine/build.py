@@ -23,7 +23,7 @@ from app.engine.backend_choice import BackendChoice, choose_backend
 from app.engine.buckets import BatchBuckets
 from app.engine.pipeline import BucketMode, Engine
 from app.engine.precision import check_tasks, choose_precision
-from app.engine.processing import FixedSize, PreprocessSpec
+from app.engine.preprocess import FixedSize, PreprocessSpec
 from app.images.device import choose_jpeg_decoder
 from app.process.cpus import available_cpus
 

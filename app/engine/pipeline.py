@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
 from app.engine.buckets import BatchBuckets, pad_rows
-from app.engine.processing import (
+from app.engine.preprocess import (
     BatchDetections,
     Postprocessor,
     PostprocessSpec,

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from app.engine.pipeline import DetectionTask, Engine
-from app.engine.processing import BatchDetections
+from app.engine.preprocess import BatchDetections
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from app.errors import ApiError
 from app.images.decode import EncodedJpeg
-from app.tiling import TileSpec
+from app.tile_geometry import TileSpec
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -30,7 +30,7 @@ class DetectionTask:
     # (height, width) of the original image when `pixels` were reduced at decode time (to the
     # model's input size): boxes are scaled to it, not to the pixels' shape.
     source_size: tuple[int, int] | None = None
-    # Run as tiles (app/engine/tiling.py) rather than as one image; `pixels` are the full image.
+    # Run as tiles (app/engine/tile_tasks.py) rather than as one image; `pixels` are the full image.
     tiling: TileSpec | None = None
 
     def __post_init__(self) -> None:

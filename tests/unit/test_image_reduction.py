@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from app.engine.pipeline import DetectionTask, Engine
-from app.engine.processing import FixedSize, ShortestEdge
+from app.engine.preprocess import FixedSize, ShortestEdge
 from app.images.decode import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, Fit, decode_image, probe_image
 from tests.conftest import shapes_image
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from app.engine.precision import Tolerance, choose_precision, detections_agree
-from app.engine.processing import BatchDetections
+from app.engine.preprocess import BatchDetections
 
 
 def detections(seed: int = 0, images: int = 2, k: int = 30) -> BatchDetections:

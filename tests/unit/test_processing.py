@@ -1,4 +1,4 @@
-"""app.engine.processing against transformers' own image processors and post-processing."""
+"""app.engine.preprocess against transformers' own image processors and post-processing."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from transformers import (
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import get_image_size_for_max_height_width
 
-from app.engine.processing import (
+from app.engine.preprocess import (
     BatchDetections,
     MaxSize,
     Postprocessor,

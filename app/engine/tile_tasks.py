@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from app.engine.tasks import DetectionTask, ImageDetections
-from app.tiling import TileSpec
+from app.tile_geometry import TileSpec
 
 # Candidate pairs are examined this many boxes at a time: memory stays bounded however many
 # detections the tiles of an image return (300 tiles x 100 detections is 30,000 boxes).
