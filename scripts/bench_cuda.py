@@ -153,7 +153,7 @@ def _raw_row(
 ) -> dict[str, Any]:
     import torch
 
-    from app.engine.pipeline import DetectionTask
+    from app.engine.tasks import DetectionTask
 
     image = torch.from_numpy(pixels).permute(2, 0, 1)
     pv, mask = engine.preprocessor([image] * bs)

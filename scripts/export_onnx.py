@@ -55,7 +55,8 @@ def calibration_feeds(
     the server does (app/engine/preprocess.py)."""
     import torch
 
-    from app.engine.preprocess import Preprocessor, PreprocessSpec
+    from app.engine.preprocess import Preprocessor
+    from app.engine.preprocess_spec import PreprocessSpec
     from scripts import synthetic_shapes as shapes
 
     spec = PreprocessSpec.for_model(model_dir)

@@ -2,7 +2,9 @@
 
     pipeline.py     Engine: prepare (decode, pre-process) -> compute (backend) -> finish
                     (post-process), each stage with its own lock; out-of-memory splitting
-    preprocess.py   batched torch pre/post-processing that reproduces transformers' processors
+    preprocess.py   images -> pixel_values, batched in torch (transformers' image processors)
+    postprocess.py  logits and boxes -> detections in each image's pixels (transformers'
+                    post_process_object_detection); the one place a box is scaled
     preprocess_spec.py  the checkpoint's preprocessing rules, read from its JSON (no torch)
     tasks.py        what crosses between the service and the engine (no torch)
     build.py        start-up per device: backend, precision, CUDA graphs, device decode, warm-up

@@ -21,9 +21,10 @@ from app.backends.torch_backend import TorchBackend, resolve_device
 from app.config import Settings
 from app.engine.backend_choice import BackendChoice, choose_backend
 from app.engine.buckets import BatchBuckets
-from app.engine.pipeline import BucketMode, Engine
+from app.engine.pipeline import Engine
 from app.engine.precision import check_tasks, choose_precision
-from app.engine.preprocess import FixedSize, PreprocessSpec
+from app.engine.preprocess_spec import FixedSize, PreprocessSpec
+from app.engine.tasks import BucketMode
 from app.images.device import choose_jpeg_decoder
 from app.process.cpus import available_cpus
 

@@ -26,16 +26,10 @@ from transformers import AutoConfig
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
 from app.engine.buckets import BatchBuckets, pad_rows
-from app.engine.preprocess import (
-    BatchDetections,
-    Postprocessor,
-    PostprocessSpec,
-    Preprocessor,
-    PreprocessSpec,
-    select,
-)
-from app.engine.tasks import (  # noqa: F401 (re-exported: where they were first defined)
-    BucketMode,
+from app.engine.postprocess import BatchDetections, Postprocessor, PostprocessSpec, select
+from app.engine.preprocess import Preprocessor
+from app.engine.preprocess_spec import PreprocessSpec
+from app.engine.tasks import (
     DetectionTask,
     DeviceOutOfMemoryError,
     ImageDetections,

@@ -23,8 +23,9 @@ from app.backends.torch_backend import TorchBackend
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.build import build_engine, fixed_input_size
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
 from app.engine.precision import check_tasks, detections_agree
+from app.engine.tasks import DetectionTask, ImageDetections
 from app.images.decode import decode_image, probe_plain_jpeg
 from app.images.device import DeviceJpegDecoder, nvjpeg_unavailable_reason
 from app.ops.patch import install_msda

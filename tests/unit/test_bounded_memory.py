@@ -14,13 +14,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.engine import preprocess
 from app.engine.host_staging import HostStaging
-from app.engine.preprocess import (
+from app.engine.preprocess import Preprocessor
+from app.engine.preprocess_spec import (
     BICUBIC,
     BILINEAR,
     NEAREST,
     FixedSize,
     MaxSize,
-    Preprocessor,
     PreprocessSpec,
     ShortestEdge,
 )

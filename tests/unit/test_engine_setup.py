@@ -15,7 +15,7 @@ from app.backends.cuda_graphs import CudaGraphBackend
 from app.config import Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.build import build_engine, fixed_input_size, use_compile_cache, warmup_sizes
-from app.engine.preprocess import FixedSize, PreprocessSpec, ShortestEdge
+from app.engine.preprocess_spec import FixedSize, PreprocessSpec, ShortestEdge
 
 
 def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
