@@ -38,6 +38,14 @@ class DetectionTask:
             raise ValueError("a DetectionTask holds either pixels or a JPEG, not both or neither")
 
     @property
+    def image(self) -> np.ndarray | EncodedJpeg:
+        """The decoded pixels, or the JPEG left encoded."""
+        if self.jpeg is not None:
+            return self.jpeg
+        assert self.pixels is not None
+        return self.pixels
+
+    @property
     def size(self) -> tuple[int, int]:
         """(height, width) of the original image."""
         if self.jpeg is not None:

@@ -154,7 +154,7 @@ class EngineHost:
 
     @property
     def jpeg_on_device(self) -> bool:
-        return any(getattr(e, "jpeg_decoder", None) is not None for e in self.engines)
+        return any(getattr(e, "jpeg_on_device", False) for e in self.engines)
 
     def stuck(self) -> bool:
         """A forward pass has run longer than the watchdog allows."""
