@@ -1,10 +1,11 @@
 """The engine: decode, pre-process, run the backend, post-process, on batches.
 
 It is the batcher's handler: one call per batch, on a worker thread. A batch goes through three
-stages, each behind a lock of its own, so that two batches can be in flight on one device: while
-batch k runs on the device (compute), batch k+1 is decoded and pre-processed (prepare) and
-batch k-1's detections come back to the host (finish). On CUDA each stage runs on a stream of
-its own, so the overlap happens on the GPU too, not only between Python threads.
+stages, each behind a lock of its own, so that batches in flight on one device overlap: with two
+(the default on CUDA, `--batches-in-flight`), batch k+1 is decoded and pre-processed (prepare)
+while batch k runs on the device (compute) or its detections come back to the host (finish).
+On CUDA each stage runs on a stream of its own, so the overlap happens on the GPU too, not only
+between Python threads.
 """
 
 from __future__ import annotations
