@@ -29,7 +29,7 @@ from app.engine.tasks import DetectionTask, ImageDetections
 from app.images.decode import decode_image, probe_plain_jpeg
 from app.images.device import NvjpegDecoder, nvjpeg_unavailable_reason
 from app.ops.patch import install_msda
-from scripts.synthetic_shapes import HELDOUT_SEED, generate_sample
+from scripts.training.synthetic_shapes import HELDOUT_SEED, generate_sample
 from tests.unit.test_msda_op import _build
 
 pytestmark = [
