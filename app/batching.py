@@ -2,7 +2,7 @@
 
 It knows nothing of HTTP or models: a handler takes a list of items and returns one output
 per item (or an exception instance for an item that failed alone). The handler runs on the
-executor given (one worker thread per device), never on the event loop.
+executor given (a thread per batch that may be in flight), never on the event loop.
 
 Fairness: a batch is filled round-robin across the submissions waiting, one item from each in
 turn, submissions in arrival order. A request that brings many items (a tiled image's tiles)

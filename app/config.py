@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
 from app.models.repository import model_name as name_of_model
 from app.models.repository import model_problem
-from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
+from app.tile_geometry import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "rtdetr-shapes"

@@ -61,7 +61,7 @@ from app.images.pool import QUARANTINE_S, DecodePool, Into
 from app.images.render import Boxes
 from app.ipc.client import EngineUnavailableError, Reservation
 from app.metrics import Metrics
-from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
+from app.tile_geometry import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)
 

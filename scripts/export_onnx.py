@@ -52,10 +52,11 @@ def calibration_feeds(
     model_dir: Path, count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED
 ) -> Iterator[dict[str, np.ndarray]]:
     """``{"pixel_values"}`` batches of one generated shapes image each, pre-processed exactly as
-    the server does (app/engine/processing.py)."""
+    the server does (app/engine/preprocess.py)."""
     import torch
 
-    from app.engine.processing import Preprocessor, PreprocessSpec
+    from app.engine.preprocess import Preprocessor
+    from app.engine.preprocess_spec import PreprocessSpec
     from scripts.training import synthetic_shapes as shapes
 
     spec = PreprocessSpec.for_model(model_dir)

@@ -1,12 +1,12 @@
 """CUDA graphs around any torch Backend: one graph per batch-size bucket, captured at start-up,
 replayed with static input and output buffers.
 
-An eager forward pass of an RT-DETR at batch 1 is bound by Python kernel launches (the design's
-H100 anchor, measured outside this code: ~17 ms for ~2 ms of GPU work); a graph replays the same
-kernels with one launch. Shapes without a graph run eagerly, and so does every shape when a
-capture fails or its replay disagrees with the eager pass. Which buckets replay a graph, and why
-the others do not, is kept per bucket (`bucket_states`) for /v1/models and the metrics: a silent
-fallback to eager would cost most of the speed with nothing to show for it.
+An eager forward pass of an RT-DETR at small batches is bound by Python's kernel launches, not
+by the GPU; a graph replays the same kernels with one launch. Shapes without a graph run
+eagerly, and so does every shape when a capture fails or its replay disagrees with the eager
+pass. Which buckets replay a graph, and why the others do not, is kept per bucket
+(`bucket_states`) for /v1/models and the metrics: a silent fallback to eager would cost most of
+the speed with nothing to show for it.
 
 Warm-up and capture run on one side stream per backend (so per device), under
 app/backends/capture_guard.py, which makes transformers' RT-DETR, RT-DETRv2 and D-FINE code

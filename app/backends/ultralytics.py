@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from app.backends.torch_backend import TorchBackend, resolve_device, resolve_dtype
-from app.engine.processing import PostprocessSpec
+from app.engine.postprocess import PostprocessSpec
 from app.models.ultralytics import UltralyticsCheckpoint
 
 logger = logging.getLogger(__name__)

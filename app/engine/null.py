@@ -20,8 +20,8 @@ from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelI
 
 
 class NullEngine:
-    # Not a decoder: any non-None value tells the front ends to send plain JPEGs encoded.
-    jpeg_decoder = "none (null engine)"
+    # The front ends send plain JPEGs encoded, as to an nvjpeg engine; nothing decodes them.
+    jpeg_on_device = True
 
     def __init__(self, info: ModelInfo, batch_s: float = 0.0) -> None:
         self.info = info

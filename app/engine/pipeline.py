@@ -1,16 +1,16 @@
 """The engine: decode, pre-process, run the backend, post-process, on batches.
 
 It is the batcher's handler: one call per batch, on a worker thread. A batch goes through three
-stages, each behind a lock of its own, so that two batches can be in flight on one device: while
-batch k runs on the device (compute), batch k+1 is decoded and pre-processed (prepare) and
-batch k-1's detections come back to the host (finish). On CUDA each stage runs on a stream of
-its own, so the overlap happens on the GPU too, not only between Python threads.
+stages, each behind a lock of its own, so that batches in flight on one device overlap: with two
+(the default on CUDA, `--batches-in-flight`), batch k+1 is decoded and pre-processed (prepare)
+while batch k runs on the device (compute) or its detections come back to the host (finish).
+On CUDA each stage runs on a stream of its own, so the overlap happens on the GPU too, not only
+between Python threads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import threading
@@ -26,16 +26,10 @@ from transformers import AutoConfig
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
 from app.engine.buckets import BatchBuckets, pad_rows
-from app.engine.processing import (
-    BatchDetections,
-    Postprocessor,
-    PostprocessSpec,
-    Preprocessor,
-    PreprocessSpec,
-    select,
-)
-from app.engine.tasks import (  # noqa: F401 (re-exported: where they were first defined)
-    BucketMode,
+from app.engine.postprocess import BatchDetections, Postprocessor, PostprocessSpec, select
+from app.engine.preprocess import Preprocessor
+from app.engine.preprocess_spec import PreprocessSpec
+from app.engine.tasks import (
     DetectionTask,
     DeviceOutOfMemoryError,
     ImageDetections,
@@ -43,8 +37,7 @@ from app.engine.tasks import (  # noqa: F401 (re-exported: where they were first
     ModelInfo,
 )
 from app.errors import ApiError
-from app.images.decode import EncodedJpeg, decode_image
-from app.images.device import DeviceJpegDecoder, to_device_chw
+from app.images.device import ImageDecoder, PillowDecoder
 from app.models.ultralytics import UltralyticsCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -97,7 +90,7 @@ class Engine:
         info: ModelInfo,
         *,
         buckets: BatchBuckets | None = None,
-        jpeg_decoder: DeviceJpegDecoder | None = None,
+        decoder: ImageDecoder | None = None,
     ) -> None:
         self.backend = backend
         self.preprocessor = preprocessor
@@ -105,7 +98,8 @@ class Engine:
         self.info = info
         self.num_classes = len(info.labels)
         self.buckets = buckets  # None: every batch runs at its own size
-        self.jpeg_decoder = jpeg_decoder  # None: JPEGs arrive decoded by Pillow
+        # None: Pillow (app/images/device.py), and the front ends decode every image.
+        self.decoder = decoder if decoder is not None else PillowDecoder(backend.device)
         device = backend.device
         self._stages = [_Stage() for _ in range(3)]
         if device.type == "cuda":
@@ -247,7 +241,8 @@ class Engine:
         """Decode (JPEGs on the device), copy to the device, resize and normalise."""
         with self._prepare_stage.enter():
             started = time.perf_counter()
-            images, failures = self._decode(tasks)
+            images = self.decoder.to_device([t.image for t in tasks])
+            failures = {i: e for i, e in enumerate(images) if isinstance(e, ApiError)}
             rows = [i for i in range(len(tasks)) if i not in failures]
             prepared = PreparedBatch(
                 size=len(tasks),
@@ -260,7 +255,8 @@ class Engine:
             )
             if rows:
                 prepared.pixel_values, prepared.pixel_mask = self.preprocessor(
-                    [images[i] for i in rows], [tasks[i].size for i in rows]
+                    [image for image in images if not isinstance(image, ApiError)],
+                    [tasks[i].size for i in rows],
                 )
                 prepared.ready = self._record(self._prepare_stage)
             return prepared
@@ -330,33 +326,6 @@ class Engine:
             return self.postprocessor(computed.logits, computed.pred_boxes, ones)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _decode(
-        self, tasks: Sequence[DetectionTask]
-    ) -> tuple[dict[int, torch.Tensor], dict[int, ApiError]]:
-        device = self.backend.device
-        images: dict[int, torch.Tensor] = {}
-        failures: dict[int, ApiError] = {}
-        jpeg_rows: list[int] = []
-        jpegs: list[EncodedJpeg] = []
-        for i, task in enumerate(tasks):
-            if task.jpeg is not None:
-                jpeg_rows.append(i)
-                jpegs.append(task.jpeg)
-            elif task.pixels is not None:
-                images[i] = to_device_chw(task.pixels, device)
-        if jpegs:
-            decoded = (
-                self.jpeg_decoder.decode(jpegs)
-                if self.jpeg_decoder is not None
-                else [_decode_on_cpu(j, device) for j in jpegs]
-            )
-            for i, image in zip(jpeg_rows, decoded, strict=True):
-                if isinstance(image, ApiError):
-                    failures[i] = image
-                else:
-                    images[i] = image
-        return images, failures
-
     @staticmethod
     def _record(stage: _Stage) -> torch.cuda.Event | None:
         if stage.stream is None:
@@ -399,6 +368,11 @@ class Engine:
                 masks[i, sorted(c for c in task.class_ids if c < num_logits)] = True
         return masks.to(device)
 
+    @property
+    def jpeg_on_device(self) -> bool:
+        """Whether the front ends should send plain JPEGs encoded (the decoder is nvjpeg)."""
+        return self.decoder.jpeg_on_device
+
     def memory_usage(self) -> list[tuple[str, str, float]]:
         """(device, kind, bytes) for the metrics: CUDA allocator figures, or RSS on the CPU."""
         device = self.backend.device
@@ -422,13 +396,7 @@ class Engine:
         for no lazy initialisation (allocator, kernels, autotuning, the JPEG decoder)."""
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 255, size=(480, 640, 3), dtype=np.uint8)
-        jpeg = None
-        if self.jpeg_decoder is not None:
-            from PIL import Image
-
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-            jpeg = EncodedJpeg(buf.getvalue(), 480, 640, 0)
+        jpeg = self.decoder.warmup_jpeg(pixels)
         for step, size in enumerate(batch_sizes, 1):
             started = time.perf_counter()
             self.run_batch([DetectionTask(pixels, 0.5, 10)] * size)
@@ -442,14 +410,6 @@ class Engine:
                 size,
                 (time.perf_counter() - started) * 1e3,
             )
-
-
-def _decode_on_cpu(jpeg: EncodedJpeg, device: torch.device) -> torch.Tensor | ApiError:
-    try:
-        pixels = decode_image(jpeg.data, max_pixels=jpeg.pixel_count, index=jpeg.index).pixels
-    except ApiError as exc:
-        return exc
-    return to_device_chw(pixels, device)
 
 
 def _architecture(model_dir: Path) -> str:

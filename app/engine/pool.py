@@ -1,9 +1,9 @@
 """Several engines (one per GPU) behind the batcher's one handler: each batch goes to the engine
 with the fewest batches in flight.
 
-Each engine takes up to `batches_per_engine` batches at once (2 pipelines one device's stages),
-and the batcher is told to hand over at most that many times the number of engines, so a call
-always finds a free engine; the wait below only guards against a caller that ignores this.
+Each engine takes up to `batches_per_engine` batches at once (2: one is prepared while another
+runs), and the batcher is told to hand over at most that many times the number of engines, so a
+call always finds a free engine; the wait below only guards against a caller that ignores this.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from app.engine.pipeline import DetectionTask, Engine
-from app.engine.processing import BatchDetections
+from app.engine.pipeline import Engine
+from app.engine.postprocess import BatchDetections
+from app.engine.tasks import DetectionTask
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from app.errors import ApiError
 from app.images.decode import EncodedJpeg
-from app.tiling import TileSpec
+from app.tile_geometry import TileSpec
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -30,7 +30,7 @@ class DetectionTask:
     # (height, width) of the original image when `pixels` were reduced at decode time (to the
     # model's input size): boxes are scaled to it, not to the pixels' shape.
     source_size: tuple[int, int] | None = None
-    # Run as tiles (app/engine/tiling.py) rather than as one image; `pixels` are the full image.
+    # Run as tiles (app/engine/tile_tasks.py) rather than as one image; `pixels` are the full image.
     tiling: TileSpec | None = None
     # Front end only: the arena block `pixels` were decoded into (app/ipc/client.py's
     # Reservation), sent to the engine by offset without a copy.
@@ -39,6 +39,14 @@ class DetectionTask:
     def __post_init__(self) -> None:
         if (self.pixels is None) == (self.jpeg is None):
             raise ValueError("a DetectionTask holds either pixels or a JPEG, not both or neither")
+
+    @property
+    def image(self) -> np.ndarray | EncodedJpeg:
+        """The decoded pixels, or the JPEG left encoded."""
+        if self.jpeg is not None:
+            return self.jpeg
+        assert self.pixels is not None
+        return self.pixels
 
     @property
     def size(self) -> tuple[int, int]:

@@ -79,7 +79,7 @@ def export_key(model_dir: Path, precision: Precision = "float32", opset: int | N
     """The key an export of ``model_dir`` at ``precision`` must carry to be reused."""
     import torch
 
-    from app.engine.processing import PreprocessSpec
+    from app.engine.preprocess_spec import PreprocessSpec
     from app.export.onnx_export import DEFAULT_OPSET, input_size
 
     parts = {

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from app.engine.processing import FixedSize, PreprocessSpec
+from app.engine.preprocess_spec import FixedSize, PreprocessSpec
 from app.export.cache import local_export, sha256_file
 from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE
 from app.ops.onnx_function import add_msda_function

@@ -290,6 +290,13 @@ def decode_image(
     return DecodedImage(pixels=np.array(rgb, dtype=np.uint8), format=fmt, source_size=source)
 
 
+def resize_pixels(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Decoded uint8 [H, W, 3] pixels resized with Pillow, as the model's image processor would
+    (a tiled image's full-image pass); a new, writable array (torch.from_numpy wants that)."""
+    small = Image.fromarray(pixels).resize((width, height), Image.Resampling(resample))
+    return np.array(small)
+
+
 def decode_upright(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
     """The whole image at its own resolution as an RGB Pillow image, EXIF orientation applied
     (what the renderer draws on); the same guards and errors as decode_image."""

@@ -1,10 +1,17 @@
-"""Batched JPEG decoding on the GPU (nvjpeg, through torchvision.io.decode_jpeg), with Pillow
-as the fallback for every image nvjpeg refuses.
+"""Images onto the model's device: the engine's one decoder, Pillow or nvjpeg behind one
+interface.
 
-Pillow decodes a 640x480 JPEG at ~320 images/s per CPU core; nvjpeg decodes batches at ~15,000
-images/s on an H100 (docs/DESIGN anchors), so at GPU throughput the CPU would be the bottleneck.
+`ImageDecoder.to_device(items)` takes a batch whose items are pixels the front end decoded
+(uint8 [H, W, 3]) or JPEGs it left encoded (the GPU path), and gives one uint8 RGB [3, H, W]
+tensor on the device per item, or that item's error. `PillowDecoder` decodes JPEGs on the CPU
+(app/images/decode.py); `NvjpegDecoder` decodes them in batches on the GPU (torchvision's
+decode_jpeg) and hands every JPEG nvjpeg refuses to Pillow: the fallback rule is written there
+once. `choose_decoder` picks one per device from `--image-decoder`.
 
-Two hazards of torchvision's decoder shape this module:
+Why nvjpeg: at the rate a GPU runs the model, Pillow's decoding would need more CPU cores than
+a GPU server has to spare; nvjpeg decodes a whole batch on the device.
+
+Two hazards of torchvision's decoder shape NvjpegDecoder:
 - nvjpeg's hardware decoder writes its outputs without waiting for the work already queued on
   the stream they were allocated on (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The
   caching allocator hands the previous batch's freed buffers to the next decode while that
@@ -13,18 +20,21 @@ Two hazards of torchvision's decoder shape this module:
   event wait on the GPU would not do, as the hardware engine ignores stream order.
 - torchvision keeps one global decoder and rebuilds it, leaking the old one, whenever the device
   changes; engines of several GPUs alternate, so every batch would rebuild it. With more than one
-  device JPEGs are decoded by Pillow instead (`choose_jpeg_decoder`).
+  device JPEGs are decoded by Pillow instead (`choose_decoder`).
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.engine.host_staging import staging_for
 from app.errors import ApiError, InvalidImageError
@@ -53,14 +63,14 @@ def nvjpeg_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def choose_jpeg_decoder(
+def choose_decoder(
     setting: DecoderSetting, device: torch.device, devices_in_use: int = 1
-) -> DeviceJpegDecoder | None:
-    """The device decoder when the setting and the installation allow it, else None (Pillow on
-    the request path). `nvjpeg` that cannot be honoured is an error, `auto` a log line.
-    `devices_in_use`: the devices this process serves on; nvjpeg only serves one (see above)."""
+) -> ImageDecoder:
+    """nvjpeg when the setting and the installation allow it, else Pillow. `nvjpeg` that cannot
+    be honoured is an error, `auto` a log line. `devices_in_use`: the devices this process
+    serves on; nvjpeg only serves one (see above)."""
     if setting == "pillow":
-        return None
+        return PillowDecoder(device)
     reason = nvjpeg_unavailable_reason(device)
     if reason is None and devices_in_use > 1:
         reason = (
@@ -69,11 +79,11 @@ def choose_jpeg_decoder(
         )
     if reason is None:
         logger.info("JPEGs are decoded on %s with nvjpeg, in batches", device)
-        return DeviceJpegDecoder(device)
+        return NvjpegDecoder(device)
     if setting == "nvjpeg":
         raise RuntimeError(f"--image-decoder nvjpeg cannot be honoured: {reason}")
     logger.info("JPEGs are decoded with Pillow on the CPU: %s", reason)
-    return None
+    return PillowDecoder(device)
 
 
 def _torchvision_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -98,25 +108,86 @@ def _current_cuda_stream(device: torch.device) -> StreamLike:
     return torch.cuda.current_stream(device) if device.type == "cuda" else _NoStream()
 
 
-class DeviceJpegDecoder:
+class ImageDecoder(ABC):
+    """A batch's images onto the model's device (see the module docstring)."""
+
+    name: str
+    # Whether the front ends should leave plain JPEGs encoded for this decoder (the GPU path).
+    jpeg_on_device: bool
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def to_device(self, items: Sequence[np.ndarray | EncodedJpeg]) -> list[torch.Tensor | ApiError]:
+        """One uint8 RGB [3, H, W] tensor on the device per item, in order: decoded pixels
+        copied there, JPEGs decoded (all of the batch's in one call); or the error of a JPEG
+        that could not be decoded."""
+        jpegs = [item for item in items if isinstance(item, EncodedJpeg)]
+        decoded = iter(self.decode(jpegs))
+        return [
+            next(decoded) if isinstance(item, EncodedJpeg) else to_device_chw(item, self.device)
+            for item in items
+        ]
+
+    @abstractmethod
+    def decode(self, jpegs: Sequence[EncodedJpeg]) -> list[torch.Tensor | ApiError]:
+        """One uint8 RGB [3, H, W] tensor on the device per JPEG, in order, or its error."""
+
+    def warmup_jpeg(self, pixels: np.ndarray) -> EncodedJpeg | None:
+        """A JPEG of `pixels` for the engine's warm-up to decode, when JPEGs reach this decoder
+        (None: the front ends decode every image, there is nothing to warm)."""
+        if not self.jpeg_on_device:
+            return None
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        return EncodedJpeg(buf.getvalue(), pixels.shape[0], pixels.shape[1], 0)
+
+
+class PillowDecoder(ImageDecoder):
+    """JPEGs decoded on the CPU by app/images/decode.py (its guards included), then copied to
+    the device."""
+
+    name = "Pillow"
+    jpeg_on_device = False
+
+    def decode(self, jpegs: Sequence[EncodedJpeg]) -> list[torch.Tensor | ApiError]:
+        return [self.decode_one(jpeg) for jpeg in jpegs]
+
+    def decode_one(self, jpeg: EncodedJpeg) -> torch.Tensor | ApiError:
+        try:
+            pixels = decode_image(jpeg.data, max_pixels=jpeg.pixel_count, index=jpeg.index).pixels
+        except ApiError as exc:
+            return exc
+        except Exception as exc:  # decode_image maps Pillow's errors; anything else is ours
+            return InvalidImageError(
+                f"the JPEG could not be decoded ({type(exc).__name__})", image_index=jpeg.index
+            )
+        return to_device_chw(pixels, self.device)
+
+
+class NvjpegDecoder(ImageDecoder):
+    """JPEGs decoded in batches on a CUDA device by nvjpeg; Pillow for each one it refuses."""
+
+    name = "nvjpeg"
+    jpeg_on_device = True
+
     def __init__(
         self,
         device: torch.device,
         decode_batch: DecodeBatch | None = None,
         current_stream: Callable[[torch.device], StreamLike] | None = None,
     ) -> None:
-        self.device = device
+        super().__init__(device)
         self._decode_batch = decode_batch or _torchvision_decode
         # The stream the decoded tensors are allocated on (the prepare stage's); tests pass fakes.
         self._current_stream = current_stream or _current_cuda_stream
+        self._pillow = PillowDecoder(device)
 
     def decode(self, jpegs: Sequence[EncodedJpeg]) -> list[torch.Tensor | ApiError]:
-        """One uint8 RGB [3, H, W] tensor on the device per JPEG, in order, or the error of a
-        JPEG that neither nvjpeg nor Pillow could decode. A JPEG that does not end with its
-        end-of-image marker never reaches nvjpeg (which decodes truncated files): Pillow
-        judges it, as on the CPU path. The front end's marker walk (probe_plain_jpeg) already
-        keeps such files off this path and cuts each JPEG at its marker; this is the check
-        where nvjpeg is called."""
+        """nvjpeg, else Pillow for that image. A JPEG that does not end with its end-of-image
+        marker never reaches nvjpeg (which decodes truncated files): Pillow judges it, as on the
+        CPU path. The front end's marker walk (probe_plain_jpeg) already keeps such files off
+        this path and cuts each JPEG at its marker; this is the check where nvjpeg is called."""
         if not jpegs:
             return []
         device_rows = [i for i, j in enumerate(jpegs) if j.data.endswith(_JPEG_EOI)]
@@ -142,7 +213,7 @@ class DeviceJpegDecoder:
             if image is not None and tuple(image.shape) == (3, jpeg.height, jpeg.width):
                 results.append(image)
             else:
-                results.append(self._pillow(jpeg))
+                results.append(self._pillow.decode_one(jpeg))
         return results
 
     def _decode_one(self, encoded: torch.Tensor) -> torch.Tensor | None:
@@ -151,17 +222,6 @@ class DeviceJpegDecoder:
             return image
         except Exception:
             return None
-
-    def _pillow(self, jpeg: EncodedJpeg) -> torch.Tensor | ApiError:
-        try:
-            pixels = decode_image(jpeg.data, max_pixels=jpeg.pixel_count, index=jpeg.index).pixels
-        except ApiError as exc:
-            return exc
-        except Exception as exc:  # decode_image maps Pillow's errors; anything else is ours
-            return InvalidImageError(
-                f"the JPEG could not be decoded ({type(exc).__name__})", image_index=jpeg.index
-            )
-        return to_device_chw(pixels, self.device)
 
 
 def to_device_chw(pixels: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -22,7 +22,7 @@ Messages (pickled tuples; see wire.py):
         ("inline", pixels, threshold, max_det, class_ids, source_size, tiling)  not in the arena
         ("jpeg", EncodedJpeg, threshold, max_det, class_ids, source_size, tiling) for the device
         (source_size: the original (height, width) when the pixels were reduced at decode;
-        tiling: an app.tiling.TileSpec, or None; a tiled image's pixels are its full size)
+        tiling: an app.tile_geometry.TileSpec, or None; a tiled image's pixels are its full size)
 """
 
 from __future__ import annotations

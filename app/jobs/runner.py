@@ -1,11 +1,11 @@
 """The one place jobs run: claim a queued job, read its image region by region, send its tiles
 to the engine at low priority, merge their boxes, write the result.
 
-Tiles are SAHI's geometry (app/tiling.py TileSpec.tiles), as for `"tiling"` on /v1/detect; the
-merge is the engine's (app/engine/tiling.py merge_detections). A row of tiles is read in chunks
-of up to one batch of tiles (one region read: the TIFF tiles under them decode once), with two
-chunks in flight: while the engine runs one, the next is read. Memory held: two chunks' regions
-(a region is tile_size high and chunk * step wide) plus the boxes found.
+Tiles are SAHI's geometry (app/tile_geometry.py TileSpec.tiles), as for `"tiling"` on
+/v1/detect; the merge is the engine's (app/engine/tile_tasks.py merge_detections). A row of tiles
+is read in chunks of up to one batch of tiles (one region read: the TIFF tiles under them decode
+once), with two chunks in flight: while the engine runs one, the next is read. Memory held: two
+chunks' regions (a region is tile_size high and chunk * step wide) plus the boxes found.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ModelInfo
 from app.jobs.reader import ImageSource, UnreadableImageError, open_image
 from app.jobs.store import Job, JobStore
-from app.tiling import TileSpec
+from app.tile_geometry import TileSpec
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _merged(
         return []
     import torch
 
-    from app.engine.tiling import merge_detections
+    from app.engine.tile_tasks import merge_detections
 
     boxes, scores, classes = merge_detections(
         torch.from_numpy(np.concatenate(found.boxes)),

@@ -28,7 +28,7 @@ from app.engine.preprocess_spec import BILINEAR, FixedSize, PreprocessSpec
 
 if TYPE_CHECKING:
     from app.backends.torch_backend import TorchBackend
-    from app.engine.processing import PostprocessSpec
+    from app.engine.postprocess import PostprocessSpec
 
 SUFFIXES = (".pt", ".pth")
 RTDETR_CLASS = "ultralytics.nn.tasks.RTDETRDetectionModel"

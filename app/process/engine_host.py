@@ -136,16 +136,16 @@ class EngineHost:
             raise ShuttingDownError()
         if not any(t.tiling is not None for t in tasks):
             return await batcher.submit(tasks, deadline, priority)
-        from app.engine import tiling
+        from app.engine import tile_tasks
 
         spec = self._spec or PreprocessSpec.for_model(self.settings.model)
         self._spec = spec
         items, parts = await asyncio.to_thread(
-            tiling.expand, tasks, spec.output_size, spec.resample
+            tile_tasks.expand, tasks, spec.output_size, spec.resample
         )
         self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
         outputs = await batcher.submit(items, deadline, priority)
-        return await asyncio.to_thread(tiling.collect, tasks, parts, outputs, self.info.device)
+        return await asyncio.to_thread(tile_tasks.collect, tasks, parts, outputs, self.info.device)
 
     @property
     def info(self) -> ModelInfo:
@@ -154,7 +154,7 @@ class EngineHost:
 
     @property
     def jpeg_on_device(self) -> bool:
-        return any(getattr(e, "jpeg_decoder", None) is not None for e in self.engines)
+        return any(getattr(e, "jpeg_on_device", False) for e in self.engines)
 
     def stuck(self) -> bool:
         """A forward pass has run longer than the watchdog allows."""

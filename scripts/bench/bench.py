@@ -135,7 +135,7 @@ def bench_raw(
     see load_raw_engine). Each row names the backend that ran."""
     import torch
 
-    from app.engine.pipeline import DetectionTask
+    from app.engine.tasks import DetectionTask
     from app.images.decode import decode_image
 
     engine = load_raw_engine(model, device, backend, precision, onnx_spinning=onnx_spinning)

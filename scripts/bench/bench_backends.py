@@ -165,7 +165,8 @@ def _onnx_model_dir(model: Path, workdir: Path) -> Path:
 
 
 def bench_engine(model: Path, device: str, max_batch: int, seconds: float) -> list[dict[str, Any]]:
-    from app.engine.pipeline import DetectionTask, Engine
+    from app.engine.pipeline import Engine
+    from app.engine.tasks import DetectionTask
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, size=(480, 640, 3), dtype=np.uint8) for _ in range(max_batch)]

@@ -113,7 +113,7 @@ def _bench_raw(
     print(
         f"  {model.name}: {engine.info.dtype}, graphs for {sorted(captured) or 'none'}"
         f"{' (eager: ' + '; '.join(eager_why) + ')' if eager_why else ''}, "
-        f"nvjpeg {'on' if engine.jpeg_decoder else 'off'}, start-up {startup_s:.1f} s",
+        f"nvjpeg {'on' if engine.jpeg_on_device else 'off'}, start-up {startup_s:.1f} s",
         flush=True,
     )
     rows = []
@@ -137,7 +137,7 @@ def _bench_raw(
         "startup_s": startup_s,
         "graphs": sorted(captured),
         "eager_reasons": eager_why,
-        "nvjpeg": engine.jpeg_decoder is not None,
+        "nvjpeg": engine.jpeg_on_device,
         "rows": rows,
     }
 
@@ -153,7 +153,7 @@ def _raw_row(
 ) -> dict[str, Any]:
     import torch
 
-    from app.engine.pipeline import DetectionTask
+    from app.engine.tasks import DetectionTask
 
     image = torch.from_numpy(pixels).permute(2, 0, 1)
     pv, mask = engine.preprocessor([image] * bs)
@@ -164,7 +164,7 @@ def _raw_row(
     row["eager_ms"] = time_cuda(lambda: eager.infer(pv, mask), seconds) * 1e3
     tasks = [DetectionTask(pixels, 0.5, 100)] * bs
     row["engine_ms"] = time_cuda(lambda: engine.run_batch(tasks), seconds / 2) * 1e3
-    if engine.jpeg_decoder is not None and encoded is not None:
+    if engine.jpeg_on_device and encoded is not None:
         jtasks = [DetectionTask(None, 0.5, 100, jpeg=encoded)] * bs
         row["engine_jpeg_ms"] = time_cuda(lambda: engine.run_batch(jtasks), seconds / 2) * 1e3
     for key in [k for k in row if k.endswith("_ms")]:

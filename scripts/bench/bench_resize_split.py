@@ -46,8 +46,9 @@ def main() -> None:
 
     import torch
 
-    from app.engine.pipeline import DetectionTask, Engine
+    from app.engine.pipeline import Engine
     from app.engine.preprocess_spec import PreprocessSpec
+    from app.engine.tasks import DetectionTask
     from app.images.pool import _decode_in_worker
 
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ async def bench_tiles(
     from app.engine.tasks import DetectionTask
     from app.metrics import Metrics
     from app.process.engine_host import EngineHost
-    from app.tiling import TileSpec
+    from app.tile_geometry import TileSpec
 
     base = Settings(model=model, backend=backend, max_queue_size=1024, tiling_max_tiles=1024)
     engine = build_engines(base)[0]

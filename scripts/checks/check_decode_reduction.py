@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.engine.pipeline import DetectionTask, Engine
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask
 from app.images.decode import Fit, decode_image
 
 ROOT = Path(__file__).resolve().parents[2]

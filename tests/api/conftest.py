@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask, ImageDetections
 from app.main import create_app
 
 

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.engine import backend_choice
 from app.engine.backend_choice import choose_backend
 from app.engine.build import build_engines
-from app.engine.pipeline import DetectionTask, ImageDetections
+from app.engine.tasks import DetectionTask, ImageDetections
 from app.main import create_app
 from tests.conftest import shapes_image
 

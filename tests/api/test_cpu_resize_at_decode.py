@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask, ImageDetections
 from tests.api.conftest import CountingEngine, b64
 from tests.conftest import shapes_image
 

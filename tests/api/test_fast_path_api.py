@@ -18,13 +18,13 @@ from PIL import Image
 
 from app.engine.backend_choice import choose_backend
 from app.engine.pipeline import Engine
-from app.images.device import DeviceJpegDecoder
+from app.images.device import NvjpegDecoder
 from app.main import create_app
 from tests.api.conftest import assert_error, make_settings
 from tests.conftest import shapes_image
 
 
-class StandInDecoder(DeviceJpegDecoder):
+class StandInDecoder(NvjpegDecoder):
     """nvjpeg's role played by Pillow on the CPU; counts the images it decoded."""
 
     def __init__(self) -> None:
@@ -46,17 +46,19 @@ async def serve(tiny_model_dir: Path) -> AsyncIterator[Any]:
     lifespans = []
 
     async def start(
-        decoder: DeviceJpegDecoder | None = None, backend: str = "torch", **overrides: Any
+        decoder: NvjpegDecoder | None = None, backend: str = "torch", **overrides: Any
     ) -> Any:
         settings = make_settings(tiny_model_dir, **overrides)
         onnx_path = None
         if backend == "onnx":  # the session cache's export (tests/conftest.py)
             choice = choose_backend(settings.model_copy(update={"backend": "auto"}), "cpu")
             onnx_path = choice.onnx_path
-        engine = Engine.load(
+        model = Engine.load(
             settings.model, name="tiny", device="cpu", backend=backend, onnx_path=onnx_path
         )
-        engine.jpeg_decoder = decoder
+        engine = Engine(
+            model.backend, model.preprocessor, model.postprocessor, model.info, decoder=decoder
+        )
         app = create_app(settings, engine=engine)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()

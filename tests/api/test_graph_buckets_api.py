@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from app.engine.pipeline import BucketMode, Engine
+from app.engine.pipeline import Engine
+from app.engine.tasks import BucketMode
 from app.main import create_app
 from tests.api.conftest import make_settings
 

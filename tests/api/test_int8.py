@@ -13,7 +13,8 @@ import torch
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.engine.build import build_engines
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask, ImageDetections
 from scripts.training import evaluate
 from scripts.training import synthetic_shapes as shapes
 

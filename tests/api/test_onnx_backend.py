@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask, ImageDetections
 from app.main import create_app
 from tests.conftest import shapes_image
 

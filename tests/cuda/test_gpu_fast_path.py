@@ -23,10 +23,11 @@ from app.backends.torch_backend import TorchBackend
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.build import build_engine, fixed_input_size
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections
+from app.engine.pipeline import Engine
 from app.engine.precision import check_tasks, detections_agree
+from app.engine.tasks import DetectionTask, ImageDetections
 from app.images.decode import decode_image, probe_plain_jpeg
-from app.images.device import DeviceJpegDecoder, nvjpeg_unavailable_reason
+from app.images.device import NvjpegDecoder, nvjpeg_unavailable_reason
 from app.ops.patch import install_msda
 from scripts.training.synthetic_shapes import HELDOUT_SEED, generate_sample
 from tests.unit.test_msda_op import _build
@@ -243,7 +244,7 @@ def test_nvjpeg_decodes_within_a_few_grey_levels_of_pillow() -> None:
     datas = [p.read_bytes() for p in EXAMPLES] + [generate_sample(5, i).jpeg for i in range(3)]
     jpegs = [probe_plain_jpeg(d, max_pixels=10**8, index=i) for i, d in enumerate(datas)]
     assert all(j is not None for j in jpegs)
-    decoded = DeviceJpegDecoder(torch.device("cuda")).decode(jpegs)  # type: ignore[arg-type]
+    decoded = NvjpegDecoder(torch.device("cuda")).decode(jpegs)  # type: ignore[arg-type]
     for data, image in zip(datas, decoded, strict=True):
         assert isinstance(image, torch.Tensor) and image.is_cuda
         expected = torch.from_numpy(decode_image(data, max_pixels=10**8, index=0).pixels)

@@ -44,7 +44,7 @@ def test_onnxruntime_matches_torch_on_the_images(
     import torch
 
     from app.backends.ultralytics import load_checkpoint
-    from app.engine.processing import Preprocessor
+    from app.engine.preprocess import Preprocessor
     from app.models.ultralytics import probe
     from tests.ultralytics.conftest import rgb
 

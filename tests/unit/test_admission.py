@@ -12,7 +12,7 @@ from PIL import Image
 from app.admission import BudgetExhaustedError, PixelBudget
 from app.api.v1.schemas import DetectOptions
 from app.config import Settings
-from app.engine.pipeline import ModelInfo
+from app.engine.tasks import ModelInfo
 from app.errors import DeadlineError, PayloadTooLargeError, QueueFullApiError
 from app.images.pool import DecodePool
 from app.metrics import Metrics

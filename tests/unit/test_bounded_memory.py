@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app.engine import processing
+from app.engine import preprocess
 from app.engine.host_staging import HostStaging
-from app.engine.processing import (
+from app.engine.preprocess import Preprocessor
+from app.engine.preprocess_spec import (
     BICUBIC,
     BILINEAR,
     NEAREST,
     FixedSize,
     MaxSize,
-    Preprocessor,
     PreprocessSpec,
     ShortestEdge,
 )
@@ -47,12 +47,12 @@ def old_resize(x: torch.Tensor, height: int, width: int, resample: int) -> torch
     x = x.float()
     in_height, in_width = x.shape[-2:]
     if resample == NEAREST:
-        rows = torch.from_numpy(processing._nearest_indices(in_height, height))
-        cols = torch.from_numpy(processing._nearest_indices(in_width, width))
+        rows = torch.from_numpy(preprocess._nearest_indices(in_height, height))
+        cols = torch.from_numpy(preprocess._nearest_indices(in_width, width))
         return x.index_select(2, rows).index_select(3, cols)
-    mode = processing._INTERPOLATE_MODES[resample]
+    mode = preprocess._INTERPOLATE_MODES[resample]
     shrink_h, shrink_w = in_height - height, in_width - width
-    step = processing._resize_pass
+    step = preprocess._resize_pass
     if shrink_h > 0 and shrink_h > 2 * shrink_w:
         return step(step(x, height, in_width, mode), height, width, mode)
     return step(step(x, in_height, width, mode), height, width, mode)
@@ -76,9 +76,9 @@ def image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 def test_the_strip_resize_gives_the_full_float_resize_numbers(
     monkeypatch, resample: int, size: tuple[int, int], out: tuple[int, int]
 ) -> None:
-    monkeypatch.setattr(processing, "_STRIP_PIXELS", 20_000)  # many strips, odd last one
+    monkeypatch.setattr(preprocess, "_STRIP_PIXELS", 20_000)  # many strips, odd last one
     x = torch.stack([image(*size, seed=1), image(*size, seed=2)])
-    new = processing._resize(x, *out, resample)
+    new = preprocess._resize(x, *out, resample)
     assert new.dtype == torch.float32
     assert torch.equal(new, old_resize(x, *out, resample))
 

@@ -14,7 +14,12 @@ from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.images.decode import EncodedJpeg, decode_image, probe_plain_jpeg
-from app.images.device import DeviceJpegDecoder, choose_jpeg_decoder, nvjpeg_unavailable_reason
+from app.images.device import (
+    NvjpegDecoder,
+    PillowDecoder,
+    choose_decoder,
+    nvjpeg_unavailable_reason,
+)
 from tests.conftest import shapes_image
 
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on it
@@ -45,23 +50,23 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch, *, gpu_decode: bool = True
 def test_without_torchvision_jpegs_go_through_pillow(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     assert "torchvision is not installed" in (nvjpeg_unavailable_reason(CUDA) or "")
-    assert choose_jpeg_decoder("auto", CUDA) is None
+    assert isinstance(choose_decoder("auto", CUDA), PillowDecoder)
     with pytest.raises(RuntimeError, match="nvjpeg cannot be honoured: torchvision"):
-        choose_jpeg_decoder("nvjpeg", CUDA)
+        choose_decoder("nvjpeg", CUDA)
 
 
 def test_with_torchvision_and_cuda_jpegs_are_decoded_on_the_device(monkeypatch) -> None:
     fake_torchvision(monkeypatch)
-    decoder = choose_jpeg_decoder("auto", CUDA)
-    assert isinstance(decoder, DeviceJpegDecoder) and decoder.device == CUDA
-    assert choose_jpeg_decoder("pillow", CUDA) is None
+    decoder = choose_decoder("auto", CUDA)
+    assert isinstance(decoder, NvjpegDecoder) and decoder.device == CUDA
+    assert isinstance(choose_decoder("pillow", CUDA), PillowDecoder)
 
 
 def test_the_cpu_and_old_torchvision_keep_pillow(monkeypatch) -> None:
     fake_torchvision(monkeypatch)
-    assert choose_jpeg_decoder("auto", CPU) is None
+    assert isinstance(choose_decoder("auto", CPU), PillowDecoder)
     with pytest.raises(RuntimeError, match="not CUDA"):
-        choose_jpeg_decoder("nvjpeg", CPU)
+        choose_decoder("nvjpeg", CPU)
     fake_torchvision(monkeypatch, gpu_decode=False)
     assert "0.18.0 cannot decode on the GPU" in (nvjpeg_unavailable_reason(CUDA) or "")
 
@@ -134,7 +139,7 @@ def test_one_jpeg_nvjpeg_refuses_fails_the_batch_and_only_that_one_goes_to_pillo
             raise RuntimeError("nvjpeg: bitstream error")  # the whole batch fails
         return pillow(data, device)
 
-    out = DeviceJpegDecoder(CPU, picky).decode(jpegs)
+    out = NvjpegDecoder(CPU, picky).decode(jpegs)
     assert calls == [-3, 1, -1, 1]  # the batch, then one by one
     for jpeg, image in zip(jpegs, out, strict=True):  # Pillow decoded the refused one
         expected = decode_image(jpeg.data, max_pixels=10**6, index=0).pixels
@@ -167,7 +172,7 @@ def test_a_truncated_jpeg_in_a_device_batch_fails_alone_and_never_reaches_nvjpeg
         EncodedJpeg(good, 48, 64, 2),
     ]
     seen: list[bytes] = []
-    out = DeviceJpegDecoder(CPU, tolerant(seen)).decode(jpegs)
+    out = NvjpegDecoder(CPU, tolerant(seen)).decode(jpegs)
     assert seen == [good, good]
     assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
     assert isinstance(out[1], InvalidImageError) and out[1].image_index == 1
@@ -185,7 +190,7 @@ def gpu_path_serves(data: bytes, seen: list[bytes]) -> bool:
         return False
     if jpeg is None:  # the CPU path takes it
         return cpu_path_serves(data)
-    (image,) = DeviceJpegDecoder(CPU, tolerant(seen)).decode([jpeg])
+    (image,) = NvjpegDecoder(CPU, tolerant(seen)).decode([jpeg])
     return isinstance(image, torch.Tensor)
 
 
@@ -223,17 +228,18 @@ def test_a_device_result_of_the_wrong_size_is_replaced_by_pillows() -> None:
     def transposed(data, device):
         return [torch.zeros((3, 64, 48), dtype=torch.uint8) for _ in data]
 
-    (image,) = DeviceJpegDecoder(CPU, transposed).decode([jpeg])
+    (image,) = NvjpegDecoder(CPU, transposed).decode([jpeg])
     expected = decode_image(jpeg.data, max_pixels=10**6, index=0).pixels
     assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))  # type: ignore[arg-type]
 
 
 def test_with_several_devices_nvjpeg_is_off_under_auto_and_refused_when_asked(monkeypatch) -> None:
     fake_torchvision(monkeypatch)
-    assert isinstance(choose_jpeg_decoder("auto", CUDA, devices_in_use=1), DeviceJpegDecoder)
-    assert choose_jpeg_decoder("auto", torch.device("cuda:1"), devices_in_use=2) is None
+    assert isinstance(choose_decoder("auto", CUDA, devices_in_use=1), NvjpegDecoder)
+    second_gpu = torch.device("cuda:1")
+    assert isinstance(choose_decoder("auto", second_gpu, devices_in_use=2), PillowDecoder)
     with pytest.raises(RuntimeError, match="2 devices are in use"):
-        choose_jpeg_decoder("nvjpeg", CUDA, devices_in_use=2)
+        choose_decoder("nvjpeg", CUDA, devices_in_use=2)
 
 
 class QueuedStream:
@@ -265,10 +271,24 @@ def test_nvjpeg_starts_writing_only_after_the_previous_batchs_kernels_ran() -> N
         stream.enqueue(f"resize of batch {len(still_queued_at_decode)}")
         return out
 
-    decoder = DeviceJpegDecoder(CUDA, nvjpeg, current_stream=lambda device: stream)
+    decoder = NvjpegDecoder(CUDA, nvjpeg, current_stream=lambda device: stream)
     batches = [[EncodedJpeg(shapes_image(64, 48, seed=k), 48, 64, 0)] for k in range(3)]
     stream.enqueue("resize of batch 0")  # a batch prepared before the decoder's first call
     for batch in batches:
         assert isinstance(decoder.decode(batch)[0], torch.Tensor)
     assert still_queued_at_decode == [[], [], []]
     assert stream.drained == 3 and calls == [1, 1, 1]
+
+
+def test_pixels_and_jpegs_of_one_batch_come_back_in_order_with_each_bad_jpegs_error() -> None:
+    good = shapes_image(64, 48)
+    pixels = np.arange(40 * 56 * 3, dtype=np.uint8).reshape(40, 56, 3)
+    broken = EncodedJpeg(b"\xff\xd8\xff" + b"no image here" * 8 + b"\xff\xd9", 48, 64, 2)
+    items = [EncodedJpeg(good, 48, 64, 0), pixels, broken]
+    expected = torch.from_numpy(decode_image(good, max_pixels=10**6, index=0).pixels)
+    for decoder in (PillowDecoder(CPU), NvjpegDecoder(CPU, pillow_batch([]))):
+        first, second, third = decoder.to_device(items)
+        assert isinstance(first, torch.Tensor) and torch.equal(first, expected.permute(2, 0, 1))
+        assert isinstance(second, torch.Tensor)
+        assert torch.equal(second, torch.from_numpy(pixels).permute(2, 0, 1))
+        assert isinstance(third, InvalidImageError) and third.image_index == 2, decoder.name

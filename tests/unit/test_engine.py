@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from app.backends.base import RawOutputs
-from app.engine.pipeline import DetectionTask, DeviceOutOfMemoryError, Engine
+from app.engine.pipeline import Engine
+from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 
 from app.backends.base import RawOutputs
 from app.engine.buckets import BatchBuckets
-from app.engine.pipeline import DetectionTask, Engine, ImageDetections, ModelInfo
-from app.engine.processing import Postprocessor, PostprocessSpec
+from app.engine.pipeline import Engine
+from app.engine.postprocess import Postprocessor, PostprocessSpec
+from app.engine.tasks import DetectionTask, ImageDetections, ModelInfo
 from app.errors import InvalidImageError
 from app.images.decode import EncodedJpeg
 from tests.conftest import shapes_image

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.engine.pipeline import ModelInfo
 from app.engine.pool import EnginePool
+from app.engine.tasks import ModelInfo
 
 
 class FakeEngine:

@@ -15,7 +15,8 @@ from app.backends.cuda_graphs import CudaGraphBackend
 from app.config import Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.build import build_engine, fixed_input_size, use_compile_cache, warmup_sizes
-from app.engine.processing import FixedSize, PreprocessSpec, ShortestEdge
+from app.engine.preprocess_spec import FixedSize, PreprocessSpec, ShortestEdge
+from app.images.device import PillowDecoder
 
 
 def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
@@ -34,7 +35,8 @@ def test_on_the_cpu_graphs_are_skipped_with_a_log_and_batches_are_not_padded(
         (4, False),
     ]
     assert all(b.reason == "CUDA graphs need a CUDA device, not cpu" for b in engine.info.buckets)
-    assert engine.jpeg_decoder is None and engine.info.dtype == "float32"
+    assert engine.decoder.name == "Pillow" and not engine.jpeg_on_device
+    assert engine.info.dtype == "float32"
     assert "warm-up 2/2 on cpu: batch 4" in caplog.text
 
 
@@ -92,9 +94,41 @@ def test_the_jpeg_decoder_is_chosen_knowing_how_many_devices_serve(
 
     def choose(setting, device, devices_in_use=1):
         asked.append(devices_in_use)
-        return None
+        return PillowDecoder(device)
 
-    monkeypatch.setattr(build, "choose_jpeg_decoder", choose)
+    monkeypatch.setattr(build, "choose_decoder", choose)
     settings = Settings(model=tiny_model_dir, devices="0,1", max_batch_size=2)
     build_engine(settings, "cpu")  # one of the two engines, here on the CPU
     assert asked == [2]
+
+
+def test_the_served_engine_is_constructed_once_and_never_reassigned(
+    tiny_model_dir: Path, monkeypatch
+) -> None:
+    import app.engine.build as build
+    from app.engine.pipeline import Engine
+
+    built: list[Engine] = []
+
+    class Sealed(Engine):
+        """An Engine that refuses any attribute set after its constructor returned."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            self._sealed = True
+
+        def __setattr__(self, name: str, value: object) -> None:
+            if getattr(self, "_sealed", False):
+                raise AssertionError(f"Engine.{name} reassigned after construction")
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(build, "Engine", Sealed)
+    settings = Settings(model=tiny_model_dir, device="cpu", max_batch_size=4, batch_buckets="2")
+    engine = build_engine(settings, "cpu")
+    # The plain engine the model was loaded as, then the served one, built from its spec.
+    assert len(built) == 2 and engine is built[-1]
+    spec = build.resolve_engine(settings, "cpu")
+    assert engine.buckets == spec.buckets == BatchBuckets((2, 4), pad=False)
+    assert engine.decoder.name == spec.decoder.name == "Pillow"
+    assert engine.info.buckets == spec.info.buckets and spec.warmup == (2, 4)

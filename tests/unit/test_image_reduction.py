@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.engine.pipeline import DetectionTask, Engine
-from app.engine.processing import FixedSize, ShortestEdge
+from app.engine.pipeline import Engine
+from app.engine.preprocess_spec import FixedSize, ShortestEdge
+from app.engine.tasks import DetectionTask
 from app.images.decode import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, Fit, decode_image, probe_image
 from tests.conftest import shapes_image
 

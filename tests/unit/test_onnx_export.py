@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.processing import PreprocessSpec, ShortestEdge
+from app.engine.preprocess_spec import PreprocessSpec, ShortestEdge
 from app.ops.msda import ONNX_DOMAIN, ONNX_OP_TYPE, ms_deform_attn_reference
 from tests.conftest import build_tiny_checkpoint
 from tests.unit.test_msda_op import spread_weights

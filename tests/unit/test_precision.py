@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
+from app.engine.postprocess import BatchDetections
 from app.engine.precision import Tolerance, choose_precision, detections_agree
-from app.engine.processing import BatchDetections
 
 
 def detections(seed: int = 0, images: int = 2, k: int = 30) -> BatchDetections:

@@ -1,4 +1,4 @@
-"""app.engine.processing against transformers' own image processors and post-processing."""
+"""app.engine.preprocess against transformers' own image processors and post-processing."""
 
 from __future__ import annotations
 
@@ -34,16 +34,9 @@ from transformers import (
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import get_image_size_for_max_height_width
 
-from app.engine.processing import (
-    BatchDetections,
-    MaxSize,
-    Postprocessor,
-    PostprocessSpec,
-    Preprocessor,
-    PreprocessSpec,
-    ShortestEdge,
-    select,
-)
+from app.engine.postprocess import BatchDetections, Postprocessor, PostprocessSpec, select
+from app.engine.preprocess import Preprocessor
+from app.engine.preprocess_spec import MaxSize, PreprocessSpec, ShortestEdge
 
 CPU = torch.device("cpu")
 # (width, height): landscape, portrait, tiny, wide.

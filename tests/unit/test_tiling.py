@@ -9,8 +9,8 @@ import torch
 
 from app.api.v1.schemas import tiling_value
 from app.engine.tasks import DetectionTask, ImageDetections
-from app.engine.tiling import collect, expand, merge_detections, pair_overlaps
-from app.tiling import TileSpec, axis_starts, wants_tiles
+from app.engine.tile_tasks import collect, expand, merge_detections, pair_overlaps
+from app.tile_geometry import TileSpec, axis_starts, wants_tiles
 
 # -- geometry ---------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from app.config import Settings, model_dir_problem
-from app.engine.processing import FixedSize, Postprocessor, PostprocessSpec
+from app.engine.postprocess import Postprocessor, PostprocessSpec
+from app.engine.preprocess_spec import FixedSize
 from app.models.ultralytics import UltralyticsCheckpointError, is_checkpoint, probe
 
 

@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
+from app.tile_geometry import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 # An 8x8 red PNG: small enough for the docs, real enough that "Try it out" works.
 EXAMPLE_PNG_BASE64 = (

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image
 
 from app.engine.tasks import DetectionTask, ImageDetections
-from app.tiling import TileSpec
+from app.images.decode import resize_pixels
+from app.tile_geometry import TileSpec
 
 # Candidate pairs are examined this many boxes at a time: memory stays bounded however many
 # detections the tiles of an image return (300 tiles x 100 detections is 30,000 boxes).
@@ -186,13 +186,10 @@ def expand(
             parts.append(_Part(index, (x1, y1)))
         if spec.runs_full_image(height, width):
             out_height, out_width = output_size(height, width)
-            small = Image.fromarray(pixels).resize(
-                (out_width, out_height), Image.Resampling(resample)
-            )
             out.append(
                 replace(
                     task,
-                    pixels=np.array(small),  # writable (torch.from_numpy wants that)
+                    pixels=resize_pixels(pixels, out_height, out_width, resample),
                     tiling=None,
                     source_size=(height, width),
                 )

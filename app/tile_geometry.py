@@ -1,7 +1,7 @@
 """Tiled (sliced) inference: the geometry of the tiles and the resolved options of a request.
 
 No torch here: the front ends compute tile counts (for the limits) before anything is decoded;
-the engine cuts and merges (app/engine/tiling.py). The semantics are SAHI's
+the engine cuts and merges (app/engine/tile_tasks.py). The semantics are SAHI's
 (`get_slice_bboxes`): tiles of `tile_size` pixels step by `tile_size - int(tile_size * overlap)`,
 the last tile of a row or column is shifted back inside the image so that every tile is full
 size, and an image smaller than a tile along an axis is one tile of the image's size there.
