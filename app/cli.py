@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.malloc_tuning import cap_arenas
+from app.process.malloc_tuning import cap_arenas
 
 
 def _flag(name: str) -> str:
@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     if settings.engine_process:
         # Imports nothing of the app's HTTP side or torch here: the supervisor must set up
         # Prometheus' multiprocess directory before prometheus_client is first imported.
-        from app.supervisor import serve
+        from app.process.supervisor import serve
 
         raise SystemExit(serve(settings))
     import uvicorn
 
+    from app.api.http.server_limits import uvicorn_limits
     from app.main import create_app
-    from app.server_limits import uvicorn_limits
 
     server: uvicorn.Server | None = None
 

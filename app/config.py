@@ -14,8 +14,8 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.buckets import DEFAULT_BUCKETS, parse_buckets
-from app.repository import model_name as name_of_model
-from app.repository import model_problem
+from app.models.repository import model_name as name_of_model
+from app.models.repository import model_problem
 from app.tiling import MAX_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"

@@ -16,14 +16,17 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from app.api import detect, health, jobs, kserve, models, page, render, repository
-from app.api.detect_asgi import DetectRoute
+from app.api import health, page
+from app.api.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.api.kserve import repository
+from app.api.kserve import routes as kserve
+from app.api.v1 import detect, jobs, models, render
+from app.api.v1.detect_asgi import DetectRoute
+from app.api.v1.schemas import detect_request_model
 from app.config import Settings
 from app.errors import ApiError
-from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.open_requests import OpenRequestsMiddleware
-from app.runtime import Runtime
-from app.schemas import detect_request_model
+from app.process.runtime import Runtime
 
 if TYPE_CHECKING:
     from app.engine.pipeline import Engine
@@ -41,10 +44,10 @@ def create_app(
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. `engine` lets tests inject an already loaded engine; `engine_sockets`
-    makes it a front end of the engine process(es) listening there (app/supervisor.py);
+    makes it a front end of the engine process(es) listening there (app/process/supervisor.py);
     `on_load_failure` (one process): see Runtime. With `grpc_workers` (how many processes
     serve the gRPC port, this one among them) and a --grpc-port, the lifespan also runs the
-    KServe v2 gRPC server (app/api/kserve_grpc/)."""
+    KServe v2 gRPC server (app/api/kserve/grpc/)."""
     runtime = Runtime(
         settings,
         engine,
@@ -64,7 +67,7 @@ def create_app(
             job_runner = await start_local_runner(settings, runtime)
         grpc_server = None
         if grpc_workers and settings.grpc_port:
-            from app.api.kserve_grpc.server import start_grpc_server
+            from app.api.kserve.grpc.server import start_grpc_server
 
             grpc_server = await start_grpc_server(
                 settings, runtime, app.version, workers=grpc_workers
@@ -103,7 +106,7 @@ def create_app(
     _install_error_handlers(app)
     # Added last runs first: request context, then open requests (counted for the drain,
     # cancelled when their client goes), then CORS, then auth, then the body limit; then
-    # POST /v1/detect is answered as plain ASGI (app/api/detect_asgi.py), the rest routed.
+    # POST /v1/detect is answered as plain ASGI (app/api/v1/detect_asgi.py), the rest routed.
     app.add_middleware(DetectRoute, runtime=runtime)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -200,11 +203,11 @@ def create_frontend_app(
     control_socket: str | None = None,
 ) -> FastAPI:
     """The app of one front-end worker process (uvicorn calls this factory in each of the
-    `workers`). With several models, `control_socket` is the supervisor's (app/model_manager.py)
+    `workers`). With several models, `control_socket` is the supervisor's (app/models/manager.py)
     and the engines' sockets come from there."""
     from app.logging_setup import configure_logging
-    from app.malloc_tuning import return_large_frees
-    from app.supervisor import die_with_parent
+    from app.process.malloc_tuning import return_large_frees
+    from app.process.supervisor import die_with_parent
 
     die_with_parent()
     return_large_frees()

@@ -137,7 +137,7 @@ class Metrics:
             registry=r,
         )
         self.detections = Counter("detr_serve_detections_total", "Detections returned.", registry=r)
-        # Per model (several models: app/model_manager.py); the series above stay server-wide.
+        # Per model (several models: app/models/manager.py); the series above stay server-wide.
         self.model_images = Counter(
             "detr_serve_model_images_total",
             "Images answered with detections, by model.",

@@ -16,8 +16,8 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.middleware import CLIENT_GONE
-from app.runtime import Runtime
+from app.api.http.middleware import CLIENT_GONE
+from app.process.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ admitted by pixels: every image's header is read first, the request's decoded pi
 against a per-request limit (413) and reserved from the server-wide budget (429 when there is no
 room), and only then is anything decoded. Where the engines decode JPEGs on the GPU, a plain JPEG
 only has its header checked here and travels on encoded; everything else is decoded with Pillow
-in a worker process (app/decode_pool.py), large images straight to the model's input size.
+in a worker process (app/images/pool.py), large images straight to the model's input size.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from anyio import CapacityLimiter, to_thread
 
 from app.admission import BudgetExhaustedError, Lease, PixelBudget
+from app.api.v1.schemas import DetectOptions
 from app.batching import (
     BatchFailedError,
     DeadlineExceededError,
@@ -34,7 +35,6 @@ from app.batching import (
     ShuttingDownError,
 )
 from app.config import Settings
-from app.decode_pool import DecodePool
 from app.engine.preprocess_spec import PreprocessSpec
 from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import (
@@ -49,7 +49,7 @@ from app.errors import (
     UnavailableError,
 )
 from app.fetch import Fetcher
-from app.images import (
+from app.images.decode import (
     DECODE_WEIGHT,
     REDUCE_ABOVE_PIXELS,
     EncodedJpeg,
@@ -57,10 +57,10 @@ from app.images import (
     ImageInfo,
     probe_image,
 )
+from app.images.pool import DecodePool
+from app.images.render import Boxes
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
-from app.render import Boxes
-from app.schemas import DetectOptions
 from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class AnsweredImage:
 
 @dataclass(frozen=True)
 class RenderSpec:
-    """How to draw the detections on each image (app/render.py)."""
+    """How to draw the detections on each image (app/images/render.py)."""
 
     fmt: str = "jpeg"  # or "png"
     labels: bool = True

@@ -98,9 +98,9 @@ def load_raw_engine(
     import torch
 
     from app.config import Settings
-    from app.cpus import available_cpus
     from app.engine.backend_choice import choose_backend
     from app.engine.pipeline import Engine
+    from app.process.cpus import available_cpus
 
     torch.set_num_threads(threads or available_cpus())
     settings = Settings(model=model, backend=backend, precision=precision)
@@ -133,7 +133,7 @@ def bench_raw(
     import torch
 
     from app.engine.pipeline import DetectionTask
-    from app.images import decode_image
+    from app.images.decode import decode_image
 
     engine = load_raw_engine(model, device, backend, precision, onnx_spinning=onnx_spinning)
     pixels = decode_image(jpeg, max_pixels=10**8, index=0).pixels

@@ -97,7 +97,7 @@ def _bench_raw(
     from app.backends.cuda_graphs import CudaGraphBackend
     from app.config import Settings
     from app.engine.build import build_engine
-    from app.images import decode_image, probe_plain_jpeg
+    from app.images.decode import decode_image, probe_plain_jpeg
 
     settings = Settings(
         model=model, device=device, dtype=dtype, max_batch_size=max_batch, torch_compile=compile_

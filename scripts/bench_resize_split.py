@@ -46,9 +46,9 @@ def main() -> None:
 
     import torch
 
-    from app.decode_pool import _decode_in_worker
     from app.engine.pipeline import DetectionTask, Engine
     from app.engine.preprocess_spec import PreprocessSpec
+    from app.images.pool import _decode_in_worker
 
     torch.set_num_threads(args.threads)
     jpeg = args.image.read_bytes()

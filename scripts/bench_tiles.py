@@ -51,8 +51,8 @@ async def bench_tiles(
     """{setting: {tiles, tiles_per_s, cpu_ms_per_tile, forward_busy}} over every round."""
     from app.engine.build import build_engines
     from app.engine.tasks import DetectionTask
-    from app.engine_host import EngineHost
     from app.metrics import Metrics
+    from app.process.engine_host import EngineHost
     from app.tiling import TileSpec
 
     base = Settings(model=model, backend=backend, max_queue_size=1024, tiling_max_tiles=1024)

@@ -46,7 +46,7 @@ import httpx
 from PIL import Image
 
 from app.config import Settings
-from app.supervisor import shutdown_bound_s
+from app.process.supervisor import shutdown_bound_s
 from scripts.hostile_payloads import HostileOrigin
 from scripts.serverproc import RunningServer
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from app.engine.pipeline import DetectionTask, Engine
-from app.images import Fit, decode_image
+from app.images.decode import Fit, decode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

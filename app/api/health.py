@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import RuntimeDep
-from app.schemas import Status
+from app.api.http.deps import RuntimeDep
+from app.api.v1.schemas import Status
 
 router = APIRouter(tags=["operations"])
 

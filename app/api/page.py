@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-from app.api.deps import get_runtime
+from app.api.http.deps import get_runtime
 
 STATIC_PREFIX = "/ui/"
 PATHS = frozenset({"/"})

@@ -11,8 +11,8 @@
     pool.py         one engine per device; each batch to the least busy engine
     buckets.py      batch-size buckets (padding a batch to a captured graph's size)
     precision.py    dtype auto on CUDA: fp16 only if it agrees with fp32
-    device_jpeg.py  nvjpeg batched decode with a Pillow fallback
     tiling.py       tiled images: tasks -> tile tasks (views), tiles' boxes -> merged (NMS/NMM)
 
-Nothing here knows HTTP; app/runtime.py builds the engines and app/service.py feeds them.
+Images are decoded in app/images/ (Pillow; nvjpeg on the device). Nothing here knows HTTP;
+app/process/runtime.py builds the engines and app/service.py feeds them.
 """

@@ -2,7 +2,7 @@
 
 On CUDA, with the torch backend: dtype auto is checked against float32 (app/engine/precision.py), a
 CUDA graph is captured per batch bucket (app/backends/cuda_graphs.py) and batches are padded to
-their bucket, JPEGs are decoded on the GPU (app/engine/device_jpeg.py). Elsewhere each of these is
+their bucket, JPEGs are decoded on the GPU (app/images/device.py). Elsewhere each of these is
 skipped with a log line saying why. Every bucket is warmed before /readyz turns 200.
 """
 
@@ -19,13 +19,13 @@ import torch
 from app.backends.cuda_graphs import CudaGraphBackend
 from app.backends.torch_backend import TorchBackend, resolve_device
 from app.config import Settings
-from app.cpus import available_cpus
 from app.engine.backend_choice import BackendChoice, choose_backend
 from app.engine.buckets import BatchBuckets
-from app.engine.device_jpeg import choose_jpeg_decoder
 from app.engine.pipeline import BucketMode, Engine
 from app.engine.precision import check_tasks, choose_precision
 from app.engine.processing import FixedSize, PreprocessSpec
+from app.images.device import choose_jpeg_decoder
+from app.process.cpus import available_cpus
 
 logger = logging.getLogger(__name__)
 

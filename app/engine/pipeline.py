@@ -26,7 +26,6 @@ from transformers import AutoConfig
 from app.backends.base import Backend
 from app.backends.torch_backend import TorchBackend
 from app.engine.buckets import BatchBuckets, pad_rows
-from app.engine.device_jpeg import DeviceJpegDecoder, to_device_chw
 from app.engine.processing import (
     BatchDetections,
     Postprocessor,
@@ -44,7 +43,8 @@ from app.engine.tasks import (  # noqa: F401 (re-exported: where they were first
     ModelInfo,
 )
 from app.errors import ApiError
-from app.images import EncodedJpeg, decode_image
+from app.images.decode import EncodedJpeg, decode_image
+from app.images.device import DeviceJpegDecoder, to_device_chw
 from app.models.ultralytics import UltralyticsCheckpoint
 
 logger = logging.getLogger(__name__)

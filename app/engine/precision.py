@@ -120,7 +120,7 @@ def detections_agree(
 
 def check_images() -> list[np.ndarray]:
     """The images dtype auto checks on: the repository's example photos, uint8 [H, W, 3]."""
-    from app.images import decode_image
+    from app.images.decode import decode_image
 
     paths = sorted(EXAMPLES_DIR.glob("*.jpg"))
     if not paths:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.errors import ApiError
-from app.images import EncodedJpeg
+from app.images.decode import EncodedJpeg
 from app.tiling import TileSpec
 
 

@@ -260,7 +260,7 @@ class RemoteEngine:
     def _pick(self) -> _Conn:
         """The connection to the ready engine with the fewest images outstanding. A draining
         engine still takes the requests its front ends accepted before the drain (they refuse
-        new ones at the door: app/api/deps.py)."""
+        new ones at the door: app/api/http/deps.py)."""
         usable = [link for link in self._links if link.conn is not None]
         ready = [link for link in usable if link.state in ("ready", "stuck", "draining")]
         if not ready:

@@ -46,8 +46,8 @@ from app.ipc.wire import attach_arena, read_message, write_message
 if TYPE_CHECKING:
     from app.batching import Priority
     from app.engine.tasks import DetectionTask
-    from app.engine_host import EngineHost
     from app.metrics import Metrics
+    from app.process.engine_host import EngineHost
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_engine_process(settings: Settings, socket_path: str) -> None:
     # the drain, see EngineServer.drain), so that the front ends' requests can still finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from app.logging_setup import configure_logging
-    from app.supervisor import die_with_parent
+    from app.process.supervisor import die_with_parent
 
     die_with_parent()
 
@@ -87,8 +87,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(settings: Settings, socket_path: str) -> int:
-    from app.engine_host import EngineHost, describe_load_failure
     from app.metrics import Metrics
+    from app.process.engine_host import EngineHost, describe_load_failure
 
     metrics = Metrics()
     host = EngineHost(settings, metrics)

@@ -13,7 +13,7 @@ from app.jobs.process import hold_lock
 from app.jobs.runner import JobRunner
 from app.jobs.store import JobStore
 from app.jobs.url import url_downloader
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ def run_job_runner_process(settings: Settings, socket_paths: Sequence[str]) -> N
     """Entry point of the spawned job-runner process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops it (SIGTERM)
     from app.logging_setup import configure_logging
-    from app.supervisor import die_with_parent
+    from app.process.supervisor import die_with_parent
 
     die_with_parent()
     # Reading and cutting tiles is background work: the front ends and the engine go first.

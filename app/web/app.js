@@ -8,7 +8,7 @@ const FETCH_MAX_DETECTIONS = 300;
 // The canvas is drawn at most this many pixels on its longer side (a 40-megapixel photo
 // would pass the browser's canvas limits at full size).
 const CANVAS_MAX_SIDE = 1600;
-// The same colours, by class id, as the server's renderer (app/render.py PALETTE).
+// The same colours, by class id, as the server's renderer (app/images/render.py PALETTE).
 const PALETTE = [
   [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
   [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],

@@ -1,4 +1,4 @@
-"""The plain-ASGI /v1/detect (app/api/detect_asgi.py) against the declared FastAPI route it
+"""The plain-ASGI /v1/detect (app/api/v1/detect_asgi.py) against the declared FastAPI route it
 stands in front of: the same answers, errors and headers for the same requests; its own
 failure modes (a client gone before its body, an unexpected error) answered as the router's
 would be."""
@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.api import detect_asgi
-from app.api.detect_asgi import DetectRoute
+from app.api.v1 import detect_asgi
+from app.api.v1.detect_asgi import DetectRoute
 from tests.api.conftest import assert_error, b64
 from tests.conftest import shapes_image
 

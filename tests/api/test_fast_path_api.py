@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from app.engine.backend_choice import choose_backend
-from app.engine.device_jpeg import DeviceJpegDecoder
 from app.engine.pipeline import Engine
+from app.images.device import DeviceJpegDecoder
 from app.main import create_app
 from tests.api.conftest import assert_error, make_settings
 from tests.conftest import shapes_image

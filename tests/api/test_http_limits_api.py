@@ -11,7 +11,7 @@ import re
 import pytest
 from PIL import Image
 
-from app.request_body import MAX_JSON_VALUES
+from app.api.http.request_body import MAX_JSON_VALUES
 from tests.api.conftest import CountingEngine, assert_error, b64
 
 JSON = {"content-type": "application/json"}

@@ -142,7 +142,7 @@ async def test_render_is_admitted_by_the_full_size_pixels(client_factory) -> Non
 
 
 async def test_render_gives_its_pixels_back(client) -> None:
-    from app.api.deps import get_service  # noqa: F401  (the service the app holds)
+    from app.api.http.deps import get_service  # noqa: F401  (the service the app holds)
 
     r = await client.post("/v1/render", files={"file": ("a.jpg", shapes_image(640, 480))})
     assert r.status_code == 200

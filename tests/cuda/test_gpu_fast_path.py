@@ -23,10 +23,10 @@ from app.backends.torch_backend import TorchBackend
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.engine.buckets import BatchBuckets
 from app.engine.build import build_engine, fixed_input_size
-from app.engine.device_jpeg import DeviceJpegDecoder, nvjpeg_unavailable_reason
 from app.engine.pipeline import DetectionTask, Engine, ImageDetections
 from app.engine.precision import check_tasks, detections_agree
-from app.images import decode_image, probe_plain_jpeg
+from app.images.decode import decode_image, probe_plain_jpeg
+from app.images.device import DeviceJpegDecoder, nvjpeg_unavailable_reason
 from app.ops.patch import install_msda
 from scripts.synthetic_shapes import HELDOUT_SEED, generate_sample
 from tests.unit.test_msda_op import _build

@@ -95,7 +95,7 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_model_dir) -> None:
     assert [r.status_code for r in results] == [200] * 4
     log = srv.log()
     # The drain's order: readiness 503 at once, the engine finishes and exits, then the front
-    # ends stop (app/supervisor.py _Drain).
+    # ends stop (app/process/supervisor.py _Drain).
     order = ["SIGTERM: draining", "front end draining", "engine stopped", "Shutting down"]
     assert [log.index(line) for line in order] == sorted(log.index(line) for line in order), log
     assert log.index("Shutting down") < log.index("Finished server"), log

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.image_structure import MAX_GIF_BLOCKS_BEFORE_FRAME, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
+from app.images.structure import MAX_GIF_BLOCKS_BEFORE_FRAME, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
 from scripts.hostile_payloads import scan_bomb
 from tests.conftest import shapes_image
 from tests.security.conftest import assert_refused, concurrently

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app.engine import device_jpeg, processing
+from app.engine import processing
 from app.engine.host_staging import HostStaging
 from app.engine.processing import (
     BICUBIC,
@@ -24,6 +24,7 @@ from app.engine.processing import (
     PreprocessSpec,
     ShortestEdge,
 )
+from app.images import device as device_jpeg
 
 
 class FloatTensors(TorchDispatchMode):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from app.cpus import available_cpus, cgroup_cpu_limit, default_workers
+from app.process.cpus import available_cpus, cgroup_cpu_limit, default_workers
 
 
 def test_cgroup_v2_quota_is_read(tmp_path: Path) -> None:

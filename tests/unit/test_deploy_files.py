@@ -22,7 +22,7 @@ import yaml
 
 from app.config import DEFAULT_MODEL_NAME, Settings
 from app.metrics import Metrics
-from app.supervisor import shutdown_bound_s
+from app.process.supervisor import shutdown_bound_s
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -416,7 +416,7 @@ def test_k8s_probes_hit_the_apps_health_routes(app_serves: Callable[[str], bool]
 
 def test_k8s_grace_period_outlasts_prestop_plus_the_worst_shutdown() -> None:
     """Kubernetes counts the grace period from the start of preStop; then SIGTERM: the drain,
-    the engines' exit, the front ends' shut-down (app/supervisor.py, shutdown_bound_s; the
+    the engines' exit, the front ends' shut-down (app/process/supervisor.py, shutdown_bound_s; the
     e2e test of a drain that times out checks the server keeps within it)."""
     spec = _deployment()["spec"]["template"]["spec"]
     config = _load_yaml(K8S / "configmap.yaml")["data"]

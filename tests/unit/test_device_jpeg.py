@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from app.engine.device_jpeg import DeviceJpegDecoder, choose_jpeg_decoder, nvjpeg_unavailable_reason
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.images import EncodedJpeg, decode_image, probe_plain_jpeg
+from app.images.decode import EncodedJpeg, decode_image, probe_plain_jpeg
+from app.images.device import DeviceJpegDecoder, choose_jpeg_decoder, nvjpeg_unavailable_reason
 from tests.conftest import shapes_image
 
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on it

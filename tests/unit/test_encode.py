@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
+from app.api.v1.schemas import DetectResponse
 from app.encode import v1_json, v2_tensors
 from app.engine.tasks import ImageDetections
-from app.schemas import DetectResponse
 from app.service import AnsweredImage, DetectResult
 
 LABELS = {0: "circle", 1: "square"}

@@ -18,7 +18,7 @@ from app.engine.buckets import BatchBuckets
 from app.engine.pipeline import DetectionTask, Engine, ImageDetections, ModelInfo
 from app.engine.processing import Postprocessor, PostprocessSpec
 from app.errors import InvalidImageError
-from app.images import EncodedJpeg
+from app.images.decode import EncodedJpeg
 from tests.conftest import shapes_image
 
 QUERIES, CLASSES = 6, 3

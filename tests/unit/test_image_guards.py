@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.images import decode_image
+from app.images.decode import decode_image
 from tests.conftest import shapes_image
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.engine.pipeline import DetectionTask, Engine
 from app.engine.processing import FixedSize, ShortestEdge
-from app.images import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, Fit, decode_image, probe_image
+from app.images.decode import DECODE_WEIGHT, REDUCE_ABOVE_PIXELS, Fit, decode_image, probe_image
 from tests.conftest import shapes_image
 
 FIT = Fit(FixedSize(256, 256).output_size, Image.Resampling.BILINEAR)

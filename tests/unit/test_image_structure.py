@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidImageError
-from app.image_structure import (
+from app.images.decode import decode_image, probe_image, probe_plain_jpeg
+from app.images.structure import (
     MAX_GIF_BLOCKS_BEFORE_FRAME,
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
@@ -19,7 +20,6 @@ from app.image_structure import (
     MAX_WEBP_FRAMES,
     structure_problem,
 )
-from app.images import decode_image, probe_image, probe_plain_jpeg
 from scripts.hostile_payloads import progressive_jpeg as _progressive_jpeg
 from scripts.hostile_payloads import scan_bomb
 from scripts.hostile_payloads import sos_headers as _sos_headers

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.images import decode_image
+from app.images.decode import decode_image
 from tests.conftest import shapes_image
 
 

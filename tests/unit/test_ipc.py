@@ -15,12 +15,12 @@ import pytest
 from app.batching import DeadlineExceededError, QueueFullError
 from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelInfo
-from app.engine_host import EngineHost
 from app.errors import InvalidImageError
 from app.ipc.client import EngineUnavailableError, RemoteEngine
 from app.ipc.server import EngineServer
 from app.ipc.wire import ArenaAllocator
 from app.metrics import Metrics
+from app.process.engine_host import EngineHost
 from tests.conftest import until
 
 INFO = ModelInfo("fake", "fake", "cpu", "float32", {0: "a", 1: "b"}, "Fake")

@@ -9,10 +9,10 @@ import struct
 import pytest
 from PIL import Image
 
-import app.images as images
+import app.images.decode as images
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.image_structure import jpeg_header
-from app.images import probe_image
+from app.images.decode import probe_image
+from app.images.structure import jpeg_header
 from tests.conftest import shapes_image
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from app import kserve_codec as codec
+from app.api.http.request_body import MAX_JSON_VALUES, inflate
+from app.api.kserve import codec
 from app.encode import v2_tensors
 from app.engine.tasks import ImageDetections
 from app.errors import InvalidRequestError, PayloadTooLargeError
-from app.request_body import MAX_JSON_VALUES, inflate
 from app.service import AnsweredImage, DetectResult
 
 MAX_IMAGES = 16

@@ -12,8 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
-from app import kserve_codec as codec
-from app.api.kserve_grpc.servicer import KServeServicer, infer_response, parse_infer_request
+from app.api.kserve import codec
+from app.api.kserve.grpc.servicer import KServeServicer, infer_response, parse_infer_request
 from app.config import Settings
 from app.engine.tasks import ImageDetections
 from app.errors import QueueFullApiError
@@ -142,7 +142,7 @@ class FakeService:
 
 
 class FakeRuntime(SimpleNamespace):
-    """What the servicer reads of app.runtime.Runtime: the service, the drain and its count,
+    """What the servicer reads of app.process.runtime.Runtime: the service, the drain and its count,
     and no model router (one model)."""
 
     def __init__(self, settings: Settings, service: FakeService) -> None:

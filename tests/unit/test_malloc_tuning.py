@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from app.malloc_tuning import cap_arenas
+from app.process.malloc_tuning import cap_arenas
 
 
 def test_the_arena_cap_is_passed_to_spawned_processes(monkeypatch: pytest.MonkeyPatch) -> None:

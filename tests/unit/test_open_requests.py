@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.middleware import CLIENT_GONE
+from app.api.http.middleware import CLIENT_GONE
 from app.open_requests import OpenRequestsMiddleware
 
 BODY = [

@@ -13,7 +13,7 @@ import torch
 from app.backends.cuda_graphs import CudaGraphBackend
 from app.engine.buckets import BatchBuckets
 from app.engine.pipeline import DetectionTask, Engine, ImageDetections
-from app.images import decode_image, probe_plain_jpeg
+from app.images.decode import decode_image, probe_plain_jpeg
 from tests.conftest import shapes_image
 from tests.unit.test_cuda_graphs import RecordingRuntime
 

@@ -1,5 +1,5 @@
-"""The renderer (app/render.py): colours per class, labels inside the image, EXIF orientation,
-sizes scaled to the image."""
+"""The renderer (app/images/render.py): colours per class, labels inside the image, EXIF
+orientation, sizes scaled to the image."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidImageError
-from app.render import PALETTE, Boxes, Style, class_colour, draw_detections, label_rect, render
+from app.images.render import (
+    PALETTE,
+    Boxes,
+    Style,
+    class_colour,
+    draw_detections,
+    label_rect,
+    render,
+)
 
 NAMES = {0: "circle", 1: "square", 2: "triangle"}
 

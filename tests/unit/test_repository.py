@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from app import repository
 from app.cli import load_settings
 from app.config import REPO_MODELS_DIR, Settings
 from app.engine.memory_budget import budget_problem, needed_bytes, weights_bytes
-from app.model_manager import ControlError, ModelManager
-from app.repository import ModelKind, model_settings, resolve, scan
+from app.models import repository
+from app.models.manager import ControlError, ModelManager
+from app.models.repository import ModelKind, model_settings, resolve, scan
 
 DEFAULT = REPO_MODELS_DIR / "rtdetr-shapes"
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from app.api.http.request_body import MAX_INT_DIGITS, _bounded_int, loads
 from app.errors import InvalidRequestError
-from app.request_body import MAX_INT_DIGITS, _bounded_int, loads
 
 CASES = [
     b'{"images": [{"data": "aGVsbG8="}], "threshold": 0.25, "max_detections": 7}',

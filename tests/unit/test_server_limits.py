@@ -6,8 +6,8 @@ from pathlib import Path
 
 import uvicorn
 
+from app.api.http.server_limits import HeaderGuardProtocol, uvicorn_limits
 from app.config import Settings
-from app.server_limits import HeaderGuardProtocol, uvicorn_limits
 
 
 def test_uvicorn_limits_come_from_the_settings(tiny_model_dir: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from app.engine.host_staging import staging_for
 from app.errors import ApiError, InvalidImageError
-from app.images import EncodedJpeg, decode_image
+from app.images.decode import EncodedJpeg, decode_image
 
 logger = logging.getLogger(__name__)
 

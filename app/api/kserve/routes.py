@@ -1,7 +1,7 @@
 """KServe Open Inference Protocol v2 (REST): health, metadata and infer for the served model.
 
 Inference goes through the same DetectionService (batcher, limits, metrics) as /v1/detect;
-protocol parsing and encoding live in app/kserve_codec.py. Errors take the protocol's shape,
+protocol parsing and encoding live in app/api/kserve/codec.py. Errors take the protocol's shape,
 {"error": "message"}, with the status /v1 would give.
 """
 
@@ -19,12 +19,12 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import kserve_codec as codec
-from app.api.deps import IntakeDep, RuntimeDep
+from app.api.http.deps import IntakeDep, RuntimeDep
+from app.api.http.request_body import collect, inflate, run_sized
+from app.api.kserve import codec
 from app.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
-from app.request_body import collect, inflate, run_sized
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 from app.service import DetectionService, ImageSource
 
 logger = logging.getLogger(__name__)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import RuntimeDep
-from app.kserve_codec import UnknownModelError
-from app.runtime import Runtime
-from app.schemas import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.api.http.deps import RuntimeDep
+from app.api.kserve.codec import UnknownModelError
+from app.api.v1.schemas import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.process.runtime import Runtime
 from app.service import DetectionService
 
 router = APIRouter(tags=["models"])

@@ -1,5 +1,5 @@
 """A front end's side of several models: it follows the supervisor's model table (the control
-socket, app/model_manager.py), keeps one engine client per model (a RemoteEngine of the
+socket, app/models/manager.py), keeps one engine client per model (a RemoteEngine of the
 model's live engines) and one DetectionService per model, and finds the model a request names.
 
 A model's service submits through a `ModelClient` that reads the model's current engines at
@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.api.kserve.codec import UnknownModelError
 from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ModelInfo
 from app.errors import ApiError, ModelLoadFailedError, UnavailableError
 from app.ipc.client import EngineUnavailableError, RemoteEngine
 from app.ipc.wire import read_message, write_message
-from app.kserve_codec import UnknownModelError
-from app.model_manager import ModelView
+from app.models.manager import ModelView
 from app.service import DetectionService
 
 logger = logging.getLogger(__name__)

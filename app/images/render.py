@@ -3,7 +3,7 @@ label (class name and score) kept inside the image, sized to the image.
 
 Pillow's ImageDraw does all of it, and Pillow is already how the service decodes. supervision's
 annotators would add OpenCV (tens of MB) to every front end for the same boxes and labels.
-Runs in the decode worker processes (app/decode_pool.py), never on the event loop.
+Runs in the decode worker processes (app/images/pool.py), never on the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from app.images import decode_upright
+from app.images.decode import decode_upright
 
 # Tableau 20's strong half then its light half: neighbouring class ids get distinct hues, and
 # the colour of a class id is the same in every call, process and run (no hashing).

@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 
-from app.api.deps import IntakeDep
+from app.api.http.deps import IntakeDep
+from app.api.http.request_body import collect, parse_json, run_sized
+from app.api.v1.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
 from app.encode import v1_json
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
-from app.request_body import collect, parse_json, run_sized
-from app.runtime import Runtime
-from app.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
+from app.process.runtime import Runtime
 from app.service import ImageSource, RenderSpec
 
 _Request = TypeVar("_Request", bound=DetectRequest)
@@ -104,7 +104,7 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     openapi_extra=OPENAPI_BODY,
 )
 async def detect(request: Request, runtime: IntakeDep) -> Response:
-    # Served by app/api/detect_asgi.py in front of the router (same contract, less work per
+    # Served by app/api/v1/detect_asgi.py in front of the router (same contract, less work per
     # request); this declaration documents the route and serves an app built without it.
     body = await answer_detect(runtime, request.headers, request.stream())
     return Response(body, media_type="application/json")
@@ -115,7 +115,7 @@ async def answer_detect(
 ) -> bytes:
     """One /v1/detect request, body to answer: the one place its parsing happens (a new
     request field goes into DetectRequest, and its form field into _FORM_OPTIONS). The caller
-    has passed the door (app/api/deps.py, `intake_of`); the body names the model."""
+    has passed the door (app/api/http/deps.py, `intake_of`); the body names the model."""
     max_images = runtime.settings.max_images_per_request
     sources, options = await read_request(
         headers, chunks, detect_request_model(max_images), max_images
@@ -131,7 +131,7 @@ async def read_request(
     headers: Headers, chunks: AsyncGenerator[bytes, None], model: type[_Request], max_images: int
 ) -> tuple[list[ImageSource], _Request]:
     """The images and options of a JSON or multipart body (its `chunks`: starlette's
-    request.stream(), or app/api/detect_asgi.py's), validated as `model`."""
+    request.stream(), or app/api/v1/detect_asgi.py's), validated as `model`."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -152,7 +152,7 @@ async def _from_json(
 ) -> tuple[list[ImageSource], _Request]:
     body = await collect(chunks)
     # Counted before it is parsed, parsed before it is validated, validated up to the image
-    # limit only (see app/request_body.py): a dense body costs milliseconds, not seconds.
+    # limit only (see app/api/http/request_body.py): a dense body costs milliseconds, not seconds.
     value = await run_sized(len(body), lambda: parse_json(body, "the body"))
     try:
         parsed = model.model_validate(value, strict=True)

@@ -1,8 +1,8 @@
 """POST /v1/detect as plain ASGI, in front of FastAPI's router: the hot path of the service.
 
-The route stays declared in app/api/detect.py (the OpenAPI document, and an app built
+The route stays declared in app/api/v1/detect.py (the OpenAPI document, and an app built
 without this layer); this layer answers it first with the same parsing, door and answer
-(app/api/detect.py's `answer_detect`, app/api/deps.py's `intake_of`) and skips what
+(app/api/v1/detect.py's `answer_detect`, app/api/http/deps.py's `intake_of`) and skips what
 FastAPI adds per request for a route that reads its own body: route matching over every
 route, the dependency solver, the Request and Response objects, the exception middleware.
 It sits innermost among the middleware (app/main.py), so request ids, metrics, the open
@@ -19,11 +19,11 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import intake_of
-from app.api.detect import answer_detect, router
+from app.api.http.deps import intake_of
+from app.api.http.middleware import CLIENT_GONE
+from app.api.v1.detect import answer_detect, router
 from app.errors import ApiError
-from app.middleware import CLIENT_GONE
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

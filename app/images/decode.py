@@ -1,12 +1,12 @@
 """Decode image bytes with Pillow, with guards: known formats only, the container's structure
-walked cheaply first (app/image_structure.py), pixel count checked from the header before the
+walked cheaply first (app/images/structure.py), pixel count checked from the header before the
 full decode, EXIF orientation applied, every mode converted to RGB.
 
 `probe_image` reads what admission needs from the header alone (sizes, the pixels a decode will
 hold); `decode_image` given a `Fit` resizes large images to the model's input size as it decodes
 (JPEGs decode at 1/2, 1/4 or 1/8 scale first), so that no later stage holds their full
 resolution. Where JPEGs are decoded on the GPU, `probe_plain_jpeg` runs the same guards on the
-header alone and hands the bytes on (see app/engine/device_jpeg.py)."""
+header alone and hands the bytes on (see app/images/device.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.image_structure import jpeg_header, structure_problem, walk_jpeg
+from app.images.structure import jpeg_header, structure_problem, walk_jpeg
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})

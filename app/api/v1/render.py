@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.deps import IntakeDep
-from app.api.detect import ERRORS, multipart_schema, read_request
-from app.render import MEDIA_TYPES
-from app.schemas import RenderRequest
+from app.api.http.deps import IntakeDep
+from app.api.v1.detect import ERRORS, multipart_schema, read_request
+from app.api.v1.schemas import RenderRequest
+from app.images.render import MEDIA_TYPES
 from app.service import RenderSpec
 
 router = APIRouter(tags=["detection"])

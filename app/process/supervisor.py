@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.config import Settings
-from app.cpus import available_cpus, default_workers
 from app.ipc.server import LOAD_FAILED, run_engine_process
+from app.process.cpus import available_cpus, default_workers
 
 if TYPE_CHECKING:
     from uvicorn.supervisors import Multiprocess
 
     from app.metrics import Metrics
-    from app.model_manager import ControlServer, ModelManager
+    from app.models.manager import ControlServer, ModelManager
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _STABLE_S = 60.0  # an engine that lived this long restarts at once again when i
 # Shut-down, after the drain (drain_timeout_s): an engine has this long to answer what is left
 # and exit before SIGKILL; then each front end (its engines gone, nothing left to wait for)
 # has uvicorn's graceful shut-down, then this long for its lifespan's end (the decode workers'
-# join, up to 5 s: app/decode_pool.py) and its exit.
+# join, up to 5 s: app/images/pool.py) and its exit.
 ENGINE_EXIT_S = 5.0
 FRONTEND_GRACE_S = 5
 FRONTEND_EXIT_S = 6.0
@@ -202,7 +202,7 @@ def serve(settings: Settings) -> int:
             "the metrics would not be merged across processes"
         )
     if settings.grpc_port:
-        from app.api.kserve_grpc.port import GrpcPortInUseError, check_port_free
+        from app.api.kserve.grpc.port import GrpcPortInUseError, check_port_free
 
         try:
             check_port_free(settings)  # the workers bind it with SO_REUSEPORT: never refused
@@ -218,9 +218,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from app.api.http.server_limits import uvicorn_limits
     from app.main import create_frontend_app
     from app.metrics import Metrics
-    from app.server_limits import uvicorn_limits
 
     metrics = Metrics()
     manager: ModelManager | None = None
@@ -228,7 +228,7 @@ def serve(settings: Settings) -> int:
     control_path: str | None = None
     if settings.several_models:
         # Several models: the engines (per model, per device) come and go at run time.
-        from app.model_manager import ControlServer, ModelManager
+        from app.models.manager import ControlServer, ModelManager
 
         if settings.jobs:
             logger.warning(

@@ -2,7 +2,7 @@
 
 Every front-end worker binds `--grpc-port` with SO_REUSEPORT and the kernel spreads the
 connections among them, as uvicorn's shared socket spreads HTTP ones; the supervisor checks
-first that no other program holds the port (app/api/kserve_grpc/port.py).
+first that no other program holds the port (app/api/kserve/grpc/port.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import logging
 import grpc
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from app.api.kserve_grpc.port import GrpcPortInUseError, grpc_address
-from app.api.kserve_grpc.servicer import KServeServicer
+from app.api.kserve.grpc.port import GrpcPortInUseError, grpc_address
+from app.api.kserve.grpc.servicer import KServeServicer
 from app.config import Settings
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """KServe Open Inference Protocol v2 (REST) for the detector: request parsing, tensor encoding.
 
 No web framework here: bytes and dicts in, bytes and dicts out, so every rule is unit-tested
-without a server. The router (app/api/kserve.py) only moves bytes between HTTP and these
+without a server. The router (app/api/kserve/routes.py) only moves bytes between HTTP and these
 functions.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.api.http.request_body import check_value_count, loads, parse_count
+from app.api.v1.schemas import DetectOptions
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
-from app.image_structure import has_image_signature
-from app.request_body import check_value_count, loads, parse_count
-from app.schemas import DetectOptions
+from app.images.structure import has_image_signature
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from app.api.deps import InferenceServiceDep, runtime_dependency
+from app.api.http.deps import InferenceServiceDep, runtime_dependency
+from app.api.v1.schemas import TilingOptions, tiling_value
 from app.config import Settings
 from app.errors import (
     ApiError,
@@ -29,8 +30,7 @@ from app.errors import (
 )
 from app.jobs.reader import NOT_AN_IMAGE, sniff
 from app.jobs.store import FINISHED, Job, JobStore, new_job_id
-from app.runtime import Runtime
-from app.schemas import TilingOptions, tiling_value
+from app.process.runtime import Runtime
 from app.service import DetectionService
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import UnavailableError
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 from app.service import DetectionService
 
 
@@ -30,7 +30,7 @@ def service_of(runtime: Runtime) -> DetectionService:
 def inference_service_of(runtime: Runtime) -> DetectionService:
     """The service, for a route that runs the model: refused while draining (the requests
     accepted before the drain still finish; new ones go to another replica). The door of
-    every inference route, the pure-ASGI /v1/detect (app/api/detect_asgi.py) included."""
+    every inference route, the pure-ASGI /v1/detect (app/api/v1/detect_asgi.py) included."""
     if runtime.draining:
         raise UnavailableError(
             "the server is shutting down (draining); retry on another replica",

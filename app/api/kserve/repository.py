@@ -2,7 +2,7 @@
 /v2/repository/models/{name}/load and /unload, as stock `tritonclient.http` calls them
 (`get_model_repository_index`, `load_model`, `unload_model`).
 
-Thin: the front end forwards each call to the supervisor's ModelManager (app/model_manager.py)
+Thin: the front end forwards each call to the supervisor's ModelManager (app/models/manager.py)
 over the control socket and answers in the protocol's shape ({"error": "..."} on failure).
 load and unload need --model-control explicit (403 otherwise, as Triton refuses them outside
 its explicit mode); the index is always served. All three need the API key when one is set.
@@ -17,12 +17,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from app.api.deps import RuntimeDep
-from app.api.kserve import KServeRoute, ProtocolError
+from app.api.http.deps import RuntimeDep
+from app.api.http.request_body import collect, parse_json
+from app.api.kserve.routes import KServeRoute, ProtocolError
 from app.errors import ApiError, InvalidRequestError
-from app.model_manager import ModelView
-from app.request_body import collect, parse_json
-from app.runtime import Runtime
+from app.models.manager import ModelView
+from app.process.runtime import Runtime
 
 router = APIRouter(prefix="/v2/repository", tags=["kserve-v2"], route_class=KServeRoute)
 

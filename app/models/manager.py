@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
-from app.cpus import available_cpus
 from app.ipc.wire import call_blocking, read_message, write_message
-from app.repository import model_name, model_settings, name_problem, scan
+from app.models.repository import model_name, model_settings, name_problem, scan
+from app.process.cpus import available_cpus
 
 if TYPE_CHECKING:
     from app.metrics import Metrics
-    from app.supervisor import EngineProcess
+    from app.process.supervisor import EngineProcess
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class ModelManager:
         self.on_change()
 
     def _spawn(self, settings: Settings) -> _Generation:
-        from app.supervisor import EngineProcess, engine_settings
+        from app.process.supervisor import EngineProcess, engine_settings
 
         with self._lock:
             self._generations += 1

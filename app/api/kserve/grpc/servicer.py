@@ -1,6 +1,6 @@
 """The v2 GRPCInferenceService RPCs: health, metadata and ModelInfer for the served model.
 
-Thin, like the REST routes: messages become the codec's request header (app/kserve_codec.py
+Thin, like the REST routes: messages become the codec's request header (app/api/kserve/codec.py
 checks the input, options and outputs exactly as for REST), the images go through the same
 DetectionService (batcher, pixel admission, deadlines, metrics), and the tensors come back in
 `raw_output_contents`, as Triton sends them. Each RPC gets the HTTP routes' request id, API key
@@ -23,13 +23,12 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from app import kserve_codec as codec
-from app.api import repository
+from app.api.http.middleware import API_KEY_MESSAGE, bearer_matches, client_request_id
+from app.api.kserve import codec, repository
 from app.encode import v2_tensors
 from app.errors import ApiError, InvalidRequestError, UnavailableError
 from app.logging_setup import request_id_var
-from app.middleware import API_KEY_MESSAGE, bearer_matches, client_request_id
-from app.runtime import Runtime
+from app.process.runtime import Runtime
 from app.service import DetectionService, ImageSource
 
 logger = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             service = self._service(request.model_name)
         if self.runtime.draining:
-            # As the HTTP inference routes (app/api/deps.py): accepted calls finish, new go
+            # As the HTTP inference routes (app/api/http/deps.py): accepted calls finish, new go
             # to another replica.
             raise UnavailableError("the server is shutting down (draining); retry elsewhere")
         codec.check_model(service.info.name, request.model_name, request.model_version or None)
@@ -225,7 +224,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.runtime.service
 
     # Triton's model repository extension, through the same control path as HTTP's
-    # /v2/repository routes (app/api/repository.py).
+    # /v2/repository routes (app/api/kserve/repository.py).
     @_rpc("RepositoryIndex")
     async def RepositoryIndex(  # noqa: N802
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext

@@ -2,7 +2,7 @@
 the pool, the batcher and its worker threads.
 
 The engine process (app/ipc/server.py) serves one over a socket; with --no-engine-process (and
-in the in-process API tests) app/runtime.py uses one directly, its batcher being the engine
+in the in-process API tests) app/process/runtime.py uses one directly, its batcher being the engine
 client.
 """
 
@@ -72,7 +72,7 @@ class EngineHost:
             engines = [NullEngine.from_settings(s)]
         else:
             from app.engine.memory_budget import check_device_memory
-            from app.repository import resolve
+            from app.models.repository import resolve
 
             await asyncio.to_thread(check_device_memory, s)
             engines = list(await asyncio.to_thread(resolve(s.model)[0].build_engines, s))

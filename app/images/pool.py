@@ -7,7 +7,7 @@ for. A worker is killed when its decode passes `timeout_s` or its request is can
 client hung up, the request failed), and replaced. pebble's ProcessPool does the killing and
 replacing (concurrent.futures' pool cannot stop one running task). Workers are spawned, not
 forked, so that they never inherit the server's threads or the model; they import only
-Pillow, numpy and app.images.
+Pillow, numpy and app.images.decode.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
 from app.errors import ApiError, DeadlineError, ImageTooLargeError, InvalidImageError
-from app.images import Fit, decode_image
+from app.images.decode import Fit, decode_image
 
 if TYPE_CHECKING:
-    from app.render import Boxes
+    from app.images.render import Boxes
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _render_in_worker(
     data: bytes, found: Boxes, max_pixels: int, index: int, fmt: str, labels: bool
 ) -> bytes | tuple[str, str, int | None]:
     # Imported here: only workers that render load the drawing code and its font.
-    from app.render import render
+    from app.images.render import render
 
     try:
         return render(data, found, max_pixels=max_pixels, index=index, fmt=fmt, labels=labels)
@@ -143,7 +143,7 @@ class DecodePool:
         labels: bool,
         timeout_s: float,
     ) -> bytes:
-        """The image at full size with `found` drawn on it, encoded as `fmt` (app/render.py);
+        """The image at full size with `found` drawn on it, encoded as `fmt` (app/images/render.py);
         the decode's errors, and DeadlineError past `timeout_s`."""
         result = await self._run(
             "drawing",

@@ -2,7 +2,7 @@
 
 Two shapes, one interface for app/service.py (an engine client: `submit(tasks, deadline)`):
   - a front-end worker (the default; `engine_sockets` given): a RemoteEngine that talks to the
-    engine process(es) the supervisor (app/supervisor.py) runs;
+    engine process(es) the supervisor (app/process/supervisor.py) runs;
   - one process (`--no-engine-process`, and the in-process API tests, which may inject an
     engine): the EngineHost's batcher, with the model loaded in the background so that
     /healthz answers at once and /readyz says 503 until the model is loaded and warmed.
@@ -15,20 +15,20 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from app.api.kserve.codec import UnknownModelError
 from app.config import Settings
 from app.engine.pool import EnginePool
 from app.engine.tasks import ModelInfo
-from app.engine_host import EngineHost, describe_load_failure
 from app.errors import ModelLoadFailedError, UnavailableError
 from app.fetch import Fetcher, FetchPolicy
 from app.ipc.client import RemoteEngine
-from app.kserve_codec import UnknownModelError
 from app.metrics import Metrics
+from app.process.engine_host import EngineHost, describe_load_failure
 from app.service import DetectionService, EngineClient
 
 if TYPE_CHECKING:
     from app.engine.pipeline import Engine
-    from app.model_router import ModelRouter
+    from app.models.router import ModelRouter
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Runtime:
     ) -> None:
         """`on_load_failure`: called (one process) when the model cannot be loaded and
         settings.exit_on_load_failure holds; the CLI stops the server with it.
-        `control_socket`: several models (app/model_router.py), followed through the
+        `control_socket`: several models (app/models/router.py), followed through the
         supervisor's control socket there."""
         self.settings = settings
         self._on_load_failure = on_load_failure
@@ -61,7 +61,7 @@ class Runtime:
         self.remote: RemoteEngine | None = None
         self.router: ModelRouter | None = None
         if control_socket:
-            from app.model_router import ModelRouter
+            from app.models.router import ModelRouter
 
             self.router = ModelRouter(
                 settings,

@@ -1,0 +1,1 @@
+"""Shared HTTP plumbing of every protocol: middleware, body parsing, server limits, dependencies."""

@@ -1,0 +1,1 @@
+"""KServe Open Inference Protocol v2: REST routes, protocol codec, repository extension, gRPC."""

@@ -1,0 +1,1 @@
+"""The /v1 API: detect, render, models, jobs, and its request and response models."""

@@ -1,0 +1,2 @@
+"""The process shape: the supervisor, the engine host, the runtime a front end owns, CPU and
+malloc settings."""
