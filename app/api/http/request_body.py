@@ -135,7 +135,11 @@ def loads(text: str | bytes | bytearray, what: str) -> Any:
     except orjson.JSONDecodeError:
         pass
     else:
-        if not _needs_stdlib(value):
+        try:
+            plain = not _needs_stdlib(value)
+        except RecursionError:  # a deep stack already: json.loads decides
+            plain = False
+        if plain:
             return value
     try:
         return json.loads(text, parse_int=_bounded_int)
@@ -154,21 +158,24 @@ def loads(text: str | bytes | bytearray, what: str) -> Any:
         raise InvalidRequestError(f"{what} is not valid UTF-8") from None
 
 
-def _needs_stdlib(value: Any) -> bool:
+def _needs_stdlib(value: Any, depth: int = 0) -> bool:
     """Whether json.loads must decide about a value orjson parsed: it holds a float at or past
     2**63 (what orjson makes of an integer outside the 64-bit range), or nests deeper than
     _DEEP (where json.loads meets Python's recursion limit, and orjson goes on to 1024)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, float):
-            if abs(item) >= _HUGE:
-                return True
-        elif isinstance(item, dict | list):
-            if depth >= _DEEP:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+    kind = type(value)
+    if kind is float:
+        return bool(abs(value) >= _HUGE)
+    if kind is dict:
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:  # str, int, bool, None
+        return False
+    if depth >= _DEEP:
+        return True
+    for child in children:  # a loop, not any(): one frame per level
+        if _needs_stdlib(child, depth + 1):
+            return True
     return False
 
 
