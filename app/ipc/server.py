@@ -89,6 +89,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 async def _main(settings: Settings, socket_path: str) -> int:
     from app.metrics import Metrics
     from app.process.engine_host import EngineHost, describe_load_failure
+    from app.process.malloc_tuning import freeze_startup_heap
 
     metrics = Metrics()
     host = EngineHost(settings, metrics)
@@ -100,6 +101,7 @@ async def _main(settings: Settings, socket_path: str) -> int:
         logger.critical("%s", failure, exc_info=exc)
         if settings.exit_on_load_failure:
             return LOAD_FAILED
+    freeze_startup_heap()  # the model's objects: never walked again by full collections
     # SIGTERM while loading ends the process at once (the default action); from here on it
     # drains.
     stop = asyncio.Event()
