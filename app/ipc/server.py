@@ -156,6 +156,7 @@ class EngineServer:
         self._state = "ready"
         self._tasks: set[asyncio.Task[None]] = set()  # requests being answered
         self._connections: set[Channel] = set()
+        self._gauges_due = False
 
     @property
     def state(self) -> str:
@@ -223,6 +224,22 @@ class EngineServer:
                 last = state
             await asyncio.sleep(_GAUGE_PERIOD_S)
 
+    def _refresh_gauges_soon(self) -> None:
+        """The queue gauges set once at the end of this turn of the loop, for all the requests
+        that came or were answered in it (each set is a write to the metrics file). Scheduled
+        before the answers' write (Channel.send schedules it after this), so that a scrape
+        after an answer sees the queue as the answer left it."""
+        if not self._gauges_due:
+            self._gauges_due = True
+            asyncio.get_running_loop().call_soon(self._refresh_gauges)
+
+    def _refresh_gauges(self) -> None:
+        self._gauges_due = False
+        batcher = self.host.batcher
+        if batcher is not None:
+            self.metrics.queue_depth.set(batcher.queue_depth)
+            self.metrics.in_flight.set(batcher.in_flight)
+
     def _broadcast(self, message: Any) -> None:
         for channel in list(self._writers):
             channel.send(message)
@@ -265,7 +282,7 @@ class EngineServer:
             tasks = [_task(arena, item) for item in items]
             # Tiled images run as their tiles; "low": job tiles (the batcher's low lane).
             pending = self.host.submit(tasks, deadline, priority)
-            self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
+            self._refresh_gauges_soon()
             outputs = await pending
             reply = (
                 "ok",
@@ -302,8 +319,7 @@ class EngineServer:
             logger.exception("request failed in the engine")
             reply = ("error", rid, "batch_failed", f"inference failed: {type(exc).__name__}")
         # Before the answer, so that a scrape after it sees the queue as this answer left it.
-        self.metrics.queue_depth.set(batcher.queue_depth)
-        self.metrics.in_flight.set(batcher.in_flight)
+        self._refresh_gauges_soon()
         # Always answer: the front end frees the request's arena blocks on the answer. The
         # answers of one batch leave together, in one write (Channel.send).
         channel.send(reply)
