@@ -58,9 +58,9 @@ from app.images.decode import (
     ImageInfo,
     probe_image,
 )
-from app.images.pool import DecodePool
+from app.images.pool import QUARANTINE_S, DecodePool, Into
 from app.images.render import Boxes
-from app.ipc.client import EngineUnavailableError
+from app.ipc.client import EngineUnavailableError, Reservation
 from app.metrics import Metrics
 from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
@@ -155,6 +155,7 @@ class _Prepared:
     fetch_s: float
     decode_s: float
     tiling: TileSpec | None = None
+    block: Reservation | None = None  # `image` is this arena block (decoded into it)
 
     def task(
         self, threshold: float, max_det: int, class_ids: frozenset[int] | None
@@ -162,7 +163,14 @@ class _Prepared:
         if isinstance(self.image, EncodedJpeg):
             return DetectionTask(None, threshold, max_det, class_ids, jpeg=self.image)
         if self.tiling is not None:  # full-size pixels, cut into tiles by the engine
-            return DetectionTask(self.image, threshold, max_det, class_ids, tiling=self.tiling)
+            return DetectionTask(
+                self.image,
+                threshold,
+                max_det,
+                class_ids,
+                tiling=self.tiling,
+                arena_block=self.block,
+            )
         # The pixels may be reduced to the model's input: boxes come back in the original's.
         return DetectionTask(
             self.image, threshold, max_det, class_ids, source_size=(self.height, self.width)
@@ -277,15 +285,22 @@ class DetectionService:
                     full_size = sum(x.render_pixels for x in loaded)
                     self._check_request_pixels(loaded, full_size, "drawn at full size take")
                 stage = "waiting for room to decode its images"
+                # Arena blocks the request's images are decoded into: a submission takes
+                # them (freed with the engine's answer); the others are given back here.
+                blocks: list[Reservation] = []
                 async with self._admit(loaded, deadline) as lease:
-                    stage = "decoding its images"
-                    prepared = await self._gather(
-                        [self._decode(x, lease, deadline) for x in loaded]
-                    )
-                    tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
-                    stage = "waiting for the model"
-                    queued = time.monotonic()
-                    outputs = await self._submit(tasks, deadline)
+                    try:
+                        stage = "decoding its images"
+                        prepared = await self._gather(
+                            [self._decode(x, lease, deadline, blocks) for x in loaded]
+                        )
+                        tasks = [p.task(threshold, max_det, class_ids) for p in prepared]
+                        stage = "waiting for the model"
+                        queued = time.monotonic()
+                        outputs = await self._submit(tasks, deadline)
+                    finally:
+                        for block in blocks:
+                            block.release()
                 result = self._response(prepared, outputs, queued)
                 if render is None:
                     return result
@@ -521,7 +536,16 @@ class DetectionService:
             jpeg = EncodedJpeg(data, info.height, info.width, index)
         return _Loaded(index, data, info, jpeg, fetched - started)
 
-    async def _decode(self, loaded: _Loaded, lease: Lease, deadline: float) -> _Prepared:
+    async def _decode(
+        self,
+        loaded: _Loaded,
+        lease: Lease,
+        deadline: float,
+        blocks: list[Reservation] | None = None,
+    ) -> _Prepared:
+        """The image decoded in a worker process. A tiled image (full size, megabytes) is
+        written by the worker straight into a block of the engine's shared-memory arena
+        when the engine client offers one (`blocks` receives it)."""
         info, index = loaded.info, loaded.index
         if loaded.jpeg is not None:
             return _Prepared(loaded.jpeg, info.height, info.width, loaded.fetch_s, 0.0)
@@ -532,20 +556,46 @@ class DetectionService:
         )
         started = time.perf_counter()
         tiled = loaded.tiling is not None
-        async with self._in_worker(loaded.pixels, deadline, late) as left_s:
-            pixels = await self._decode_pool.decode(
-                loaded.data,
-                max_pixels=self.settings.tiled_image_pixels
-                if tiled
-                else self.settings.max_image_pixels,
-                index=index,
-                target=None if tiled else self._fit.target(info.height, info.width),
-                resample=self._fit.resample,
-                timeout_s=min(self.settings.decode_timeout_s, left_s),
-            )
+        block = into = None
+        reserve = getattr(self.engine, "reserve", None)
+        if tiled and reserve is not None and blocks is not None:
+            block = reserve(info.height, info.width)
+            if block is not None:
+                blocks.append(block)
+                into = Into(block.arena, block.offset, info.height, info.width)
+        try:
+            async with self._in_worker(loaded.pixels, deadline, late) as left_s:
+                pixels = await self._decode_pool.decode(
+                    loaded.data,
+                    max_pixels=self.settings.tiled_image_pixels
+                    if tiled
+                    else self.settings.max_image_pixels,
+                    index=index,
+                    target=None if tiled else self._fit.target(info.height, info.width),
+                    resample=self._fit.resample,
+                    timeout_s=min(self.settings.decode_timeout_s, left_s),
+                    into=into,
+                )
+        except BaseException:
+            if block is not None:  # its worker may still write it until stopped
+                block.release(QUARANTINE_S)
+            raise
         decode_s = time.perf_counter() - started
         self.metrics.stage_latency.labels("decode").observe(decode_s)
         lease.release(loaded.pixels - info.held_pixels)
+        if pixels is None:
+            assert block is not None
+            return _Prepared(
+                block.pixels,
+                info.height,
+                info.width,
+                loaded.fetch_s,
+                decode_s,
+                loaded.tiling,
+                block,
+            )
+        if block is not None:  # the worker could not reach the arena: copied at submission
+            block.release()
         return _Prepared(pixels, info.height, info.width, loaded.fetch_s, decode_s, loaded.tiling)
 
     @contextlib.asynccontextmanager

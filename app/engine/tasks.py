@@ -32,6 +32,9 @@ class DetectionTask:
     source_size: tuple[int, int] | None = None
     # Run as tiles (app/engine/tiling.py) rather than as one image; `pixels` are the full image.
     tiling: TileSpec | None = None
+    # Front end only: the arena block `pixels` were decoded into (app/ipc/client.py's
+    # Reservation), sent to the engine by offset without a copy.
+    arena_block: object | None = None
 
     def __post_init__(self) -> None:
         if (self.pixels is None) == (self.jpeg is None):

@@ -8,11 +8,17 @@ client hung up, the request failed), and replaced. pebble's ProcessPool does the
 replacing (concurrent.futures' pool cannot stop one running task). Workers are spawned, not
 forked, so that they never inherit the server's threads or the model; they import only
 Pillow, numpy and app.images.decode.
+
+A full-size decode (a tiled image: 8-36 MB of pixels) is written by the worker straight into
+the block of the front end's shared-memory arena that the engine will read (`into`), instead of
+being pickled back through pebble's pipe, unpickled and copied into the arena by the front
+end: one copy, in the worker, and none in the front end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from pebble import ProcessExpired, ProcessPool
 
 from app.errors import ApiError, DeadlineError, ImageTooLargeError, InvalidImageError
 from app.images.decode import Fit, decode_image
+from app.ipc.wire import ArenaRef, open_arena_ref
 
 if TYPE_CHECKING:
     from app.images.render import Boxes
@@ -40,13 +47,36 @@ class FixedTarget:
         return self.height, self.width
 
 
+@dataclass(frozen=True)
+class Into:
+    """Where a worker writes the decoded pixels: `offset` in the arena `arena`, as uint8
+    [height, width, 3] (the size the header promised)."""
+
+    arena: ArenaRef
+    offset: int
+    height: int
+    width: int
+
+
+# The answer of a decode written into the arena: nothing else crosses back.
+PLACED = "placed"
+# How long a block given as `into` may still be written after its decode failed or was
+# cancelled: pebble stops a cancelled task's worker from its manager thread, which looks every
+# 0.1 s, with SIGTERM, then SIGKILL 3 s later (pebble's CONSTS.sleep_unit, term_timeout).
+QUARANTINE_S = 10.0
+
 # Errors cross the process boundary as (kind, message, index): exceptions with keyword-only
 # arguments do not survive pickling.
 _ERRORS: dict[str, type[ApiError]] = {
     "invalid": InvalidImageError,
     "too_large": ImageTooLargeError,
 }
-_Result = np.ndarray | tuple[str, str, int | None]
+_Result = np.ndarray | str | tuple[str, str, int | None]
+
+# A worker's mappings of the front end's arenas (one per engine connection; a reconnection
+# makes a new one), the newest last.
+_MAPPED: dict[ArenaRef, mmap.mmap] = {}
+_MAPPED_KEEP = 4
 
 
 def _decode_in_worker(
@@ -55,15 +85,34 @@ def _decode_in_worker(
     index: int,
     target: tuple[int, int] | None,
     resample: int,
+    into: Into | None = None,
 ) -> _Result:
     # The server chose the target (Fit.target): reduce whatever the size.
     fit = Fit(FixedTarget(*target), resample, 0) if target is not None else None
     try:
-        return decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
+        pixels = decode_image(data, max_pixels=max_pixels, index=index, fit=fit).pixels
     except ImageTooLargeError as exc:
         return ("too_large", _unprefixed(exc), exc.image_index)
     except InvalidImageError as exc:
         return ("invalid", _unprefixed(exc), exc.image_index)
+    if into is None or pixels.shape != (into.height, into.width, 3):
+        return pixels
+    try:
+        arena = _arena(into.arena)
+    except OSError:
+        return pixels  # the front end copies them, as without `into`
+    view = np.ndarray(pixels.shape, dtype=np.uint8, buffer=arena, offset=into.offset)
+    np.copyto(view, pixels)
+    return PLACED
+
+
+def _arena(ref: ArenaRef) -> mmap.mmap:
+    mapped = _MAPPED.get(ref)
+    if mapped is None:
+        mapped = _MAPPED[ref] = open_arena_ref(ref)
+        while len(_MAPPED) > _MAPPED_KEEP:
+            _MAPPED.pop(next(iter(_MAPPED))).close()
+    return mapped
 
 
 def _render_in_worker(
@@ -119,16 +168,23 @@ class DecodePool:
         target: tuple[int, int] | None,
         resample: int,
         timeout_s: float,
-    ) -> np.ndarray:
-        """The decoded pixels (at `target` size when given); InvalidImageError or
-        ImageTooLargeError as decode_image raises them; DeadlineError past `timeout_s`."""
+        into: Into | None = None,
+    ) -> np.ndarray | None:
+        """The decoded pixels (at `target` size when given), or None when the worker wrote
+        them at `into` (when it cannot, they come back as without it); InvalidImageError or
+        ImageTooLargeError as decode_image raises them; DeadlineError past `timeout_s`.
+
+        With `into`, the block may be written until the worker has stopped: after an error
+        or a cancellation the caller keeps it for QUARANTINE_S before reusing it."""
         result = await self._run(
             "decoding",
             _decode_in_worker,
-            (data, max_pixels, index, target, resample),
+            (data, max_pixels, index, target, resample, into),
             index,
             timeout_s,
         )
+        if isinstance(result, str):  # PLACED
+            return None
         assert isinstance(result, np.ndarray)
         return result
 

@@ -33,7 +33,7 @@ from app.batching import (
 )
 from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import ApiError
-from app.ipc.wire import ArenaAllocator, Channel, create_arena
+from app.ipc.wire import ArenaAllocator, ArenaRef, Channel, create_arena
 from app.logging_setup import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,46 @@ class _Conn:
             self.allocator.release(offset, nbytes)
         pending.blocks = []
         self.outstanding -= pending.images
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A block of an engine connection's arena held for pixels not decoded yet: a decode
+    worker writes them there (app/images/pool.py, through `arena`), and the request's
+    submission sends the block's offset, no copy. Freed with the engine's answer once a
+    submission took it; else by release()."""
+
+    conn: _Conn
+    offset: int
+    height: int
+    width: int
+    arena: ArenaRef
+    taken: bool = False  # a submission (or a release) owns the block now
+
+    @property
+    def nbytes(self) -> int:
+        return self.height * self.width * 3
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The block as uint8 [height, width, 3] (in this process's mapping)."""
+        buf = self.conn.arena.buf
+        assert buf is not None
+        shape = (self.height, self.width, 3)
+        return np.ndarray(shape, dtype=np.uint8, buffer=buf, offset=self.offset)
+
+    def release(self, after_s: float = 0.0) -> None:
+        """Give the block back (unless a submission took it), `after_s` from now: a decode
+        that failed or was cancelled may still be writing it until its worker has stopped."""
+        if self.taken:
+            return
+        self.taken = True
+        if after_s > 0:
+            asyncio.get_running_loop().call_later(
+                after_s, self.conn.allocator.release, self.offset, self.nbytes
+            )
+        else:
+            self.conn.allocator.release(self.offset, self.nbytes)
 
 
 @dataclass
@@ -274,13 +314,36 @@ class RemoteEngine:
         conns = [link.conn for link in ready if link.conn is not None]
         return min(conns, key=lambda c: c.outstanding)
 
+    def reserve(self, height: int, width: int) -> Reservation | None:
+        """A block for an image of height x width decoded later, in the arena of the engine
+        that will run it; None when no engine is ready or its arena has no room (the pixels
+        then come back from the decode worker and are copied at submission, or travel
+        inline)."""
+        if self._closing:
+            return None
+        try:
+            conn = self._pick()
+        except BatcherError:
+            return None
+        offset = conn.allocator.allocate(height * width * 3)
+        if offset is None:
+            return None
+        return Reservation(conn, offset, height, width, ArenaRef.of(conn.arena))
+
     async def submit(
         self, tasks: Sequence[DetectionTask], deadline: float, priority: Priority = "online"
     ) -> list[ImageDetections]:
-        """Same contract as Batcher.submit, plus EngineUnavailableError."""
+        """Same contract as Batcher.submit, plus EngineUnavailableError. Tasks whose pixels
+        are in a Reservation (`arena_block`) go to its engine, by offset."""
         if self._closing:
             raise ShuttingDownError()
         conn = self._pick()
+        live = {id(link.conn) for link in self._links if link.conn is not None}
+        for task in tasks:
+            block = task.arena_block
+            if isinstance(block, Reservation) and not block.taken and id(block.conn) in live:
+                conn = block.conn  # where its pixels already are
+                break
         rid = next(self._ids)
         # A tiled image weighs its tiles in the choice of the least busy engine.
         images = sum(
@@ -353,6 +416,14 @@ class RemoteEngine:
             pixels = task.pixels
             height, width = int(pixels.shape[0]), int(pixels.shape[1])
             nbytes = height * width * 3
+            block = task.arena_block
+            if isinstance(block, Reservation) and block.conn is conn and not block.taken:
+                # Decoded into this connection's arena already: the answer frees it.
+                block.taken = True
+                pending.blocks.append((block.offset, block.nbytes))
+                items.append(("shm", block.offset, height, width, *options))
+                continue
+            # (A block in the arena of an engine that has gone since is copied from there.)
             offset = conn.allocator.allocate(nbytes)
             if offset is None:
                 # The arena is full (many large images at once): this one travels inline.

@@ -22,6 +22,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any, cast
 
@@ -285,5 +286,40 @@ def attach_arena(name: str) -> mmap.mmap:
     fd = _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDWR, mode=0o600)
     try:
         return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ArenaRef:
+    """Where another process of this front end (a decode worker) finds an arena: through
+    /proc/<pid>/fd/<fd> of the front end, which reopens the segment even after its name has
+    been unlinked (a tmpfs file lives while a descriptor or mapping holds it). `inode` tells
+    the segment apart from whatever a reused descriptor number points to later."""
+
+    pid: int
+    fd: int
+    inode: int
+    size: int
+
+    @classmethod
+    def of(cls, shm: shared_memory.SharedMemory) -> ArenaRef:
+        fd = shm._fd  # type: ignore[attr-defined]
+        return cls(os.getpid(), fd, os.fstat(fd).st_ino, shm.size)
+
+
+def open_arena_ref(ref: ArenaRef) -> mmap.mmap:
+    """Map the arena `ref` names, for writing (a decode worker). OSError when it cannot be
+    reached (no /proc, or a process that may not read the front end's descriptors) or is not
+    that arena any more (the front end reconnected and the descriptor number was reused)."""
+    fd = os.open(f"/proc/{ref.pid}/fd/{ref.fd}", os.O_RDWR)
+    try:
+        stat = os.fstat(fd)
+        if stat.st_ino != ref.inode or stat.st_size != ref.size:
+            raise OSError(f"descriptor {ref.fd} of process {ref.pid} is not the arena any more")
+        # Page tables filled at once (Linux): a worker writes most of the arena over time, and
+        # one fault per 4 KB page on first touch costs more than populating them in a batch.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, ref.size, flags=flags)
     finally:
         os.close(fd)

@@ -21,7 +21,7 @@ from app.api.kserve.codec import UnknownModelError
 from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ModelInfo
 from app.errors import ApiError, ModelLoadFailedError, UnavailableError
-from app.ipc.client import EngineUnavailableError, RemoteEngine
+from app.ipc.client import EngineUnavailableError, RemoteEngine, Reservation
 from app.ipc.wire import read_message, write_message
 from app.models.manager import ModelView
 from app.service import DetectionService
@@ -50,6 +50,10 @@ class ModelClient:
     @property
     def max_batch_size(self) -> int:
         return self.target.max_batch_size if self.target is not None else 1
+
+    def reserve(self, height: int, width: int) -> Reservation | None:
+        target = self.target
+        return target.reserve(height, width) if target is not None else None
 
     async def submit(
         self, tasks: Sequence[DetectionTask], deadline: float

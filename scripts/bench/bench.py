@@ -5,6 +5,7 @@
     python scripts/bench/bench.py --device cuda --out cuda.json   # the GPU fast path: see below
     python scripts/bench/bench.py --compare --rounds 3  # side by side: LitServe, naive, raw forward
     python scripts/bench/bench.py --overhead --rounds 3 # null engine vs a bare FastAPI endpoint
+    python scripts/bench/bench.py --e2e-vs-raw --rounds 3  # detr-serve torch (+ variants) vs raw
     python scripts/bench/bench.py --compare-int8 --rounds 3  # INT8 vs float32 onnxruntime, alone
     python scripts/bench/bench.py --skip-http --backend auto  # raw pass of what a server runs (ORT)
 
@@ -16,9 +17,10 @@
    and off (max batch size 1); images/s and p50/p95/p99 latency.
 It prints a table and the two ratios the project tracks, and writes JSON with --out.
 
---compare, --compare-int8 and --overhead are scripts/bench/bench_compare.py's (see there):
-detr-serve against LitServe, the naive endpoint and the raw forward pass in one run, 16 clients,
-base64 JSON and multipart; the INT8 and float32 rows alone; and the serving path's own cost with
+--compare, --compare-int8, --e2e-vs-raw and --overhead are scripts/bench/bench_compare.py's (see
+there): detr-serve against LitServe, the naive endpoint and the raw forward pass in one run, 16
+clients, base64 JSON and multipart; the INT8 and float32 rows alone; the torch server (and
+variants of it) against the raw torch forward pass alone; and the serving path's own cost with
 the null engine against a bare FastAPI endpoint.
 
 With --device cuda the run is scripts/bench/bench_cuda.py's: RT-DETR-R18 and -R50 sized models at
@@ -284,6 +286,17 @@ def main() -> None:
         "--compare-int8", action="store_true", help="--precision int8 vs float32 only"
     )
     side.add_argument("--overhead", action="store_true", help="null engine vs bare FastAPI")
+    side.add_argument(
+        "--e2e-vs-raw", action="store_true", help="detr-serve torch (variants) vs raw torch"
+    )
+    side.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=[VAR=VALUE ...] [FLAGS]",
+        help="--e2e-vs-raw: one more detr-serve --backend torch row, with these environment "
+        "variables and flags, beside the shipped one (repeatable)",
+    )
     side.add_argument("--rounds", type=int, default=3, help="side-by-side rounds")
     side.add_argument("--workers", type=int, default=None, help="detr-serve --workers")
     cuda = parser.add_argument_group("--device cuda only")
@@ -312,9 +325,10 @@ def main() -> None:
         return
     args.max_batch = args.max_batch or 8
     args.delay_ms = 5.0 if args.delay_ms is None else args.delay_ms
-    if args.compare or args.compare_int8 or args.overhead:
+    if args.compare or args.compare_int8 or args.overhead or args.e2e_vs_raw:
         from scripts.bench.bench_compare import (
             bench_compare,
+            bench_e2e_vs_raw,
             bench_int8,
             bench_overhead,
             environment,
@@ -332,6 +346,8 @@ def main() -> None:
             report["compare_int8"] = bench_int8(args, jpeg)
         if args.overhead:
             report["overhead"] = bench_overhead(args, jpeg)
+        if args.e2e_vs_raw:
+            report["e2e_vs_raw"] = bench_e2e_vs_raw(args, jpeg)
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
         return

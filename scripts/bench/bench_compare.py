@@ -19,6 +19,12 @@ the same run, with the same client (scripts/bench/httpload.py: aiohttp, closed l
              the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
              --precision int8, alternating first each round; img/s, CPU time per image and
              INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
+--e2e-vs-raw issue 12's torch target alone: detr-serve --backend torch as shipped, and each
+             `--variant NAME=[VAR=VALUE ...] [FLAGS]` (repeatable: environment variables of the
+             server, e.g. OMP_WAIT_POLICY or GOMP_SPINCOUNT, then detr-serve flags) against the
+             raw torch forward pass in a process of its own, per round and body format: img/s,
+             CPU time per image, the mean batch size the server settled at, end-to-end / raw and
+             each variant over the shipped row.
 --overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
              JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
              FastAPI endpoint (scripts/bench/bare_server.py) that reads the same upload and answers
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +140,8 @@ def raw_forward(
     sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """The raw pass in a process of its own, the server's threads, every batch size up to
-    max_batch (or `sizes`), under PASSIVE and under OpenMP's default policy: the best
+    max_batch (or `sizes`), under PASSIVE, under OpenMP's default policy and with a short spin
+    (GOMP_SPINCOUNT=10000, which --e2e-vs-raw measures as a server variant): the best
     forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
     a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     from scripts.bench.bench import USER_OMP_WAIT_POLICY
@@ -145,10 +153,15 @@ def raw_forward(
         policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
         variants = [(policy, []) for policy in policies]
         policy_of = {policy: policy for policy in policies}
+        if not USER_OMP_WAIT_POLICY:
+            variants.append(("spin 10000", []))
+            policy_of["spin 10000"] = "default"
     rows = []
     for variant, flags in variants:
         policy = policy_of[variant]
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if variant == "spin 10000":
+            env.setdefault("GOMP_SPINCOUNT", "10000")
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         else:
@@ -178,6 +191,12 @@ def raw_forward(
         "omp": best["omp"],
         "threads": best["threads"],
         "engine_img_s": max(r["engine_img_s"] for r in rows),
+        # Each variant's best (e.g. onnxruntime with and without spinning threads): a server
+        # runs one of them (--onnx-spinning), the comparison takes the faster.
+        "variants": {
+            variant: max(r["forward_img_s"] for r in rows if r["variant"] == variant)
+            for variant, _ in variants
+        },
     }
 
 
@@ -417,6 +436,126 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
         engine = [row["http"]["detr-serve-null"][fmt]["engine_cpu_ms_per_image"] for row in rows]
         print(f"  {fmt:9s} engine CPU ms/image (null engine): {_range(engine)}")
     return {"rounds": rows}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One detr-serve --backend torch row of --e2e-vs-raw: its extra flags and environment."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def parse_variant(text: str) -> Variant:
+    """--variant "NAME=[VAR=VALUE ...] [FLAGS]", split like a shell line: the leading
+    VAR=VALUE words (upper-case names) go to the server's environment, the rest are detr-serve
+    flags. E.g. "passive=OMP_WAIT_POLICY=PASSIVE", "threads1=--torch-threads 1"."""
+    import shlex
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--variant takes NAME=[VAR=VALUE ...] [FLAGS], not {text!r}")
+    words = shlex.split(rest)
+    env = []
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env.append((key, value))
+    return Variant(name.strip(), tuple(words), tuple(env))
+
+
+def _batch_size_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram: their differences over a load give
+    the mean batch size the server settled at."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("detr_serve_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("detr_serve_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
+    """detr-serve --backend torch (as shipped, and each variant) against the raw torch forward
+    pass in a process of its own, same run: img/s, CPU time of all the server's processes per
+    image, the mean batch size the server settled at, end-to-end / raw, and each variant over
+    the first row (paired: servers alternate, in a rotated order each round)."""
+    variants = [Variant("torch"), *(parse_variant(v) for v in args.variant)]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant names must differ from each other and from torch: {names}")
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}: raw torch forward pass ...", flush=True)
+        raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
+        print(
+            f"  raw torch: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
+            f"(OMP {raw['omp']}), engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
+            flush=True,
+        )
+        results: dict[str, dict[str, Any]] = {}
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            name, env = variant.name, dict(variant.env)
+            args_ = ["--model", str(args.model), "--backend", "torch", *variant.flags]
+            args_ += ["--max-batch-size", str(args.max_batch)]
+            args_ += ["--max-batch-delay-ms", str(args.delay_ms), "--max-queue-size", "1024"]
+            args_ += ["--log-level", "warning"]
+            if args.workers:
+                args_ += ["--workers", str(args.workers)]
+            # A policy the variant sets is its own; otherwise as --compare runs detr-serve.
+            remove = tuple(k for k in _detr_env_remove() if k not in env)
+            server = RunningServer(args_, env=env, ready_timeout_s=600, env_remove=remove)
+            try:
+                for fmt in FORMATS:
+                    before = _batch_size_totals(server.url)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    after = _batch_size_totals(server.url)
+                    batches = after[1] - before[1]
+                    mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                        "mean_batch": mean_batch,
+                        "e2e_over_raw": _ratio(res.img_s, raw["forward_img_s"]),
+                    }
+                    print(
+                        f"  {name:20s} {fmt:9s} {res.img_s:6.1f} img/s  p50 {res.p50_ms:6.0f} ms  "
+                        f"CPU {cpu_ms:5.1f} ms/image  mean batch {mean_batch:4.2f}  "
+                        f"end-to-end/raw {_ratio(res.img_s, raw['forward_img_s']):.2f}  "
+                        f"failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        first = names[0]
+        for fmt in FORMATS:
+            for name in names[1:]:
+                row, ref = results[name][fmt], results[first][fmt]
+                row["over_first"] = _ratio(row["img_s"], ref["img_s"])
+                cpu_ratio = _ratio(row["cpu_ms_per_image"], ref["cpu_ms_per_image"])
+                print(
+                    f"  => {fmt:9s} {name} / {first}: {row['over_first']:.2f} img/s, "
+                    f"CPU per image {cpu_ratio:.2f}",
+                    flush=True,
+                )
+        rounds.append({"raw": raw, "http": results})
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for name in names:
+            values = [row["http"][name][fmt]["e2e_over_raw"] for row in rounds]
+            summary[f"{fmt}.{name}.e2e_over_raw"] = values
+            print(f"  {fmt:9s} {name:20s} end-to-end/raw {_range(values)}  (target >= 0.9)")
+        for name in names[1:]:
+            values = [row["http"][name][fmt]["over_first"] for row in rounds]
+            summary[f"{fmt}.{name}.over_{first}"] = values
+            print(f"  {fmt:9s} {name:20s} / {first}: {_range(values)}")
+    described = {v.name: {"flags": list(v.flags), "env": dict(v.env)} for v in variants}
+    return {"variants": described, "rounds": rounds, "summary": summary}
 
 
 def environment() -> dict[str, Any]:

@@ -4,12 +4,19 @@ a shared machine's load falls on every setting alike (issue 14: tiles/s against 
 
     python scripts/bench/bench_tiles.py                      # backend auto (onnxruntime on the CPU)
     python scripts/bench/bench_tiles.py --backend torch --rounds 4 --crop 1280x1024
+    python scripts/bench/bench_tiles.py --decode --rounds 12 # the front end's side: see below
 
 Each round runs, per setting, `--requests` tiled requests of the example 4K image cropped to
 `--crop`, `--concurrency` in flight, through EngineHost.submit (the engine process's path). The
 settings: `1` one batch in flight, `2` two, `default` what the server picks (2 with a full
 second batch under onnxruntime on the CPU, 1 with torch). "forward busy" is the time inside
 the backend's forward over the wall time: what the engine leaves idle between passes.
+
+--decode measures the front end's side instead (no model): a 3840x2160 and a 4000x3000 scene
+decoded at full size by two decode workers at once, their pixels either written by the workers
+straight into a shared-memory arena (what the server does for tiled images) or sent back
+through pebble's pipe and copied into the arena by the front end (as before), the two ways
+alternated; CPU time of the front end and of the workers per pair of images.
 """
 
 from __future__ import annotations
@@ -109,6 +116,82 @@ async def bench_tiles(
     }
 
 
+def bench_decode(rounds: int, jpegs: list[bytes] | None = None) -> dict[str, dict[str, float]]:
+    """{way: {front_end_ms, workers_ms, total_ms}} of CPU per set of images decoded at once
+    (default: a 3840x2160 and a 4000x3000 scene of the high-resolution evaluation)."""
+    import io
+
+    import psutil
+    from PIL import Image
+
+    from app.images.pool import DecodePool, Into
+    from app.ipc.wire import ArenaAllocator, ArenaRef, create_arena
+    from scripts.training import synthetic_shapes as shapes
+
+    if jpegs is None:
+        jpegs = [shapes.generate_highres(shapes.HIGHRES_SEED, i).jpeg for i in range(2)]
+    sizes = [Image.open(io.BytesIO(data)).size for data in jpegs]
+    size = 128 << 20
+    arena = create_arena(size, unlink=True)
+    ref, allocator = ArenaRef.of(arena), ArenaAllocator(size)
+    pool = DecodePool(2)
+    pool.wait_started()
+    me = psutil.Process()
+
+    def workers_cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in me.children())
+
+    async def one(data: bytes, width: int, height: int, into_arena: bool) -> None:
+        nbytes = height * width * 3
+        offset = allocator.allocate(nbytes)
+        assert offset is not None
+        into = Into(ref, offset, height, width) if into_arena else None
+        pixels = await pool.decode(
+            data,
+            max_pixels=10**9,
+            index=0,
+            target=None,
+            resample=2,
+            timeout_s=600,
+            into=into,
+        )
+        if pixels is not None:  # the way before: the front end copies them into the arena
+            view = np.ndarray(pixels.shape, np.uint8, buffer=arena.buf, offset=offset)
+            np.copyto(view, pixels)
+        allocator.release(offset, nbytes)
+
+    totals = {"into the arena": [0.0, 0.0], "back through the pipe": [0.0, 0.0]}
+
+    async def each_once(into_arena: bool) -> None:
+        images = zip(jpegs, sizes, strict=True)
+        await asyncio.gather(*(one(data, w, h, into_arena) for data, (w, h) in images))
+
+    async def run() -> None:
+        for way in totals:  # untimed: every mapping's first touch of the arena's pages
+            await each_once(way == "into the arena")
+        for r in range(rounds):
+            ways = list(totals) if r % 2 == 0 else list(totals)[::-1]
+            for way in ways:
+                front, workers = _cpu_s(), workers_cpu()
+                await each_once(way == "into the arena")
+                totals[way][0] += _cpu_s() - front
+                totals[way][1] += workers_cpu() - workers
+
+    try:
+        asyncio.run(run())
+    finally:
+        pool.close()
+        arena.close()
+    return {
+        way: {
+            "front_end_ms": front / rounds * 1e3,
+            "workers_ms": workers / rounds * 1e3,
+            "total_ms": (front + workers) / rounds * 1e3,
+        }
+        for way, (front, workers) in totals.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,29 +205,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", default="1280x1024", help="WxH of the example used, or full")
     parser.add_argument("--image", type=Path, default=EXAMPLE)
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
-    args = parser.parse_args(argv)
-    from PIL import Image
-
-    pixels = np.array(Image.open(args.image).convert("RGB"))
-    if args.crop != "full":
-        width, height = (int(v) for v in args.crop.split("x"))
-        pixels = np.ascontiguousarray(pixels[:height, :width])
-    report = asyncio.run(
-        bench_tiles(
-            args.model,
-            args.backend,
-            args.settings.split(","),
-            pixels,
-            rounds=args.rounds,
-            requests=args.requests,
-            concurrency=args.concurrency,
-        )
+    parser.add_argument(
+        "--decode", action="store_true", help="the front end's decode hand-over (see above)"
     )
-    for name, row in report.items():
-        print(
+    args = parser.parse_args(argv)
+    report: dict[str, dict[str, float]]
+    if args.decode:
+        report = bench_decode(args.rounds)
+        lines = [
+            f"{way:>22}: front end {row['front_end_ms']:6.1f} ms, decode workers "
+            f"{row['workers_ms']:6.1f} ms, total {row['total_ms']:6.1f} ms CPU per pair"
+            for way, row in report.items()
+        ]
+    else:
+        from PIL import Image
+
+        pixels = np.array(Image.open(args.image).convert("RGB"))
+        if args.crop != "full":
+            width, height = (int(v) for v in args.crop.split("x"))
+            pixels = np.ascontiguousarray(pixels[:height, :width])
+        report = asyncio.run(
+            bench_tiles(
+                args.model,
+                args.backend,
+                args.settings.split(","),
+                pixels,
+                rounds=args.rounds,
+                requests=args.requests,
+                concurrency=args.concurrency,
+            )
+        )
+        lines = [
             f"batches in flight {name:>7}: {row['tiles_per_s']:6.1f} tiles/s  "
             f"{row['cpu_ms_per_tile']:5.1f} ms CPU/tile  forward busy {row['forward_busy']:.1%}"
-        )
+            for name, row in report.items()
+        ]
+    print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

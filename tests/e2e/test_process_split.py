@@ -177,3 +177,12 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_only_the_engine_process_loads_openmp(server: RunningServer) -> None:
+    """torch's OpenMP threads live in the engine process; the front ends never load OpenMP,
+    so its wait policy and spinning concern the engine alone (README, torch end to end)."""
+    (engine,) = _engine_pids(server.log())
+    assert any("libgomp" in m.path for m in psutil.Process(engine).memory_maps())
+    for worker in _worker_pids(server.log()):
+        assert not any("libgomp" in m.path for m in psutil.Process(worker).memory_maps())

@@ -23,3 +23,14 @@ async def test_bench_tiles_runs_each_setting_on_every_tile(tiny_model_dir) -> No
         assert row["tiles"] == 2 * 9  # 3 x 3 tiles of 64 px (step 52) per request
         assert row["tiles_per_s"] > 0 and row["cpu_ms_per_tile"] > 0
         assert 0 < row["forward_busy"] <= 1
+
+
+def test_bench_decode_times_both_hand_overs_of_the_decoded_pixels() -> None:
+    from scripts.bench.bench_tiles import bench_decode
+    from tests.conftest import shapes_image
+
+    report = bench_decode(rounds=1, jpegs=[shapes_image(1600, 1200), shapes_image(1200, 900)])
+    assert set(report) == {"into the arena", "back through the pipe"}
+    for row in report.values():
+        assert row["workers_ms"] >= 0 and row["front_end_ms"] >= 0
+        assert row["total_ms"] == row["front_end_ms"] + row["workers_ms"]

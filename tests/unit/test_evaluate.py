@@ -268,3 +268,35 @@ def test_the_raw_pass_runs_the_backend_the_server_describes(card, expected):
 def test_no_raw_pass_matches_the_null_engine():
     with pytest.raises(ValueError, match="backend 'null'"):
         evaluate.served_raw_pass({"backend": "null", "dtype": "float32"})
+
+
+def test_the_raw_pass_reports_each_variant_and_takes_the_faster(monkeypatch, tmp_path):
+    """onnxruntime's raw pass runs without and with spinning threads (a server runs one of
+    them): both figures are kept, the comparison takes the faster."""
+    import subprocess
+
+    from scripts.bench import bench_compare
+
+    speeds = {False: [20.0, 70.0], True: [25.0, 80.5]}  # batch 1, batch 8
+
+    def fake_run(cmd, **kwargs):  # what scripts/bench.py --skip-http writes
+        spinning = "--onnx-spinning" in cmd
+        out = cmd[cmd.index("--out") + 1]
+        rows = [
+            {
+                "backend": "onnx",
+                "batch": batch,
+                "threads": 2,
+                "forward_img_s": speed,
+                "engine_img_s": speed * 0.9,
+            }
+            for batch, speed in zip((1, 8), speeds[spinning], strict=True)
+        ]
+        with open(out, "w") as fh:
+            json.dump({"raw": rows}, fh)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_compare.subprocess, "run", fake_run)
+    raw = bench_compare.raw_forward(tmp_path, 8, 1.0, backend="onnx")
+    assert raw["variants"] == {"no spinning": 70.0, "spinning": 80.5}
+    assert raw["forward_img_s"] == 80.5 and raw["variant"] == "spinning" and raw["batch"] == 8

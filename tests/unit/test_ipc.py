@@ -348,3 +348,139 @@ async def test_a_request_cancelled_while_waiting_frees_its_blocks_on_the_answer(
         [DetectionTask(_image(8, 8, 1), 0.5, 10)], time.monotonic() + 5
     )
     assert out.batch_size == 1
+
+
+async def test_pixels_decoded_into_a_reserved_block_reach_the_engine_without_a_copy(
+    make_pair,
+) -> None:
+    pair = await make_pair(arena_mb=4, max_batch_size=1, max_batch_delay_ms=0)
+    image = _image(480, 640, 5)
+    block = pair.remote.reserve(480, 640)
+    assert block is not None
+    block.pixels[:] = image  # what the decode worker does, through its own mapping
+    one_block = ArenaAllocator.rounded(image.nbytes)
+    assert _arena_used(pair.remote) == one_block
+    pair.fake.gate = threading.Event()
+    answer = asyncio.ensure_future(
+        pair.remote.submit(
+            [DetectionTask(block.pixels, 0.5, 10, arena_block=block)], time.monotonic() + 10
+        )
+    )
+    await until(pair.fake.entered.is_set, "the image is inside the model")
+    # Sent by offset: the arena still holds that one block, no second copy of the pixels.
+    assert _arena_used(pair.remote) == one_block and block.taken
+    pair.fake.gate.set()
+    (out,) = await answer
+    assert float(out.scores[0]) == float(image.astype(np.int64).sum())
+    assert _arena_used(pair.remote) == 0  # freed with the answer
+
+
+async def test_a_reserved_block_is_given_back_at_once_or_after_its_quarantine(make_pair) -> None:
+    pair = await make_pair(arena_mb=4)
+    block = pair.remote.reserve(100, 100)
+    assert block is not None and _arena_used(pair.remote) > 0
+    block.release()
+    block.release()  # a second release (the request's own, after the decode's) is a no-op
+    assert _arena_used(pair.remote) == 0
+    # A decode that failed or was cancelled may still be writing: the block waits.
+    block = pair.remote.reserve(100, 100)
+    assert block is not None
+    block.release(0.2)
+    assert _arena_used(pair.remote) > 0
+    await until(lambda: _arena_used(pair.remote) == 0, "the quarantined block is freed")
+    # More than the arena holds: no block (the pixels then come back from the worker).
+    assert pair.remote.reserve(2000, 2000) is None
+
+
+async def test_a_block_of_an_engine_gone_since_is_copied_to_the_new_connection(
+    make_pair,
+) -> None:
+    pair = await make_pair(arena_mb=4)
+    image = _image(200, 300, 6)
+    block = pair.remote.reserve(200, 300)
+    assert block is not None
+    block.pixels[:] = image
+    (link,) = pair.remote._links
+    old = link.conn
+    for writer in list(pair.server._writers):  # the engine's death, as the front end sees it
+        writer.transport.abort()
+    await until(
+        lambda: link.conn is not None and link.conn is not old and pair.remote.state == "ready",
+        "the front end reconnected",
+    )
+    (out,) = await pair.remote.submit(
+        [DetectionTask(block.pixels, 0.5, 10, arena_block=block)], time.monotonic() + 10
+    )
+    assert float(out.scores[0]) == float(image.astype(np.int64).sum())
+    assert not block.taken  # the request gives it back (to the old arena)
+    assert _arena_used(pair.remote) == 0
+
+
+async def test_a_tiled_request_is_decoded_into_the_engines_arena(
+    make_pair, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from PIL import Image as PILImage
+
+    from app import service as service_module
+    from app.api.v1.schemas import DetectOptions
+    from app.service import DetectionService, ImageSource
+    from tests.conftest import shapes_image
+
+    pair = await make_pair(arena_mb=4)
+    settings = Settings(model=tiny_model_dir, decode_threads=1)
+    svc = DetectionService(settings, INFO, pair.remote, None, Metrics())  # type: ignore[arg-type]
+    blocks = []
+    reserve = pair.remote.reserve
+
+    def spy(height: int, width: int):  # type: ignore[no-untyped-def]
+        block = reserve(height, width)
+        blocks.append(block)
+        return block
+
+    monkeypatch.setattr(pair.remote, "reserve", spy)
+    monkeypatch.setattr(service_module, "QUARANTINE_S", 0.2)
+    decoded_back = []
+    decode = svc._decode_pool.decode
+
+    async def decode_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pixels = await decode(*args, **kwargs)
+        decoded_back.append(pixels)
+        return pixels
+
+    monkeypatch.setattr(svc._decode_pool, "decode", decode_spy)
+    try:
+        data = shapes_image(256, 192)
+        one_tile = DetectOptions(tiling={"tile_size": 256, "overlap": 0.0})
+        result = await svc.detect([ImageSource(raw=data)], one_tile)
+        (image,) = result.images
+        assert image.timings["tiles"] == 1
+        decoded = np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
+        # The fake model scores each image by its pixels' sum: the engine read the decode.
+        assert float(image.detections.scores[0]) == float(decoded.astype(np.int64).sum())
+        assert len(blocks) == 1 and blocks[0] is not None and blocks[0].taken
+        assert decoded_back == [None]  # written into the block: no pixels came back
+        assert _arena_used(pair.remote) == 0
+        # A decode that fails leaves its block quarantined, then free.
+        with pytest.raises(InvalidImageError):
+            await svc.detect([ImageSource(raw=data[: len(data) * 2 // 3])], one_tile)
+        assert len(blocks) == 2 and _arena_used(pair.remote) > 0
+        await until(lambda: _arena_used(pair.remote) == 0, "the failed decode's block is freed")
+    finally:
+        svc.close()
+
+
+async def test_a_models_client_reserves_in_the_arena_of_the_engines_serving_it_now(
+    make_pair,
+) -> None:
+    from app.models.router import ModelClient
+
+    client = ModelClient("fake")
+    assert client.reserve(10, 10) is None  # not loaded (any more): nothing to reserve in
+    pair = await make_pair(arena_mb=4)
+    client.target = pair.remote
+    block = client.reserve(10, 10)
+    assert block is not None and block.conn is pair.remote._links[0].conn
+    block.release()
+    assert _arena_used(pair.remote) == 0
