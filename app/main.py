@@ -26,6 +26,7 @@ from app.api.v1.schemas import detect_request_model
 from app.config import Settings
 from app.errors import ApiError
 from app.open_requests import OpenRequestsMiddleware
+from app.process.malloc_tuning import freeze_startup_heap
 from app.process.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def create_app(
             grpc_server = await start_grpc_server(
                 settings, runtime, app.version, workers=grpc_workers
             )
+        freeze_startup_heap()
         yield
         if job_runner is not None:
             await job_runner()

@@ -9,6 +9,7 @@ its samples there (prometheus_client's multiprocess mode) and whichever front en
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -70,6 +71,28 @@ class _Info(Protocol):
 def multiprocess_mode() -> bool:
     """Whether samples go to PROMETHEUS_MULTIPROC_DIR (prometheus_client decides at import)."""
     return values.ValueClass is not values.MutexValue
+
+
+class _Pid:
+    """This process's id, read once and again in a forked child: prometheus_client's
+    multiprocess values check it on every write (a process that forked must write to a file of
+    its own), and os.getpid() is a system call, 17 of them per request in a front end."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        os.register_at_fork(after_in_child=self.reread)
+
+    def reread(self) -> None:
+        self.pid = os.getpid()
+
+    def __call__(self) -> int:
+        return self.pid
+
+
+if multiprocess_mode():
+    # The same value class prometheus_client picks in multiprocess mode, given the pid this way
+    # (MultiProcessValue's own parameter); every metric below is made after this line.
+    values.ValueClass = values.MultiProcessValue(process_identifier=_Pid())
 
 
 class Metrics:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import pybase64
 from anyio import CapacityLimiter, to_thread
 
 from app.admission import BudgetExhaustedError, Lease, PixelBudget
@@ -689,10 +690,20 @@ def _b64decode_slices(text: str) -> bytes:
     between slices a worker thread lets the event loop in (a 32 MB text is ~70 ms in one call).
     Padding may only end the text, as with the whole-text call."""
     if len(text) <= _BASE64_SLICE:
-        return base64.b64decode(text, validate=True)
+        return _b64decode_strict(text)
     if len(text) % 4 or "=" in text[: len(text) - 2]:
         raise binascii.Error("misplaced padding or incomplete quantum")
     return b"".join(
-        base64.b64decode(text[i : i + _BASE64_SLICE], validate=True)
-        for i in range(0, len(text), _BASE64_SLICE)
+        _b64decode_strict(text[i : i + _BASE64_SLICE]) for i in range(0, len(text), _BASE64_SLICE)
     )
+
+
+def _b64decode_strict(text: str) -> bytes:
+    """base64.b64decode(text, validate=True), through pybase64 (SIMD: ~100x faster than
+    binascii, whose 80 us for a 13 KB JPEG was the largest single cost of a JSON request). pybase64
+    refuses some paddings binascii's strict mode accepts ('QUJD=' ...) and never accepts
+    otherwise: on its refusal the standard library decides, so what is accepted is unchanged."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error too
+        return base64.b64decode(text, validate=True)

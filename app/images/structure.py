@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from typing import NamedTuple
 
 # Limits that no camera, phone or encoder output reaches: progressive JPEGs hold about 10
 # scans (libjpeg's default script; mozjpeg writes up to 20), a JPEG a few dozen segments.
@@ -101,6 +102,65 @@ def walk_jpeg(data: bytes) -> tuple[str | None, int | None]:
                 return None, None  # the scan runs to the end of the file: truncated
             pos = found.start()
     return None, None
+
+
+# Start-of-frame markers: the frame header that gives a JPEG's size and components.
+_JPEG_SOF = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+)
+_APP_PREFIX = 16
+
+
+class JpegHeader(NamedTuple):
+    """What a JPEG's segments before its first scan say (see jpeg_header)."""
+
+    precision: int
+    height: int
+    width: int
+    components: int
+    markers: frozenset[int]  # every segment's marker byte (0xC0 for SOF0, 0xDB for DQT...)
+    apps: tuple[tuple[int, bytes], ...]  # APPn segments: (marker byte, their first bytes)
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """The frame header (size, components) of a JPEG and the segments before its first scan,
+    read from their markers and lengths alone. None when those segments are not plainly well
+    formed (junk between segments, a segment past the end, no frame header or more than one,
+    no scan): a full parser judges those. Reads the headers only, never the entropy-coded data."""
+    pos, end = 2, len(data)
+    frame: tuple[int, int, int, int] | None = None
+    markers: set[int] = set()
+    apps: list[tuple[int, bytes]] = []
+    segments = 0
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE or marker == _JPEG_EOI:
+            return None  # not where a header has them
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > end:
+            return None
+        if marker == _JPEG_SOS:
+            if frame is None:
+                return None
+            return JpegHeader(*frame, frozenset(markers), tuple(apps))
+        markers.add(marker)
+        if marker in _JPEG_SOF:
+            if frame is not None or length < 8:
+                return None
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            frame = (data[pos + 4], height, width, data[pos + 9])
+        elif 0xE0 <= marker <= 0xEF:
+            apps.append((marker, data[pos + 4 : pos + 2 + min(length, _APP_PREFIX)]))
+        pos += 2 + length
+    return None
 
 
 def _png_problem(data: bytes) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -32,13 +33,7 @@ from app.batching import (
 )
 from app.engine.tasks import DetectionTask, DeviceOutOfMemoryError, ImageDetections, ModelInfo
 from app.errors import ApiError
-from app.ipc.wire import (
-    ArenaAllocator,
-    ArenaRef,
-    create_arena,
-    read_message,
-    write_message,
-)
+from app.ipc.wire import ArenaAllocator, ArenaRef, Channel, create_arena
 from app.logging_setup import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -68,7 +63,7 @@ class _Conn:
     unlinked as soon as the engine has mapped it: the memory then lives exactly as long as
     the two mappings, so a process killed with SIGKILL leaks nothing in /dev/shm."""
 
-    writer: asyncio.StreamWriter
+    channel: Channel
     arena: shared_memory.SharedMemory
     allocator: ArenaAllocator
     pending: dict[int, _Pending] = field(default_factory=dict)
@@ -184,8 +179,7 @@ class RemoteEngine:
         """Tell every engine that this front end has no request open (while draining)."""
         for link in self._links:
             if link.conn is not None:
-                with contextlib.suppress(Exception):
-                    write_message(link.conn.writer, ("idle",))
+                link.conn.channel.send(("idle",))
 
     def _set_state(self, link: _Link, state: str) -> None:
         before, link.state = link.state, state
@@ -210,20 +204,21 @@ class RemoteEngine:
     async def _keep_connected(self, link: _Link) -> None:
         """Connect, read answers until the engine goes, fail what it held, reconnect (the
         supervisor restarts a dead engine at the same socket path)."""
+        loop = asyncio.get_running_loop()
         while not self._closing:
             try:
-                reader, writer = await asyncio.open_unix_connection(link.path)
+                _, channel = await loop.create_unix_connection(Channel, link.path)
             except OSError:
                 await asyncio.sleep(_RECONNECT_S)
                 continue
             arena = create_arena(self._arena_bytes)
             conn = None
             try:
-                write_message(writer, ("hello", arena.name))
-                hello = await read_message(reader)
+                channel.send(("hello", arena.name))
+                hello = await channel.next_message()
                 arena.unlink()  # the engine has it mapped now (see _Conn)
                 if hello[0] == "failed":
-                    await self._hold_failure(link, reader, hello[1])
+                    await self._hold_failure(link, channel, hello[1])
                     continue
                 link.failure = None
                 _, info, max_batch_size, jpeg_on_device, state = hello
@@ -232,21 +227,24 @@ class RemoteEngine:
                     max_batch_size,
                     jpeg_on_device,
                 )
-                conn = _Conn(writer, arena, ArenaAllocator(self._arena_bytes))
+                conn = _Conn(channel, arena, ArenaAllocator(self._arena_bytes))
                 link.conn = conn
                 logger.info("connected to the engine at %s (%s)", link.path, state)
                 if self._on_connect is not None:
                     self._on_connect(info, max_batch_size, jpeg_on_device)
                 self._set_state(link, state)
-                while True:
-                    self._dispatch(link, conn, await read_message(reader))
-            except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
+                # Answers are dispatched as they arrive, inside the channel's data_received.
+                channel.listen(functools.partial(self._dispatch, link, conn))
+                await asyncio.shield(channel.closed)
+                raise ConnectionError("the engine closed the connection")
+            except (ConnectionError, OSError, ValueError) as exc:
                 if conn is not None and link.state == "draining":
                     logger.info("the engine at %s has drained and stopped", link.path)
                 elif conn is not None and not self._closing:
                     logger.error("lost the engine at %s: %s", link.path, exc or type(exc).__name__)
             finally:
                 link.conn = None
+                channel.on_message = None
                 if conn is not None:
                     if link.state != "draining":  # a drained engine exits: not a restart
                         link.state = "restarting"
@@ -254,19 +252,19 @@ class RemoteEngine:
                 else:
                     with contextlib.suppress(OSError):
                         arena.unlink()
-                writer.close()
+                channel.close()
                 # Not arena.close(): a copy into it may still run on a thread. The mapping goes
                 # with the last reference (the _Conn, held by that copy's coroutine).
             await asyncio.sleep(_RECONNECT_S)
 
     @staticmethod
-    async def _hold_failure(link: _Link, reader: asyncio.StreamReader, reason: str) -> None:
+    async def _hold_failure(link: _Link, channel: Channel, reason: str) -> None:
         """The engine could not load the model and stays up to say so: the link is "failed"
         with its reason until that engine goes."""
         if link.failure is None:
             logger.error("the engine at %s failed to start: %s", link.path, reason)
         link.state, link.failure = "failed", reason
-        await reader.read()  # until the engine process ends
+        await asyncio.shield(channel.closed)  # until the engine process ends
         link.state = "restarting"
 
     def _dispatch(self, link: _Link, conn: _Conn, message: tuple[Any, ...]) -> None:
@@ -369,14 +367,14 @@ class RemoteEngine:
         message: tuple[Any, ...] = ("submit", rid, request_id_var.get(), deadline, items)
         if priority != "online":
             message += (priority,)
-        write_message(conn.writer, message)
+        conn.channel.send(message)
         # One timer on the answer's future rather than wait_for(shield(...)): two futures, a
         # task and their callbacks less per request. A cancelled wait cancels the future too,
         # which _dispatch then skips (the answer only frees the blocks).
         timeout = max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
         timer = asyncio.get_running_loop().call_later(timeout, _expire, pending.future)
         try:
-            await conn.writer.drain()
+            await conn.channel.drained()
             return await pending.future
         except _Expired:
             self._abandon(conn, rid, pending)
@@ -394,8 +392,7 @@ class RemoteEngine:
         pending.abandoned = True
         if not pending.future.done():
             pending.future.cancel()
-        with contextlib.suppress(Exception):
-            write_message(conn.writer, ("cancel", rid))
+        conn.channel.send(("cancel", rid))
 
     @staticmethod
     async def _place(

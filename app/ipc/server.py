@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.config import Settings
-from app.ipc.wire import attach_arena, read_message, write_message
+from app.ipc.wire import Channel, attach_arena, read_message, write_message
 
 if TYPE_CHECKING:
     from app.batching import Priority
@@ -89,6 +89,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 async def _main(settings: Settings, socket_path: str) -> int:
     from app.metrics import Metrics
     from app.process.engine_host import EngineHost, describe_load_failure
+    from app.process.malloc_tuning import freeze_startup_heap
 
     metrics = Metrics()
     host = EngineHost(settings, metrics)
@@ -100,6 +101,7 @@ async def _main(settings: Settings, socket_path: str) -> int:
         logger.critical("%s", failure, exc_info=exc)
         if settings.exit_on_load_failure:
             return LOAD_FAILED
+    freeze_startup_heap()  # the model's objects: never walked again by full collections
     # SIGTERM while loading ends the process at once (the default action); from here on it
     # drains.
     stop = asyncio.Event()
@@ -149,11 +151,12 @@ class EngineServer:
     def __init__(self, host: EngineHost, metrics: Metrics) -> None:
         self.host = host
         self.metrics = metrics
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._idle: set[asyncio.StreamWriter] = set()  # front ends drained (said "idle")
+        self._writers: set[Channel] = set()  # front ends connected (hello done)
+        self._idle: set[Channel] = set()  # front ends drained (said "idle")
         self._state = "ready"
         self._tasks: set[asyncio.Task[None]] = set()  # requests being answered
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._connections: set[Channel] = set()
+        self._gauges_due = False
 
     @property
     def state(self) -> str:
@@ -162,7 +165,8 @@ class EngineServer:
         return self._state
 
     async def serve(self, socket_path: str, stop: asyncio.Event) -> None:
-        server = await asyncio.start_unix_server(self._connection, path=socket_path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(self._connection, path=socket_path)
         logger.info("engine serving on %s", socket_path)
         watcher = asyncio.get_running_loop().create_task(self._watch())
         await stop.wait()
@@ -171,8 +175,8 @@ class EngineServer:
         watcher.cancel()
         for writer in list(self._writers):
             writer.close()
-        if self._connections:  # they end on the EOF of their own closed writer
-            await asyncio.wait(self._connections, timeout=_ANSWER_S)
+        if self._connections:  # each ends once what it queued is written
+            await asyncio.wait([c.closed for c in self._connections], timeout=_ANSWER_S)
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
         logger.info("engine stopped")
@@ -220,66 +224,39 @@ class EngineServer:
                 last = state
             await asyncio.sleep(_GAUGE_PERIOD_S)
 
-    def _broadcast(self, message: Any) -> None:
-        for writer in list(self._writers):
-            with contextlib.suppress(Exception):
-                write_message(writer, message)
+    def _refresh_gauges_soon(self) -> None:
+        """The queue gauges set once at the end of this turn of the loop, for all the requests
+        that came or were answered in it (each set is a write to the metrics file). Scheduled
+        before the answers' write (Channel.send schedules it after this), so that a scrape
+        after an answer sees the queue as the answer left it."""
+        if not self._gauges_due:
+            self._gauges_due = True
+            asyncio.get_running_loop().call_soon(self._refresh_gauges)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        arena: mmap.mmap | None = None
-        running: dict[int, asyncio.Task[None]] = {}
-        this = asyncio.current_task()
-        assert this is not None
-        self._connections.add(this)
-        try:
-            hello = await read_message(reader)
-            if isinstance(hello, tuple) and hello[0] == "probe":
-                # The supervisor asks whether this model is up (app/models/manager.py).
-                write_message(writer, ("state", self.state))
-                await writer.drain()
-                return
-            if not (isinstance(hello, tuple) and hello[0] == "hello"):
-                return
-            arena = attach_arena(hello[1])
-            host = self.host
-            write_message(
-                writer,
-                ("hello", host.info, host.settings.max_batch_size, host.jpeg_on_device, self.state),
-            )
-            self._writers.add(writer)
-            while True:
-                message = await read_message(reader)
-                if message[0] == "submit":
-                    _, rid, request_id, deadline, items, *rest = message
-                    priority: Priority = "low" if rest and rest[0] == "low" else "online"
-                    task = asyncio.get_running_loop().create_task(
-                        self._submit(writer, arena, rid, request_id, deadline, items, priority)
-                    )
-                    running[rid] = task
-                    task.add_done_callback(functools.partial(_forget, running, rid))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                elif message[0] == "cancel":
-                    found = running.get(message[1])
-                    if found is not None:
-                        found.cancel()
-                elif message[0] == "idle":
-                    self._idle.add(writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the front end went away (a worker restarted or stopped)
-        finally:
-            self._writers.discard(writer)
-            self._idle.discard(writer)
-            self._connections.discard(this)
-            for task in running.values():
-                task.cancel()
-            writer.close()
-            # The arena is not closed here: a batch still running may read it. It is unmapped
-            # when the last array on it is gone (see attach_arena).
+    def _refresh_gauges(self) -> None:
+        self._gauges_due = False
+        batcher = self.host.batcher
+        if batcher is not None:
+            self.metrics.queue_depth.set(batcher.queue_depth)
+            self.metrics.in_flight.set(batcher.in_flight)
+
+    def _broadcast(self, message: Any) -> None:
+        for channel in list(self._writers):
+            channel.send(message)
+
+    def _connection(self) -> Channel:
+        """A new front end's (or the supervisor's probe's) connection: its messages are handled
+        as they arrive, in the channel's data_received (no task per connection or message)."""
+        channel = Channel()
+        self._connections.add(channel)
+        session = _Session(self, channel)
+        channel.listen(session.first)
+        channel.closed.add_done_callback(session.ended)
+        return channel
 
     async def _submit(
         self,
-        writer: asyncio.StreamWriter,
+        channel: Channel,
         arena: mmap.mmap,
         rid: int,
         request_id: str,
@@ -305,7 +282,7 @@ class EngineServer:
             tasks = [_task(arena, item) for item in items]
             # Tiled images run as their tiles; "low": job tiles (the batcher's low lane).
             pending = self.host.submit(tasks, deadline, priority)
-            self.metrics.queue_depth.set(batcher.queue_depth + len(tasks))
+            self._refresh_gauges_soon()
             outputs = await pending
             reply = (
                 "ok",
@@ -342,12 +319,72 @@ class EngineServer:
             logger.exception("request failed in the engine")
             reply = ("error", rid, "batch_failed", f"inference failed: {type(exc).__name__}")
         # Before the answer, so that a scrape after it sees the queue as this answer left it.
-        self.metrics.queue_depth.set(batcher.queue_depth)
-        self.metrics.in_flight.set(batcher.in_flight)
-        # Always answer: the front end frees the request's arena blocks on the answer.
-        with contextlib.suppress(Exception):
-            write_message(writer, reply)
-            await writer.drain()
+        self._refresh_gauges_soon()
+        # Always answer: the front end frees the request's arena blocks on the answer. The
+        # answers of one batch leave together, in one write (Channel.send).
+        channel.send(reply)
+
+
+class _Session:
+    """One connection's state in the engine: its arena and its requests being answered."""
+
+    def __init__(self, server: EngineServer, channel: Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.arena: mmap.mmap | None = None
+        self.running: dict[int, asyncio.Task[None]] = {}
+
+    def first(self, hello: Any) -> None:
+        server, channel = self.server, self.channel
+        if isinstance(hello, tuple) and hello[0] == "probe":
+            # The supervisor asks whether this model is up (app/models/manager.py).
+            channel.send(("state", server.state))
+            channel.close()
+            return
+        if not (isinstance(hello, tuple) and hello[0] == "hello"):
+            channel.close()
+            return
+        self.arena = attach_arena(hello[1])
+        host = server.host
+        channel.send(
+            ("hello", host.info, host.settings.max_batch_size, host.jpeg_on_device, server.state)
+        )
+        server._writers.add(channel)
+        channel.on_message = self.message
+
+    def message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "submit":
+            _, rid, request_id, deadline, items, *rest = message
+            priority: Priority = "low" if rest and rest[0] == "low" else "online"
+            assert self.arena is not None
+            task = asyncio.get_running_loop().create_task(
+                self.server._submit(
+                    self.channel, self.arena, rid, request_id, deadline, items, priority
+                )
+            )
+            self.running[rid] = task
+            task.add_done_callback(functools.partial(_forget, self.running, rid))
+            tasks = self.server._tasks
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif kind == "cancel":
+            found = self.running.get(message[1])
+            if found is not None:
+                found.cancel()
+        elif kind == "idle":
+            self.server._idle.add(self.channel)
+
+    def ended(self, _: object) -> None:
+        """The front end went away (a worker restarted or stopped), or the engine closed."""
+        server = self.server
+        server._writers.discard(self.channel)
+        server._idle.discard(self.channel)
+        server._connections.discard(self.channel)
+        for task in list(self.running.values()):
+            task.cancel()
+        # The arena is not closed here: a batch still running may read it. It is unmapped
+        # when the last array on it is gone (see attach_arena).
 
 
 def _forget(running: dict[int, asyncio.Task[None]], rid: int, _: object) -> None:

@@ -1,4 +1,5 @@
-"""glibc malloc settings for the server's processes (Linux with glibc; nothing elsewhere).
+"""glibc malloc settings for the server's processes (Linux with glibc; nothing elsewhere), and
+the Python collector's start-up heap frozen (freeze_startup_heap).
 
 Measured with the soak test (scripts/bench/loadtest.py):
 - one malloc arena per allocating thread grows the heap by fragmentation (RSS +38% in 3 minutes
@@ -12,6 +13,7 @@ An environment variable of glibc's own (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -46,3 +48,15 @@ def return_large_frees(threshold_bytes: int = 128 * 1024) -> None:
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     _mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive into the collector's permanent generation
+    (gc.freeze): a process's start-up heap (FastAPI, pydantic, numpy, the model's Python
+    objects: about 100,000 objects in a front end) lives as long as the process, and without
+    this every full collection walks all of it again. Measured in a front end under load with
+    the null engine: 3 full collections in 4,700 requests took 450 ms of its time, about a
+    tenth of its work. Called once a process has started what it keeps (its lifespan's
+    start-up, the engine's model loaded)."""
+    gc.collect()
+    gc.freeze()
