@@ -26,6 +26,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import datetime
@@ -462,7 +463,13 @@ SCENARIOS: dict[str, Callable[[], Row]] = {
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SCENARIOS)
+    parser = argparse.ArgumentParser(
+        description="The guarantees of issue 13 against a real detr-serve, one row per scenario."
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (all)"
+    )
+    names = parser.parse_args(argv).scenarios or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)
