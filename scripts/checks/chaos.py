@@ -41,15 +41,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
 
-from app.config import Settings
-from app.process.supervisor import shutdown_bound_s
-from scripts.bench.serverproc import RunningServer
-from scripts.checks.hostile_payloads import HostileOrigin
+if __package__ in (None, ""):  # run as a file: make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app.config import Settings  # noqa: E402
+from app.process.supervisor import shutdown_bound_s  # noqa: E402
+from scripts.bench.serverproc import RunningServer  # noqa: E402
+from scripts.checks.hostile_payloads import HostileOrigin  # noqa: E402
 
 
 @dataclass
