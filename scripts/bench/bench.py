@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import subprocess
@@ -53,37 +52,13 @@ sys.path.insert(0, str(ROOT))
 # LitServe serves 3x less under OpenMP's default (spinning) than under PASSIVE, so PASSIVE is
 # the fair choice for them. detr-serve gets the environment without the default set here (its
 # engine process picks its own policy, see app/cli.py), and the raw pass is measured under
-# both policies, the better one counting.
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# both policies, the better one counting. The user's own policy is read first (common.py).
+from scripts.bench.common import batch_sizes, sample_jpeg  # noqa: E402
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
 from scripts.bench.serverproc import RunningServer  # noqa: E402
-
-
-def sample_jpeg(path: Path | None) -> bytes:
-    if path is not None:
-        return path.read_bytes()
-    default = ROOT / "examples" / "shapes-640x480.jpg"
-    if default.exists():
-        return default.read_bytes()
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (640, 480), (90, 120, 150))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse([100, 100, 260, 260], fill=(230, 40, 40))
-    draw.rectangle([360, 200, 560, 400], fill=(40, 200, 60))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def batch_sizes(max_batch: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch]
 
 
 def load_raw_engine(

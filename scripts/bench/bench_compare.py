@@ -51,6 +51,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench.common import USER_OMP_WAIT_POLICY  # noqa: E402
 from scripts.bench.httpload import LoadResult, run_load  # noqa: E402
 from scripts.bench.serverproc import RunningServer, detr_serve_command  # noqa: E402
 
@@ -60,8 +61,6 @@ FORMATS = ("json", "multipart")
 def _detr_env_remove() -> tuple[str, ...]:
     """detr-serve runs as shipped: without the PASSIVE scripts/bench/bench.py set for the peers
     (unless whoever runs the benchmark set a policy: then everyone gets it)."""
-    from scripts.bench.bench import USER_OMP_WAIT_POLICY
-
     return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
 
 
@@ -144,8 +143,6 @@ def raw_forward(
     (GOMP_SPINCOUNT=10000, which --e2e-vs-raw measures as a server variant): the best
     forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
     a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
-    from scripts.bench.bench import USER_OMP_WAIT_POLICY
-
     if backend == "onnx":
         variants = [("no spinning", []), ("spinning", ["--onnx-spinning"])]
         policy_of = {name: USER_OMP_WAIT_POLICY or "PASSIVE" for name, _ in variants}

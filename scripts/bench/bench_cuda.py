@@ -32,20 +32,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench.common import batch_sizes, sample_jpeg  # noqa: E402
 from scripts.bench.httpload import run_load  # noqa: E402
 from scripts.bench.make_bench_models import PRESETS, build  # noqa: E402
 from scripts.bench.serverproc import RunningServer  # noqa: E402
 
 TARGET_E2E_OVER_RAW = 0.8
 TARGET_OVER_NAIVE = 5.0
-
-
-def batch_sizes(max_batch: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch]
 
 
 def time_cuda(fn: Callable[[], object], seconds: float) -> float:
@@ -254,8 +247,6 @@ def print_targets(name: str, t: dict) -> None:
 
 def main_cuda(args: argparse.Namespace) -> None:
     import torch
-
-    from scripts.bench.bench import sample_jpeg
 
     logging.basicConfig(level=logging.WARNING, format="    %(name)s: %(message)s")
     logging.getLogger("app").setLevel(logging.INFO)  # dtype choice, graph capture, warm-up

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -22,8 +23,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from scripts.bench.serverproc import RunningServer
-from scripts.training.gigapixel_tiff import recall, write
+if __package__ in (None, ""):  # run as a file: make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from scripts.bench.serverproc import RunningServer  # noqa: E402
+from scripts.training.gigapixel_tiff import recall, write  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes-640x480.jpg"
 

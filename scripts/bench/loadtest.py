@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR  # noqa: E402
-from scripts.bench.bench import run_locust, run_locust_headless, sample_jpeg  # noqa: E402
+from scripts.bench.bench import run_locust, run_locust_headless  # noqa: E402
+from scripts.bench.common import sample_jpeg  # noqa: E402
 from scripts.bench.serverproc import RunningServer  # noqa: E402
 from scripts.checks import hostile_payloads  # noqa: E402
 

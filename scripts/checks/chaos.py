@@ -26,6 +26,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import datetime
@@ -40,15 +41,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
 
-from app.config import Settings
-from app.process.supervisor import shutdown_bound_s
-from scripts.bench.serverproc import RunningServer
-from scripts.checks.hostile_payloads import HostileOrigin
+if __package__ in (None, ""):  # run as a file: make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app.config import Settings  # noqa: E402
+from app.process.supervisor import shutdown_bound_s  # noqa: E402
+from scripts.bench.serverproc import RunningServer  # noqa: E402
+from scripts.checks.hostile_payloads import HostileOrigin  # noqa: E402
 
 
 @dataclass
@@ -462,7 +467,13 @@ SCENARIOS: dict[str, Callable[[], Row]] = {
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SCENARIOS)
+    parser = argparse.ArgumentParser(
+        description="The guarantees of issue 13 against a real detr-serve, one row per scenario."
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} (all)"
+    )
+    names = parser.parse_args(argv).scenarios or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)

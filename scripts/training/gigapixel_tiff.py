@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scripts.training.synthetic_shapes import CLASSES, _shape_alpha
+if __package__ in (None, ""):  # run as a file: make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from scripts.training.synthetic_shapes import CLASSES, _shape_alpha  # noqa: E402
 
 CELL = 160  # one shape at most per cell
 TIFF_TILE = 256

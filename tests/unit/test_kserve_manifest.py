@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from app.process.supervisor import shutdown_bound_s
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 CRD = ROOT / "deploy" / "kserve" / "crd" / "serving.kserve.io_inferenceservices.yaml.gz"
 CRD_SHA256 = "57c3bf13f77de94678bf2ae3748056ec071ad2b9e88d6a28f44fb4710758fcff"
-UVICORN_EXTRA_S = 5  # uvicorn's graceful-shutdown timeout is the drain plus this (app/cli.py)
 
 
 @cache
@@ -158,14 +158,14 @@ def test_container_serves_v2_http_and_grpc_on_its_declared_ports(tmp_path: Path)
     assert client.get(annotations["prometheus.io/path"]).status_code == 200
 
 
-def test_grace_period_outlasts_prestop_plus_drain() -> None:
+def test_grace_period_outlasts_prestop_plus_the_worst_shutdown() -> None:
+    """As for the plain Kubernetes manifest: preStop, then SIGTERM's worst case (the drain, the
+    engines' exit, the front ends' shut-down: app/process/supervisor.py shutdown_bound_s)."""
     predictor = _manifest()["spec"]["predictor"]
     env = {e["name"]: e["value"] for e in _container()["env"]}
     pre_stop = _container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain_s = float(env["DETR_SERVE_DRAIN_TIMEOUT_S"])
-    assert predictor["terminationGracePeriodSeconds"] > (
-        float(pre_stop[1]) + drain_s + UVICORN_EXTRA_S
-    )
+    worst_s = shutdown_bound_s(Settings(drain_timeout_s=float(env["DETR_SERVE_DRAIN_TIMEOUT_S"])))
+    assert predictor["terminationGracePeriodSeconds"] > float(pre_stop[1]) + worst_s
     requests = _container()["resources"]["requests"]
     assert {"cpu", "memory"} <= set(requests)
