@@ -18,14 +18,14 @@ from starlette.routing import compile_path
 
 from app.api import health, page
 from app.api.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.api.http.open_requests import OpenRequestsMiddleware
 from app.api.kserve import repository
 from app.api.kserve import routes as kserve
 from app.api.v1 import detect, jobs, models, render
 from app.api.v1.detect_asgi import DetectRoute
-from app.api.v1.schemas import detect_request_model
+from app.api.v1.protocol import detect_request_model
 from app.config import Settings
 from app.errors import ApiError
-from app.open_requests import OpenRequestsMiddleware
 from app.process.runtime import Runtime
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import numpy as np
 from anyio import CapacityLimiter, to_thread
 
 from app.admission import BudgetExhaustedError, Lease, PixelBudget
-from app.api.v1.schemas import DetectOptions
+from app.api.v1.protocol import DetectOptions
 from app.batching import (
     BatchFailedError,
     DeadlineExceededError,
@@ -82,7 +82,7 @@ class EngineClient(Protocol):
 
 @dataclass(frozen=True)
 class AnsweredImage:
-    """One image's answer, as arrays: encoded to v1 JSON or v2 tensors by app/encode.py."""
+    """One image's answer, as arrays: encoded to v1 JSON or v2 tensors by app/api/v1/encode.py."""
 
     width: int
     height: int

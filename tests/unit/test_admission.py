@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from app.admission import BudgetExhaustedError, PixelBudget
-from app.api.v1.schemas import DetectOptions
+from app.api.v1.protocol import DetectOptions
 from app.config import Settings
 from app.engine.pipeline import ModelInfo
 from app.errors import DeadlineError, PayloadTooLargeError, QueueFullApiError

@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 
 from app.api.http.request_body import MAX_JSON_VALUES, inflate
 from app.api.kserve import codec
-from app.encode import v2_tensors
+from app.api.v1.encode import v2_tensors
 from app.engine.tasks import ImageDetections
 from app.errors import InvalidRequestError, PayloadTooLargeError
 from app.service import AnsweredImage, DetectResult

@@ -91,7 +91,7 @@ def test_response_tensors_are_read_back_by_tritonclient() -> None:
         inference_s=0.0,
         postprocess_s=0.0,
     )
-    from app.encode import v2_tensors
+    from app.api.v1.encode import v2_tensors
 
     result = DetectResult("tiny", [AnsweredImage(10, 10, detections, {})])
     outputs = [codec.RequestedOutput("labels", True), codec.RequestedOutput("boxes", True)]

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_CACHED_LABELS = 256
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
-# Set in the scope of a request whose client went away before its answer (app/open_requests.py):
-# counted and logged as 499, nginx's "client closed request".
+# Set in the scope of a request whose client went away before its answer
+# (app/api/http/open_requests.py): counted and logged as 499, nginx's "client closed request".
 CLIENT_GONE = "detr_serve.client_gone"
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.http.request_body import check_value_count, loads, parse_count
-from app.api.v1.schemas import DetectOptions
+from app.api.v1.protocol import DetectOptions
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.images.structure import has_image_signature
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.http.deps import IntakeDep, RuntimeDep
 from app.api.http.request_body import collect, inflate, run_sized
 from app.api.kserve import codec
-from app.encode import v2_tensors
+from app.api.v1.encode import v2_tensors
 from app.errors import ApiError, InvalidImageError, InvalidRequestError
 from app.process.runtime import Runtime
 from app.service import DetectionService, ImageSource

@@ -12,8 +12,8 @@ from starlette.formparsers import MultiPartParser
 
 from app.api.http.deps import IntakeDep
 from app.api.http.request_body import collect, parse_json, run_sized
-from app.api.v1.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
-from app.encode import v1_json
+from app.api.v1.encode import v1_json
+from app.api.v1.protocol import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
 from app.errors import ApiError, InvalidRequestError, ValidationFailedError
 from app.process.runtime import Runtime
 from app.service import ImageSource, RenderSpec
@@ -123,7 +123,7 @@ async def answer_detect(
     service = await runtime.inference_service(options.model)
     render = RenderSpec("jpeg", options.labels) if options.render else None
     result = await service.detect(sources, options, render)
-    # Encoded from the arrays (app/encode.py); response_model above documents the shape.
+    # Encoded from the arrays (app/api/v1/encode.py); response_model above documents the shape.
     return v1_json(result, service.info.labels)
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from app.api.http.deps import InferenceServiceDep, runtime_dependency
-from app.api.v1.schemas import TilingOptions, tiling_value
+from app.api.v1.protocol import TilingOptions, tiling_value
 from app.config import Settings
 from app.errors import (
     ApiError,

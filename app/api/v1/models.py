@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.api.http.deps import RuntimeDep
 from app.api.kserve.codec import UnknownModelError
-from app.api.v1.schemas import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.api.v1.protocol import BucketCard, ErrorResponse, ModelCard, ModelList
 from app.process.runtime import Runtime
 from app.service import DetectionService
 

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app.api.http.middleware import API_KEY_MESSAGE, bearer_matches, client_request_id
 from app.api.kserve import codec, repository
-from app.encode import v2_tensors
+from app.api.v1.encode import v2_tensors
 from app.errors import ApiError, InvalidRequestError, UnavailableError
 from app.logging_setup import request_id_var
 from app.process.runtime import Runtime

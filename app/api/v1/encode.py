@@ -1,6 +1,6 @@
 """Answers straight from the post-processed arrays: the /v1 JSON body (orjson) and the v2
 output tensors. No pydantic object per detection, and v2 keeps the engine's float32 values
-(no trip through /v1's rounded JSON numbers). app/api/v1/schemas.py still documents the /v1 shape.
+(no trip through /v1's rounded JSON numbers). app/api/v1/protocol.py still documents the /v1 shape.
 """
 
 from __future__ import annotations
