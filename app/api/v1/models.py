@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.http.deps import RuntimeDep
-from app.api.kserve.codec import UnknownModelError
 from app.api.v1.protocol import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.errors import UnknownModelError
 from app.process.runtime import Runtime
 from app.service import DetectionService
 
