@@ -27,7 +27,6 @@ import numpy as np
 from anyio import CapacityLimiter, to_thread
 
 from app.admission import BudgetExhaustedError, Lease, PixelBudget
-from app.api.v1.protocol import DetectOptions
 from app.batching import (
     BatchFailedError,
     DeadlineExceededError,
@@ -61,6 +60,7 @@ from app.images.pool import DecodePool
 from app.images.render import Boxes
 from app.ipc.client import EngineUnavailableError
 from app.metrics import Metrics
+from app.options import DetectOptions
 from app.tiling import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.api.v1.protocol import DetectOptions
 from app.errors import InvalidRequestError, ValidationFailedError, describe_validation
+from app.options import DetectOptions
 
 # Request parameters that tritonclient and Triton reserve: accepted and ignored here (the
 # server's own deadline and batcher apply), so that stock clients work unchanged.

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.api.v1.protocol import DetectOptions
 from app.errors import InvalidRequestError, describe_validation
+from app.options import DetectOptions
 
 MODEL_VERSION = "1"
 
