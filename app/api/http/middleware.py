@@ -35,7 +35,7 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics
         # The labelled children, kept: labels() takes a lock and builds a key on every call.
-        # Bounded, since a client chooses the method: past the bound, labels() as before.
+        # Bounded, since a client chooses the method: past the bound, labels() on each call.
         self._counted: dict[tuple[str, str, int], Any] = {}
         self._timed: dict[str, Any] = {}
 

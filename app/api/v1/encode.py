@@ -1,5 +1,5 @@
 """The /v1 answer straight from the post-processed arrays: the JSON body (orjson), no pydantic
-object per detection. app/api/v1/protocol.py still documents the /v1 shape. (v2's output
+object per detection. app/api/v1/protocol.py documents the /v1 shape. (v2's output
 tensors: app/api/kserve/tensors.py.)
 """
 
