@@ -1,6 +1,6 @@
-"""The /v1 answer straight from the post-processed arrays: the JSON body (orjson), no pydantic
-object per detection. app/api/v1/protocol.py documents the /v1 shape. (v2's output
-tensors: app/api/kserve/tensors.py.)
+"""Answers straight from the post-processed arrays: the /v1 JSON body (orjson). No pydantic
+object per detection (v2's output tensors: app/api/kserve/tensors.py).
+app/api/v1/protocol.py documents the /v1 shape.
 """
 
 from __future__ import annotations
