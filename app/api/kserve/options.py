@@ -30,6 +30,7 @@ _OPTION_PARAMETERS = ("threshold", "max_detections", "classes", "tiling")
 
 
 def detect_options(parameters: Mapping[str, Any]) -> DetectOptions:
+    """The options of a request's parameters (REST and gRPC alike)."""
     unknown = [
         k
         for k in parameters
