@@ -65,8 +65,10 @@ RUN --mount=type=secret,id=ca \
 
 # The default model's ONNX exports, made once here so that a container starts without exporting
 # (--backend auto serves an up-to-date model.onnx from the model folder): float32, and the INT8
-# model that --precision int8 serves (calibrated on generated images: scripts/synthetic_shapes.py).
-COPY scripts/__init__.py scripts/export_onnx.py scripts/synthetic_shapes.py scripts/
+# model that --precision int8 serves (calibrated on generated images:
+# scripts/training/synthetic_shapes.py).
+COPY scripts/__init__.py scripts/export_onnx.py scripts/
+COPY scripts/training/__init__.py scripts/training/synthetic_shapes.py scripts/training/
 COPY models/rtdetr-shapes/ models/rtdetr-shapes/
 RUN python scripts/export_onnx.py models/rtdetr-shapes --int8
 

@@ -114,7 +114,7 @@ fmt: install
 	$(VENV)/bin/ruff check --fix app tests scripts
 
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench/bench.py
 
 clean:
 	rm -rf $(VENV) $(ULTRALYTICS_VENV) .pytest_cache .mypy_cache .ruff_cache

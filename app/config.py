@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         ge=0,
         le=600_000,
         description="With --backend null: how long each batch takes, as a stand-in for a "
-        "forward pass (tests and scripts/chaos.py use it for a slow engine).",
+        "forward pass (tests and scripts/checks/chaos.py use it for a slow engine).",
     )
     msda_kernel: bool = Field(
         default=True,

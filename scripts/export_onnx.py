@@ -11,7 +11,7 @@ carry the same key in their metadata, so the server serves them as they are: in 
 (the Docker image does this at build time) or, with --cache-dir, in the server's cache (the model
 folder may be read-only). --int8 also writes a statically quantized copy (app/export/quantize.py:
 convolutions and matrix products in INT8, deformable attention in float32), calibrated on
-generated shapes images (scripts/synthetic_shapes.py); `--precision int8` serves it.
+generated shapes images (scripts/training/synthetic_shapes.py); `--precision int8` serves it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def calibration_feeds(
     import torch
 
     from app.engine.processing import Preprocessor, PreprocessSpec
-    from scripts import synthetic_shapes as shapes
+    from scripts.training import synthetic_shapes as shapes
 
     spec = PreprocessSpec.for_model(model_dir)
     preprocess = Preprocessor(spec, torch.device("cpu"), torch.float32)

@@ -101,7 +101,7 @@ step() {
   "$PY" "${REPORT[@]}" --summary >/dev/null
 }
 
-BENCH=("$PY" scripts/bench.py --device cuda --dtype float16)
+BENCH=("$PY" scripts/bench/bench.py --device cuda --dtype float16)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="" -W ignore::DeprecationWarning)
 NEEDS=""
 if [ "$DRY" = 1 ]; then

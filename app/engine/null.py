@@ -1,7 +1,7 @@
 """The null engine (--backend null): no model; every image gets one fixed detection.
 
 It measures the serving path alone (HTTP, parsing, the front-end/engine boundary, batching,
-encoding): scripts/bench.py --overhead runs it against a bare FastAPI endpoint. It takes JPEGs
+encoding): scripts/bench/bench.py --overhead runs it against a bare FastAPI endpoint. It takes JPEGs
 encoded, as the GPU path does (nvjpeg), so the front end only checks their headers: what is
 left is the ceiling a GPU engine meets.
 """

@@ -14,7 +14,7 @@ QOperator format or onnxruntime's pre-processing measured no faster (README, "Wh
 goes": the float32 parts left are the deformable-attention sampling and the decoder's small ops,
 which do not gain from INT8 here). Nodes are told apart by the module scope torch.onnx records in
 their metadata. The calibration images are the caller's (scripts/export_onnx.py --int8 generates
-them with scripts/synthetic_shapes.py).
+them with scripts/training/synthetic_shapes.py).
 """
 
 from __future__ import annotations

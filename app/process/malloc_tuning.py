@@ -1,6 +1,6 @@
 """glibc malloc settings for the server's processes (Linux with glibc; nothing elsewhere).
 
-Measured with the soak test (scripts/loadtest.py):
+Measured with the soak test (scripts/bench/loadtest.py):
 - one malloc arena per allocating thread grows the heap by fragmentation (RSS +38% in 3 minutes
   at 2x load; +12% with 2 arenas);
 - in a front-end worker, large request bodies (tens of MB of JSON) freed back to the heap stay

@@ -1,5 +1,5 @@
 """The INT8 gate: `scripts/export_onnx.py --int8` on the default model gives a file that keeps
-its mAP@0.5 within 0.01 of float32 (scripts/evaluate.py INT8_MAP50_TOLERANCE) on held-out
+its mAP@0.5 within 0.01 of float32 (scripts/training/evaluate.py INT8_MAP50_TOLERANCE) on held-out
 images, with its deformable attention left in float32; `--precision int8` then serves it."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from app.config import DEFAULT_MODEL_NAME, REPO_MODELS_DIR, Settings
 from app.engine.build import build_engines
 from app.engine.pipeline import DetectionTask, Engine, ImageDetections
-from scripts import evaluate
-from scripts import synthetic_shapes as shapes
+from scripts.training import evaluate
+from scripts.training import synthetic_shapes as shapes
 
 pytest.importorskip("onnxruntime")
 DEFAULT_MODEL = REPO_MODELS_DIR / DEFAULT_MODEL_NAME
@@ -124,11 +124,11 @@ def test_precision_int8_serves_the_quantized_file(int8_cache):
 
 
 def test_profile_attributes_the_int8_models_time_to_the_detectors_parts(int8_cache):
-    """scripts/profile_onnx.py (README, "Where INT8's time goes") names the part of the detector
-    each kernel ran for: the backbone's convolutions in INT8, the deformable attention's inlined
-    function body, the decoder in float32, and next to nothing left unattributed."""
+    """scripts/bench/profile_onnx.py (README, "Where INT8's time goes") names the part of the
+    detector each kernel ran for: the backbone's convolutions in INT8, the deformable attention's
+    inlined function body, the decoder in float32, and next to nothing left unattributed."""
     from app.export.cache import find_export
-    from scripts import profile_onnx
+    from scripts.bench import profile_onnx
 
     model, cache = int8_cache
     found = {p: find_export(model, cache, p) for p in ("float32", "int8")}

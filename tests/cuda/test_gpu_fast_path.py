@@ -28,7 +28,7 @@ from app.engine.precision import check_tasks, detections_agree
 from app.images.decode import decode_image, probe_plain_jpeg
 from app.images.device import DeviceJpegDecoder, nvjpeg_unavailable_reason
 from app.ops.patch import install_msda
-from scripts.synthetic_shapes import HELDOUT_SEED, generate_sample
+from scripts.training.synthetic_shapes import HELDOUT_SEED, generate_sample
 from tests.unit.test_msda_op import _build
 
 pytestmark = [

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from scripts.serverproc import free_port
+from scripts.bench.serverproc import free_port
 from tests.conftest import shapes_image
 from tests.docker import dockerhost
 from tests.docker.conftest import BuiltImage, wait_for

@@ -19,7 +19,7 @@ from typing import IO
 import httpx
 import pytest
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.conftest import shapes_image
 from tests.docker.conftest import BuiltImage, Container, read_only_model_dir, wait_for
 from tests.docker.dockerhost import (

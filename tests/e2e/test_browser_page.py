@@ -25,7 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 
 pytestmark = pytest.mark.e2e
 

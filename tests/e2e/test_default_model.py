@@ -1,6 +1,6 @@
 """The embedded default model through the real server: serving loses nothing against transformers.
 
-scripts/evaluate.py scores held-out images twice, once with transformers' own processor and
+scripts/training/evaluate.py scores held-out images twice, once with transformers' own processor and
 model, once posted to `detr-serve` started with no --model (so serving the committed default).
 The 500-image figures live in models/rtdetr-shapes/README.md; here the same two paths are
 compared detection by detection on a CI-sized slice (on a few images a single box crossing
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import evaluate
-from scripts import synthetic_shapes as shapes
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
+from scripts.training import evaluate
+from scripts.training import synthetic_shapes as shapes
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from scripts.failed_load import CAUSES, failed_load_row
+from scripts.checks.failed_load import CAUSES, failed_load_row
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,5 @@
 """End to end, the guarantees of issue 13 (queue, disconnects, deadlines, drain) on a real
-`detr-serve` with a slow null engine: the scenarios of scripts/chaos.py, asserted.
+`detr-serve` with a slow null engine: the scenarios of scripts/checks/chaos.py, asserted.
 
 Each starts a server of its own (a few seconds each); the bounds asserted are the design's
 (queue depth 0, statuses, exit within shutdown_bound_s), never a measured speed."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts import chaos
+from scripts.checks import chaos
 
 pytestmark = pytest.mark.e2e
 

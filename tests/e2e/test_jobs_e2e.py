@@ -3,7 +3,7 @@ shapes read region by region by the job-runner process, its tiles through the en
 progress, recall, memory of the whole process tree, cancellation, the queue limit, bad input,
 the API key, and a SIGKILL mid-job followed by a restart on the same job store.
 
-The 20,000 x 20,000 run is scripts/bench_jobs.py (figures in the README): about 9,800 tiles,
+The 20,000 x 20,000 run is scripts/bench/bench_jobs.py (figures in the README): about 9,800 tiles,
 minutes on CI's 2 cores; here the same path runs on 3,000 x 3,000 (225 tiles)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from scripts.gigapixel_tiff import recall, write
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
+from scripts.training.gigapixel_tiff import recall, write
 
 pytestmark = pytest.mark.e2e
 

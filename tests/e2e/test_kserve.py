@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.conftest import LABELS, shapes_image
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from scripts import chaos
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
+from scripts.checks import chaos
 from tests.conftest import shapes_image
 from tests.e2e.test_kserve import (
     MODEL,
@@ -333,7 +333,7 @@ def test_a_grpc_port_in_use_stops_the_start_with_a_clear_message(tiny_model_dir)
     import socket
     import subprocess
 
-    from scripts.serverproc import detr_serve_command, free_port
+    from scripts.bench.serverproc import detr_serve_command, free_port
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

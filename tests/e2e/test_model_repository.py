@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.conftest import shapes_image
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.conftest import shapes_image
 
 pytestmark = pytest.mark.e2e

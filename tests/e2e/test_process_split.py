@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.conftest import shapes_image
 
 pytestmark = pytest.mark.e2e

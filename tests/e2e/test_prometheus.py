@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from scripts.serverproc import RunningServer, free_port
+from scripts.bench.serverproc import RunningServer, free_port
 from tests.conftest import shapes_image
 
 pytestmark = pytest.mark.e2e

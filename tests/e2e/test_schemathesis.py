@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 
 pytestmark = pytest.mark.e2e
 

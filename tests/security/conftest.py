@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from scripts.hostile_payloads import HostileOrigin
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
+from scripts.checks.hostile_payloads import HostileOrigin
 from tests.security.probe import tree_rss
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from app.images.structure import MAX_GIF_BLOCKS_BEFORE_FRAME, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
-from scripts.hostile_payloads import scan_bomb
+from scripts.checks.hostile_payloads import scan_bomb
 from tests.conftest import shapes_image
 from tests.security.conftest import assert_refused, concurrently
 

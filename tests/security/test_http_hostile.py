@@ -24,7 +24,7 @@ from functools import cache
 import httpx
 import pytest
 
-from scripts.hostile_payloads import (
+from scripts.checks.hostile_payloads import (
     HEADER_LENGTH,
     binary_request,
     deep_nesting,
@@ -550,7 +550,7 @@ def test_ordinary_gzip_v2_request_still_works(hostile_server) -> None:
 def test_connections_past_the_cap_get_503_until_the_header_timeout_frees_them(
     tiny_model_dir,
 ) -> None:
-    from scripts.serverproc import RunningServer
+    from scripts.bench.serverproc import RunningServer
 
     srv = RunningServer(
         ["--model", str(tiny_model_dir), "--max-connections", "8", "--header-timeout-s", "1.5"],

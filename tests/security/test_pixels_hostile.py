@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from scripts.hostile_payloads import HEIGHT, PIXEL_FLOODS, WIDTH
-from scripts.hostile_payloads import encode as _encode
+from scripts.checks.hostile_payloads import HEIGHT, PIXEL_FLOODS, WIDTH
+from scripts.checks.hostile_payloads import encode as _encode
 from tests.security.conftest import assert_refused, concurrently
 
 PER_REQUEST_LIMIT = 200_000_000

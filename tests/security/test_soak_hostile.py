@@ -1,4 +1,4 @@
-"""The mixed soak (scripts/loadtest.py --hostile) briefly, against the real server: ordinary
+"""The mixed soak (scripts/bench/loadtest.py --hostile) briefly, against the real server: ordinary
 overload alone, then the same overload with every hostile class of issue 20 beside it. The
 script's own rules decide its exit status; here we also check that its report shows each
 hostile class sent and refused, and ordinary requests answered in both phases."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.loadtest import hostile_problems, normal_problems
+from scripts.bench.loadtest import hostile_problems, normal_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = {
@@ -32,7 +32,7 @@ def test_mixed_soak_refuses_every_hostile_class_and_keeps_serving(
 ) -> None:
     out = tmp_path / "soak.json"
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "loadtest.py"),
+        sys.executable, str(ROOT / "scripts" / "bench" / "loadtest.py"),
         "--model", str(tiny_model_dir), "--minutes", "0.15", "--calibrate-s", "3",
         "--users", "16", "--hostile", "--out", str(out),
     ]  # fmt: skip

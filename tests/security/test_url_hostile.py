@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from scripts import hostile_payloads
+from scripts.checks import hostile_payloads
 from tests.security.conftest import assert_refused, concurrently
 
 REFUSAL_S = 3.0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.serverproc import RunningServer
+from scripts.bench.serverproc import RunningServer
 from tests.ultralytics.conftest import UltralyticsCase
 from tests.ultralytics.test_engine_parity import assert_parity
 

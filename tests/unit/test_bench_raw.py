@@ -1,5 +1,5 @@
-"""scripts/bench.py's raw pass: the backend it times is the one asked for, resolved as a server
-resolves it (issue 14: tiles/s compared with the raw pass of the backend the server runs)."""
+"""scripts/bench/bench.py's raw pass: the backend it times is the one asked for, resolved as a
+server resolves it (issue 14: tiles/s compared with the raw pass of the backend the server runs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from scripts.bench import bench_raw
+from scripts.bench.bench import bench_raw
 from tests.conftest import shapes_image
 
 

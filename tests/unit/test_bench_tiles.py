@@ -1,12 +1,12 @@
-"""scripts/bench_tiles.py, the README's engine-only tiled A/B: it runs every setting through the
-engine host's tiled path and accounts for the tiles it ran."""
+"""scripts/bench/bench_tiles.py, the README's engine-only tiled A/B: it runs every setting through
+the engine host's tiled path and accounts for the tiles it ran."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from scripts.bench_tiles import bench_tiles
+from scripts.bench.bench_tiles import bench_tiles
 
 
 async def test_bench_tiles_runs_each_setting_on_every_tile(tiny_model_dir) -> None:

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py: the mAP and recall figures, and HTTP mode against a fake /v1/detect."""
+"""scripts/training/evaluate.py: the mAP and recall figures, and HTTP mode against a fake
+/v1/detect."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from scripts import evaluate
-from scripts import synthetic_shapes as shapes
+from scripts.training import evaluate
+from scripts.training import synthetic_shapes as shapes
 
 
 def _truth_as_detections(samples: list[shapes.Sample], score: float = 0.9) -> list[list[dict]]:
@@ -180,14 +181,18 @@ def _report() -> dict:
 def test_card_section_goes_before_reproduce_and_is_replaced_in_place(tmp_path):
     card = tmp_path / "README.md"
     card.write_text("# m\n\n## Metrics\n\nx\n\n## Reproduce\n\n```\ntrain\n```\n")
-    first = evaluate.card_section(_report(), _columns(0.80, 0.60), "python scripts/evaluate.py a")
+    first = evaluate.card_section(
+        _report(), _columns(0.80, 0.60), "python scripts/training/evaluate.py a"
+    )
     evaluate.write_card_section(card, first)
     text = card.read_text()
     assert text.index("## Evaluation") < text.index("## Reproduce")
     assert "| mAP50 | 0.8000 | 0.8000 | +0.0000 |" in text
     assert "- mAP50 >= 0.90: NOT met" in text and "4 held-out images" in text
 
-    second = evaluate.card_section(_report(), _columns(0.95, 0.70), "python scripts/evaluate.py b")
+    second = evaluate.card_section(
+        _report(), _columns(0.95, 0.70), "python scripts/training/evaluate.py b"
+    )
     evaluate.write_card_section(card, second)
     text = card.read_text()
     assert text.count("## Evaluation") == 1 and text.count("## Reproduce") == 1

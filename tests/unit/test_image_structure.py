@@ -20,9 +20,9 @@ from app.images.structure import (
     MAX_WEBP_FRAMES,
     structure_problem,
 )
-from scripts.hostile_payloads import progressive_jpeg as _progressive_jpeg
-from scripts.hostile_payloads import scan_bomb
-from scripts.hostile_payloads import sos_headers as _sos_headers
+from scripts.checks.hostile_payloads import progressive_jpeg as _progressive_jpeg
+from scripts.checks.hostile_payloads import scan_bomb
+from scripts.checks.hostile_payloads import sos_headers as _sos_headers
 from tests.conftest import shapes_image
 from tests.security.test_decode_hostile import gif_block_flood, png_chunk_flood, segment_flood
 

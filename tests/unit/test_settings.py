@@ -128,7 +128,7 @@ def test_the_console_script_exits_2_naming_both_settings(tiny_model_dir: Path) -
     import os
     import subprocess
 
-    from scripts.serverproc import detr_serve_command
+    from scripts.bench.serverproc import detr_serve_command
 
     env = {**os.environ, "DETR_SERVE_MAX_QUEUE_SIZE": "8"}
     done = subprocess.run(

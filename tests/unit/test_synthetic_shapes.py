@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import synthetic_shapes as shapes
+from scripts.training import synthetic_shapes as shapes
 
 N = 40
 

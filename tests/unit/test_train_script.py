@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import synthetic_shapes as shapes
-from scripts import train_default_model as train
+from scripts.training import synthetic_shapes as shapes
+from scripts.training import train_default_model as train
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "rtdetr-shapes"
@@ -155,7 +155,7 @@ def test_committed_default_model_finds_the_shapes():
     0.92 of the objects at that cut with 0.73 precision, and 0.89 with 0.83 precision at the
     server's default of 0.5; its COCO figures are in models/rtdetr-shapes/README.md.)
     """
-    from scripts.evaluate import detect_direct, recall_precision
+    from scripts.training.evaluate import detect_direct, recall_precision
 
     assert (DEFAULT_MODEL / "model.safetensors").exists(), "models/rtdetr-shapes/ is missing"
     card = (DEFAULT_MODEL / "README.md").read_text()

@@ -1,0 +1,429 @@
+"""`scripts/bench/bench.py --compare` and `--overhead`: detr-serve side by side with its peers, in
+the same run, with the same client (scripts/bench/httpload.py: aiohttp, closed loop) and the same
+640x480 JPEG, sent as base64 JSON and as multipart.
+
+--compare    detr-serve as shipped (engine process + front-end workers, --backend auto: onnxruntime
+             on the CPU), detr-serve with --backend torch and with --precision int8 (its INT8
+             model made first if missing), LitServe on the same
+             checkpoint (scripts/bench/litserve_server.py: transformers' processor and model,
+             LitServe's batching with max_batch_size and batch_timeout equal to detr-serve's), the
+             naive endpoint (scripts/bench/naive_server.py), and the raw forward pass of the
+             checkpoint in a process of its own (scripts/bench/bench.py --skip-http) at its best
+             batch size, in each backend: torch (torch's default threads) and onnxruntime (the
+             export --backend auto serves, threads as the server sets them). Per round and body
+             format: img/s and p50, then detr-serve/LitServe, detr-serve/naive and end-to-end/raw
+             of each backend (the torch row over the raw torch pass, the shipped onnx row over the
+             raw onnxruntime pass); then the range of each ratio over the rounds.
+             Servers run one at a time, in a rotated order each round.
+--compare-int8
+             the two rows of issue 19 alone: detr-serve as shipped (float32 onnxruntime) and
+             --precision int8, alternating first each round; img/s, CPU time per image and
+             INT8/float32 per round and format, then their ranges (no LitServe, naive or raw).
+--overhead   detr-serve with the null engine (--backend null: a fixed detection, no model;
+             JPEGs travel encoded as on the GPU path, so nothing is decoded) against a bare
+             FastAPI endpoint (scripts/bench/bare_server.py) that reads the same upload and answers
+             the same JSON, with the same number of uvicorn workers; the ratio, and the front ends'
+             CPU time per image (their process CPU time / images answered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from scripts.bench.httpload import LoadResult, run_load  # noqa: E402
+from scripts.bench.serverproc import RunningServer, detr_serve_command  # noqa: E402
+
+FORMATS = ("json", "multipart")
+
+
+def _detr_env_remove() -> tuple[str, ...]:
+    """detr-serve runs as shipped: without the PASSIVE scripts/bench/bench.py set for the peers
+    (unless whoever runs the benchmark set a policy: then everyone gets it)."""
+    from scripts.bench.bench import USER_OMP_WAIT_POLICY
+
+    return () if USER_OMP_WAIT_POLICY is not None else ("OMP_WAIT_POLICY",)
+
+
+# detr-serve's rows: as shipped (--backend auto: onnxruntime on the CPU), and the other backends.
+DETR_ROWS = {
+    "detr-serve": [],
+    "detr-serve-torch": ["--backend", "torch"],
+    "detr-serve-int8": ["--backend", "onnx", "--precision", "int8"],
+}
+
+
+def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: int | None):
+    py = [sys.executable]
+    if name in DETR_ROWS:
+        args = ["--model", str(model), "--max-batch-size", str(max_batch), *DETR_ROWS[name]]
+        args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
+        args += ["--log-level", "warning"]
+        if workers:
+            args += ["--workers", str(workers)]
+        return RunningServer(args, ready_timeout_s=600, env_remove=_detr_env_remove())
+    if name == "detr-serve-null":
+        args = ["--model", str(model), "--backend", "null", "--max-batch-size", str(max_batch)]
+        args += ["--max-batch-delay-ms", str(delay_ms), "--max-queue-size", "1024"]
+        args += ["--log-level", "info"]  # the engine's pid is read from the log
+        if workers:
+            args += ["--workers", str(workers)]
+        return RunningServer(
+            args, ready_timeout_s=300, command=detr_serve_command(), env_remove=_detr_env_remove()
+        )
+    if name == "litserve":
+        cmd = [*py, str(ROOT / "scripts" / "bench" / "litserve_server.py"), "--accelerator", "cpu"]
+        args = ["--model", str(model), "--max-batch-size", str(max_batch)]
+        args += ["--batch-timeout", str(delay_ms / 1e3)]
+        return RunningServer(args, ready_timeout_s=300, command=cmd)
+    if name == "naive":
+        cmd = [*py, str(ROOT / "scripts" / "bench" / "naive_server.py"), "--device", "cpu"]
+        args = ["--model", str(model)]
+        return RunningServer(args, ready_timeout_s=300, command=cmd)
+    if name == "bare":
+        cmd = [
+            *py,
+            str(ROOT / "scripts" / "bench" / "bare_server.py"),
+            "--workers",
+            str(workers or 1),
+        ]
+        return RunningServer([], ready_timeout_s=120, command=cmd)
+    raise ValueError(name)
+
+
+def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt: str):
+    # A few requests first: lazy imports and allocations are not what is measured.
+    run_load(server.url + "/v1/detect", jpeg, 2, 1.0, warmup_s=0.5, as_json=fmt == "json")
+    return run_load(
+        server.url + "/v1/detect", jpeg, clients, seconds, warmup_s=2.0, as_json=fmt == "json"
+    )
+
+
+def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str):
+    """The load's result, and the CPU time of all the server's processes per image answered: on
+    a shared machine, where img/s is mostly the CPU share a server gets, this is what a quiet
+    machine's img/s follows."""
+    pids = _all_pids(server)
+    before = _tree_cpu_s(pids)
+    res = _load(server, jpeg, args.clients, args.duration, fmt)
+    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+
+
+def raw_forward(
+    model: Path,
+    max_batch: int,
+    seconds: float,
+    *,
+    backend: str = "torch",
+    precision: str = "float",
+    image: Path | None = None,
+    sizes: list[int] | None = None,
+) -> dict[str, Any]:
+    """The raw pass in a process of its own, the server's threads, every batch size up to
+    max_batch (or `sizes`), under PASSIVE and under OpenMP's default policy: the best
+    forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
+    a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
+    from scripts.bench.bench import USER_OMP_WAIT_POLICY
+
+    if backend == "onnx":
+        variants = [("no spinning", []), ("spinning", ["--onnx-spinning"])]
+        policy_of = {name: USER_OMP_WAIT_POLICY or "PASSIVE" for name, _ in variants}
+    else:
+        policies = [USER_OMP_WAIT_POLICY] if USER_OMP_WAIT_POLICY else ["PASSIVE", "default"]
+        variants = [(policy, []) for policy in policies]
+        policy_of = {policy: policy for policy in policies}
+    rows = []
+    for variant, flags in variants:
+        policy = policy_of[variant]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        else:
+            env["OMP_WAIT_POLICY"] = "default"  # not a policy: libgomp warns, keeps its own
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "bench.py"), "--skip-http"]
+            cmd += ["--model", str(model), "--max-batch", str(max_batch)]
+            cmd += ["--raw-seconds", str(seconds), "--out", out.name]
+            cmd += ["--backend", backend, "--precision", precision]
+            if image is not None:
+                cmd += ["--image", str(image)]
+            if sizes:
+                cmd += ["--raw-batch-sizes", ",".join(map(str, sizes))]
+            cmd += flags
+            subprocess.run(
+                cmd, check=True, cwd=ROOT, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            found = json.loads(Path(out.name).read_text())["raw"]
+            rows += [{**r, "variant": variant, "omp": policy} for r in found]
+    best = max(rows, key=lambda r: r["forward_img_s"])
+    return {
+        "backend": best["backend"],
+        "forward_img_s": best["forward_img_s"],
+        "batch": best["batch"],
+        "variant": best["variant"],
+        "omp": best["omp"],
+        "threads": best["threads"],
+        "engine_img_s": max(r["engine_img_s"] for r in rows),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _range(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{min(values):.2f} .. {max(values):.2f} (median {statistics.median(values):.2f})"
+
+
+def bench_compare(args: Any, jpeg: bytes) -> dict[str, Any]:
+    names = [*DETR_ROWS, "litserve", "naive"]
+    from scripts.export_onnx import ensure_int8
+
+    # Made before the rounds: no server's start-up in the timings exports or quantizes.
+    ensure_int8(args.model)
+    for name in ("detr-serve", "detr-serve-int8"):
+        _server(name, args.model, args.max_batch, args.delay_ms, args.workers).stop()
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        print(f"round {r + 1}/{args.rounds}: raw forward passes ...", flush=True)
+        raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
+        raw_onnx = raw_forward(args.model, args.max_batch, args.raw_seconds, backend="onnx")
+        for found in (raw, raw_onnx):
+            print(
+                f"  raw {found['backend']:5s}: forward {found['forward_img_s']:.1f} img/s at "
+                f"batch {found['batch']} ({found['variant']}), "
+                f"engine (pre+forward+post) {found['engine_img_s']:.1f} img/s",
+                flush=True,
+            )
+        results: dict[str, dict[str, LoadResult]] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        for name in order:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                for fmt in FORMATS:
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    results.setdefault(name, {})[fmt] = res
+                    cpu.setdefault(name, {})[fmt] = cpu_ms
+                    print(
+                        f"  {name:10s} {fmt:9s} {args.clients} clients: {res.img_s:6.1f} img/s "
+                        f"p50 {res.p50_ms:6.0f} ms  p99 {res.p99_ms:6.0f} ms  "
+                        f"CPU {cpu_ms:5.1f} ms/image  failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        row: dict[str, Any] = {"raw": raw, "raw_onnx": raw_onnx, "http": {}, "ratios": {}}
+        for fmt in FORMATS:
+            d, torch_, int8, lit, naive = (results[n][fmt].img_s for n in names)
+            row["http"][fmt] = {
+                n: {**results[n][fmt].as_dict(), "cpu_ms_per_image": cpu[n][fmt]} for n in names
+            }
+            row["ratios"][fmt] = {
+                "detr_over_litserve": _ratio(d, lit),
+                "torch_over_litserve": _ratio(torch_, lit),
+                "int8_over_default": _ratio(int8, d),
+                "detr_over_naive": _ratio(d, naive),
+                # Each backend over its own raw pass: detr-serve --backend torch over torch's,
+                # detr-serve as shipped (onnxruntime on the CPU) over onnxruntime's.
+                "e2e_over_raw": _ratio(torch_, raw["forward_img_s"]),
+                "onnx_e2e_over_raw": _ratio(d, raw_onnx["forward_img_s"]),
+                "litserve_over_raw": _ratio(lit, raw["forward_img_s"]),
+                "litserve_cpu_over_detr_cpu": _ratio(cpu["litserve"][fmt], cpu["detr-serve"][fmt]),
+            }
+            q = row["ratios"][fmt]
+            print(
+                f"  => {fmt:9s} detr-serve (default)/LitServe {q['detr_over_litserve']:.2f}  "
+                f"torch/LitServe {q['torch_over_litserve']:.2f}  "
+                f"INT8/default {q['int8_over_default']:.2f}  "
+                f"detr-serve/naive {q['detr_over_naive']:.2f}  "
+                f"end-to-end/raw: torch {q['e2e_over_raw']:.2f}, "
+                f"onnx (as shipped) {q['onnx_e2e_over_raw']:.2f}  "
+                f"(LitServe/raw {q['litserve_over_raw']:.2f}); CPU per image "
+                f"LitServe/detr-serve {q['litserve_cpu_over_detr_cpu']:.2f}",
+                flush=True,
+            )
+        rounds.append(row)
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for key, target in (
+            ("detr_over_litserve", 1.3),
+            ("torch_over_litserve", None),
+            ("int8_over_default", 1.3),
+            ("detr_over_naive", None),
+            ("e2e_over_raw", 0.9),
+            ("onnx_e2e_over_raw", 0.9),
+            ("litserve_over_raw", None),
+            ("litserve_cpu_over_detr_cpu", None),
+        ):
+            values = [row["ratios"][fmt][key] for row in rounds]
+            summary[f"{fmt}.{key}"] = values
+            aim = f"  (target >= {target})" if target else ""
+            print(f"  {fmt:9s} {key:20s} {_range(values)}{aim}")
+    return {"rounds": rounds, "summary": summary}
+
+
+def bench_int8(args: Any, jpeg: bytes) -> dict[str, Any]:
+    """INT8 against the float32 model it was quantized from, through the same server, same run."""
+    from scripts.export_onnx import ensure_int8
+
+    names = ["detr-serve", "detr-serve-int8"]
+    ensure_int8(args.model)
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        for name in names[r % 2 :] + names[: r % 2]:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                for fmt in FORMATS:
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    results.setdefault(name, {})[fmt] = {
+                        **res.as_dict(),
+                        "cpu_ms_per_image": cpu_ms,
+                    }
+                    print(
+                        f"  round {r + 1} {name:16s} {fmt:9s} {res.img_s:6.1f} img/s  "
+                        f"p50 {res.p50_ms:6.0f} ms  CPU {cpu_ms:5.1f} ms/image  "
+                        f"failures {res.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        ratios = {}
+        for fmt in FORMATS:
+            f32, int8 = (results[n][fmt] for n in names)
+            ratios[fmt] = {
+                "img_s": _ratio(int8["img_s"], f32["img_s"]),
+                "cpu": _ratio(f32["cpu_ms_per_image"], int8["cpu_ms_per_image"]),
+            }
+            print(
+                f"  => {fmt:9s} INT8/float32 img/s {ratios[fmt]['img_s']:.2f}, "
+                f"CPU per image float32/INT8 {ratios[fmt]['cpu']:.2f}  (target >= 1.3)",
+                flush=True,
+            )
+        rounds.append({"http": results, "ratios": ratios})
+    print(f"\nover {args.rounds} round(s), {args.clients} clients, {args.duration:.0f} s each:")
+    summary: dict[str, Any] = {}
+    for fmt in FORMATS:
+        for key in ("img_s", "cpu"):
+            values = [row["ratios"][fmt][key] for row in rounds]
+            summary[f"{fmt}.int8_over_default.{key}"] = values
+            print(f"  {fmt:9s} INT8/float32 {key:5s} {_range(values)}  (target >= 1.3)")
+    return {"rounds": rounds, "summary": summary}
+
+
+def _tree_cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _all_pids(server: RunningServer) -> list[int]:
+    root = psutil.Process(server.proc.pid)
+    return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+
+def _engine_pids(server: RunningServer) -> set[int]:
+    """detr-serve's engine processes (none for the bare endpoint), from its log."""
+    return {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", server.log())}
+
+
+def _front_end_pids(server: RunningServer) -> list[int]:
+    """The processes that do HTTP: every descendant but the engine and the resource tracker
+    (detr-serve), or the server and its workers (the bare endpoint)."""
+    engines = _engine_pids(server)
+    root = psutil.Process(server.proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    return [
+        p.pid
+        for p in procs
+        if p.pid not in engines and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = ["detr-serve-null", "bare"] if r % 2 == 0 else ["bare", "detr-serve-null"]
+        res: dict[str, dict[str, Any]] = {}
+        for name in order:
+            server = _server(name, args.model, args.max_batch, args.delay_ms, args.workers)
+            try:
+                time.sleep(1.0)
+                for fmt in FORMATS:
+                    pids = _front_end_pids(server)
+                    engines = list(_engine_pids(server))
+                    before, engine_before = _tree_cpu_s(pids), _tree_cpu_s(engines)
+                    load = _load(server, jpeg, args.clients, args.duration, fmt)
+                    cpu_s = _tree_cpu_s(pids) - before
+                    engine_s = _tree_cpu_s(engines) - engine_before
+                    # _load's own 1 s warm-up is in the CPU time too: count its answers.
+                    images = load.completed + 2  # at least; a slight overestimate of ms/image
+                    res.setdefault(name, {})[fmt] = {
+                        **load.as_dict(),
+                        "front_end_cpu_ms_per_image": cpu_s * 1e3 / max(1, images),
+                        "front_end_processes": len(pids),
+                        # The null engine's own process: the IPC and batcher side of the split.
+                        "engine_cpu_ms_per_image": engine_s * 1e3 / max(1, images),
+                    }
+                    print(
+                        f"  {name:16s} {fmt:9s} {load.img_s:7.1f} img/s  "
+                        f"p50 {load.p50_ms:5.1f} ms  front-end CPU "
+                        f"{cpu_s * 1e3 / max(1, images):.2f} ms/image ({len(pids)} processes)  "
+                        f"engine CPU {engine_s * 1e3 / max(1, images):.2f} ms/image  "
+                        f"failures {load.failures}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+        row = {"http": res, "ratio": {}}
+        for fmt in FORMATS:
+            row["ratio"][fmt] = _ratio(
+                res["detr-serve-null"][fmt]["img_s"], res["bare"][fmt]["img_s"]
+            )
+            print(
+                f"  => {fmt:9s} null engine / bare FastAPI {row['ratio'][fmt]:.2f} (target >= 0.7)",
+                flush=True,
+            )
+        rows.append(row)
+    print(f"\nover {args.rounds} round(s):")
+    for fmt in FORMATS:
+        print(f"  {fmt:9s} null/bare {_range([row['ratio'][fmt] for row in rows])}")
+        cpu = [row["http"]["detr-serve-null"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
+        bare = [row["http"]["bare"][fmt]["front_end_cpu_ms_per_image"] for row in rows]
+        print(f"  {fmt:9s} front-end CPU ms/image: detr-serve {_range(cpu)}; bare {_range(bare)}")
+        engine = [row["http"]["detr-serve-null"][fmt]["engine_cpu_ms_per_image"] for row in rows]
+        print(f"  {fmt:9s} engine CPU ms/image (null engine): {_range(engine)}")
+    return {"rounds": rows}
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        # Every server and the raw pass run under it (scripts/bench/bench.py sets PASSIVE unless
+        # the caller set a policy).
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
