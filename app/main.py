@@ -1,4 +1,5 @@
-"""create_app(settings): the FastAPI application, its lifespan, routers and error handlers."""
+"""create_app(settings): the FastAPI application and its lifespan, wired from app/api/ (routers,
+middleware, error handlers)."""
 
 from __future__ import annotations
 
