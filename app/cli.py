@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.errors import describe_error
 from app.process.malloc_tuning import cap_arenas
 
 
@@ -75,15 +76,15 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     except ValidationError as exc:
         lines = ["detr-serve: invalid settings:"]
         for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
                 field = str(err["loc"][0])
                 where = f"{_flag(field)} / DETR_SERVE_{field.upper()}"
-                lines.append(f"  {where}: {msg} (got {err.get('input')!r})")
+                problem = describe_error(err, where=where, plain=True)
+                lines.append(f"  {problem} (got {err.get('input')!r})")
                 continue
             # Settings that contradict each other (config.contradictions): one line each,
             # with the flags and variables of the settings it names.
-            for problem in msg.splitlines():
+            for problem in err["msg"].removeprefix("Value error, ").splitlines():
                 named = [n for n in Settings.model_fields if re.search(rf"\b{n}\b", problem)]
                 where = ", ".join(f"{_flag(n)} / DETR_SERVE_{n.upper()}" for n in named)
                 lines.append(f"  {problem}" + (f" [{where}]" if where else ""))

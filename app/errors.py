@@ -1,6 +1,14 @@
-"""Typed errors of the service; the API turns each into its status code and a JSON body."""
+"""Typed errors of the service; the API turns each into its status code and a JSON body.
+Also the one formatter of pydantic's validation errors (API messages and the CLI's lines);
+no web framework here, so the CLI imports it without FastAPI."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class ApiError(Exception):
@@ -24,6 +32,11 @@ class ApiError(Exception):
         if self.image_index is not None:
             error["image_index"] = self.image_index
         return {"error": error}
+
+
+class UnknownModelError(ApiError):
+    status_code = 404
+    error_type = "not_found"
 
 
 class InvalidRequestError(ApiError):
@@ -90,3 +103,22 @@ class DeadlineError(ApiError):
 class InferenceError(ApiError):
     status_code = 500
     error_type = "inference_failed"
+
+
+def describe_error(
+    error: ErrorDetails, *, prefix: str = "", where: str | None = None, plain: bool = False
+) -> str:
+    """One of pydantic's errors as `where: what`. `where` is the dotted path of the field in
+    the input (`body` for the input as a whole) after `prefix`, unless the caller names the
+    place itself (the CLI: a flag and its variable); `plain` drops the "Value error, " pydantic
+    puts before a validator's own sentence."""
+    if where is None:
+        where = prefix + (".".join(str(p) for p in error["loc"]) or "body")
+    message = error["msg"].removeprefix("Value error, ") if plain else error["msg"]
+    return f"{where}: {message}"
+
+
+def describe_validation(errors: Iterable[ErrorDetails], *, prefix: str = "") -> str:
+    """Every error of a failed validation, `where: what` each, joined by "; " (the message of
+    the 400 or 422 a client gets)."""
+    return "; ".join(describe_error(error, prefix=prefix) for error in errors)

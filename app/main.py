@@ -1,38 +1,32 @@
-"""create_app(settings): the FastAPI application, its lifespan, routers and error handlers."""
+"""create_app(settings): the FastAPI application and its lifespan, wired from app/api/ (routers,
+middleware, error handlers)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import compile_path
 
 from app.api import health, page
+from app.api.http.errors import install_error_handlers
 from app.api.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.api.http.open_requests import OpenRequestsMiddleware
 from app.api.kserve import repository
 from app.api.kserve import routes as kserve
 from app.api.v1 import detect, jobs, models, render
 from app.api.v1.detect_asgi import DetectRoute
-from app.api.v1.schemas import detect_request_model
+from app.api.v1.protocol import detect_request_model
 from app.config import Settings
-from app.errors import ApiError
-from app.open_requests import OpenRequestsMiddleware
 from app.process.malloc_tuning import freeze_startup_heap
 from app.process.runtime import Runtime
 
 if TYPE_CHECKING:
     from app.engine.pipeline import Engine
-
-logger = logging.getLogger(__name__)
 
 
 def create_app(
@@ -105,7 +99,7 @@ def create_app(
     app.include_router(kserve.router)
     app.include_router(jobs.router)
     app.include_router(repository.router)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     # Added last runs first: request context, then open requests (counted for the drain,
     # cancelled when their client goes), then CORS, then auth, then the body limit; then
     # POST /v1/detect is answered as plain ASGI (app/api/v1/detect_asgi.py), the rest routed.
@@ -135,46 +129,6 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics)
     app.openapi = lambda: _openapi(app, settings.max_images_per_request)  # type: ignore[method-assign]
     return app
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        body = {"error": {"type": "validation_error", "message": message}}
-        return JSONResponse(body, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = {"error": {"type": kind, "message": str(exc.detail)}}
-        headers = exc.headers
-        if exc.status_code == 405:
-            # Starlette names the first route of the path only; a path served by several routes
-            # (GET and DELETE /v1/jobs/{id}) allows what they all do.
-            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request))}
-        return JSONResponse(body, status_code=exc.status_code, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        body = {"error": {"type": "internal_error", "message": "internal server error"}}
-        return JSONResponse(body, status_code=500)
-
-
-def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    """The methods the API documents for the request's path (every route of that path)."""
-    methods: set[str] = set()
-    for path, operations in app.openapi().get("paths", {}).items():
-        if compile_path(path)[0].match(request.url.path):
-            methods |= {m.upper() for m in operations if m != "parameters"}
-    return sorted(methods)
 
 
 def _openapi(app: FastAPI, max_images: int) -> dict[str, Any]:

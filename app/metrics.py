@@ -206,7 +206,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        # Written by the front ends: what a drain waits for (app/open_requests.py).
+        # Written by the front ends: what a drain waits for (app/api/http/open_requests.py).
         self.open_requests = Gauge(
             "detr_serve_open_requests",
             "Inference requests accepted and not answered yet.",

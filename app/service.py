@@ -28,7 +28,6 @@ import pybase64
 from anyio import CapacityLimiter, to_thread
 
 from app.admission import BudgetExhaustedError, Lease, PixelBudget
-from app.api.v1.schemas import DetectOptions
 from app.batching import (
     BatchFailedError,
     DeadlineExceededError,
@@ -62,6 +61,7 @@ from app.images.pool import QUARANTINE_S, DecodePool, Into
 from app.images.render import Boxes
 from app.ipc.client import EngineUnavailableError, Reservation
 from app.metrics import Metrics
+from app.options import DetectOptions
 from app.tile_geometry import MAX_TILE_SIZE, MIN_TILE_SIZE, TileSpec, wants_tiles
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class EngineClient(Protocol):
 
 @dataclass(frozen=True)
 class AnsweredImage:
-    """One image's answer, as arrays: encoded to v1 JSON or v2 tensors by app/encode.py."""
+    """One image's answer, as arrays: encoded to v1 JSON or v2 tensors by app/api/v1/encode.py."""
 
     width: int
     height: int

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.http.deps import RuntimeDep
-from app.api.v1.schemas import Status
+from app.api.v1.protocol import Status
 
 router = APIRouter(tags=["operations"])
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.errors import describe_validation
+
 if TYPE_CHECKING:
     from app.config import Settings
 
@@ -180,10 +182,7 @@ def model_settings(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return settings, f"{file} cannot be read as JSON: {exc}"
     except ValidationError as exc:
-        fields = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        return settings, f"{file} is not valid: {fields}"
+        return settings, f"{file} is not valid: {describe_validation(exc.errors())}"
     changed = overrides.model_dump(exclude_none=True)
     candidate = settings.model_copy(update=changed)
     problems = contradictions(candidate)

@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.api.kserve.codec import UnknownModelError
 from app.config import Settings
 from app.engine.tasks import DetectionTask, ImageDetections, ModelInfo
-from app.errors import ApiError, ModelLoadFailedError, UnavailableError
+from app.errors import ApiError, ModelLoadFailedError, UnavailableError, UnknownModelError
 from app.ipc.client import EngineUnavailableError, RemoteEngine, Reservation
 from app.ipc.wire import read_message, write_message
 from app.models.manager import ModelView

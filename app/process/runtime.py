@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.api.kserve.codec import UnknownModelError
 from app.config import Settings
 from app.engine.pool import EnginePool
 from app.engine.tasks import ModelInfo
-from app.errors import ModelLoadFailedError, UnavailableError
+from app.errors import ModelLoadFailedError, UnavailableError, UnknownModelError
 from app.fetch import Fetcher, FetchPolicy
 from app.ipc.client import RemoteEngine
 from app.metrics import Metrics

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from app.admission import BudgetExhaustedError, PixelBudget
-from app.api.v1.schemas import DetectOptions
 from app.config import Settings
 from app.engine.tasks import ModelInfo
 from app.errors import DeadlineError, PayloadTooLargeError, QueueFullApiError
 from app.images.pool import DecodePool
 from app.metrics import Metrics
+from app.options import DetectOptions
 from app.service import DetectionService, ImageSource
 from tests.conftest import shapes_image
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from app.api.v1.schemas import DetectResponse
-from app.encode import v1_json, v2_tensors
+from app.api.kserve.tensors import v2_tensors
+from app.api.v1.encode import v1_json
+from app.api.v1.protocol import DetectResponse
 from app.engine.tasks import ImageDetections
 from app.service import AnsweredImage, DetectResult
 

@@ -424,7 +424,7 @@ async def test_a_tiled_request_is_decoded_into_the_engines_arena(
     from PIL import Image as PILImage
 
     from app import service as service_module
-    from app.api.v1.schemas import DetectOptions
+    from app.options import DetectOptions
     from app.service import DetectionService, ImageSource
     from tests.conftest import shapes_image
 

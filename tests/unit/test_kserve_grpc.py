@@ -12,11 +12,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
-from app.api.kserve import codec
 from app.api.kserve.grpc.servicer import KServeServicer, infer_response, parse_infer_request
+from app.api.kserve.protocol import RequestedOutput
+from app.api.kserve.tensors import OUTPUTS
 from app.config import Settings
 from app.engine.tasks import ImageDetections
-from app.errors import QueueFullApiError
+from app.errors import InvalidRequestError, QueueFullApiError
 from app.metrics import Metrics
 from app.service import AnsweredImage, DetectResult
 
@@ -59,7 +60,7 @@ def test_raw_input_contents_and_bytes_contents_give_the_same_request() -> None:
     assert raw.images == contents.images == images
     assert raw.options == contents.options
     assert raw.options.threshold == 0.25 and raw.options.classes == ["circle"]
-    assert [o.name for o in raw.outputs] == list(codec.OUTPUTS)
+    assert [o.name for o in raw.outputs] == list(OUTPUTS)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_raw_input_contents_and_bytes_contents_give_the_same_request() -> None:
 def test_malformed_messages_are_refused_with_their_field(mutate, text) -> None:
     message = triton_request([b"\xff\xd8\xffjpeg"])
     mutate(message)
-    with pytest.raises(codec.InvalidRequestError, match=None) as caught:
+    with pytest.raises(InvalidRequestError, match=None) as caught:
         parse_infer_request(message, MAX_IMAGES)
     assert text in caught.value.message
 
@@ -91,10 +92,10 @@ def test_response_tensors_are_read_back_by_tritonclient() -> None:
         inference_s=0.0,
         postprocess_s=0.0,
     )
-    from app.encode import v2_tensors
+    from app.api.kserve.tensors import v2_tensors
 
     result = DetectResult("tiny", [AnsweredImage(10, 10, detections, {})])
-    outputs = [codec.RequestedOutput("labels", True), codec.RequestedOutput("boxes", True)]
+    outputs = [RequestedOutput("labels", True), RequestedOutput("boxes", True)]
     response = infer_response(
         model_name="tiny", request_id="r", tensors=v2_tensors(result, 3), outputs=outputs
     )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from app.api.http.middleware import CLIENT_GONE
-from app.open_requests import OpenRequestsMiddleware
+from app.api.http.open_requests import OpenRequestsMiddleware
 
 BODY = [
     {"type": "http.request", "body": b"ab", "more_body": True},

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.api.v1.schemas import tiling_value
 from app.engine.tasks import DetectionTask, ImageDetections
 from app.engine.tile_tasks import collect, expand, merge_detections, pair_overlaps
+from app.options import tiling_value
 from app.tile_geometry import TileSpec, axis_starts, wants_tiles
 
 # -- geometry ---------------------------------------------------------------------------------

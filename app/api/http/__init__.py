@@ -1,1 +1,3 @@
-"""Shared HTTP plumbing of every protocol: middleware, body parsing, server limits, dependencies."""
+"""HTTP plumbing every protocol shares: middleware (request ids, access log, API key, body
+limit), the open-requests counter (drain, cancel on disconnect), the JSON error answers, body
+parsing, uvicorn's limits, and the dependencies routes take (runtime, admission)."""

@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_CACHED_LABELS = 256
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/=+\-]{1,128}$")
-# Set in the scope of a request whose client went away before its answer (app/open_requests.py):
-# counted and logged as 499, nginx's "client closed request".
+# Set in the scope of a request whose client went away before its answer
+# (app/api/http/open_requests.py): counted and logged as 499, nginx's "client closed request".
 CLIENT_GONE = "detr_serve.client_gone"
 
 
@@ -36,7 +36,7 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics
         # The labelled children, kept: labels() takes a lock and builds a key on every call.
-        # Bounded, since a client chooses the method: past the bound, labels() as before.
+        # Bounded, since a client chooses the method: past the bound, labels() on each call.
         self._counted: dict[tuple[str, str, int], Any] = {}
         self._timed: dict[str, Any] = {}
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.api.http.deps import RuntimeDep
 from app.api.http.request_body import collect, parse_json
-from app.api.kserve.routes import KServeRoute, ProtocolError
-from app.errors import ApiError, InvalidRequestError
+from app.api.kserve.errors import KServeRoute
+from app.api.kserve.protocol import IndexEntry, IndexRequest, LoadRequest, ProtocolError
+from app.errors import ApiError, InvalidRequestError, describe_validation
 from app.models.manager import ModelView
 from app.process.runtime import Runtime
 
@@ -34,25 +35,6 @@ _STATES = {"ready": "READY", "loading": "LOADING"}
 class ControlOffError(ApiError):
     status_code = 403
     error_type = "forbidden"
-
-
-class IndexEntry(BaseModel):
-    name: str
-    version: str = "1"
-    state: str
-    reason: str = ""
-
-
-class IndexRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    ready: bool = False
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    parameters: dict[str, Any] = {}
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -72,9 +54,7 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(parse_json(bytes(raw), "the body"), strict=True)
     except ValidationError as exc:
-        raise InvalidRequestError(
-            "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        ) from None
+        raise InvalidRequestError(describe_validation(exc.errors())) from None
 
 
 def _entry(runtime: Runtime, view: ModelView) -> IndexEntry:

@@ -1,101 +1,38 @@
-"""KServe Open Inference Protocol v2 (REST): health, metadata and infer for the served model.
+"""KServe Open Inference Protocol v2 (REST): the routes of health, metadata and infer.
 
-Inference goes through the same DetectionService (batcher, limits, metrics) as /v1/detect;
-protocol parsing and encoding live in app/api/kserve/codec.py. Errors take the protocol's shape,
-{"error": "message"}, with the status /v1 would give.
+Inference goes through the same DetectionService (batcher, limits, metrics) as /v1/detect; the
+request is parsed by request.py, the answer encoded by tensors.py and binary.py, and errors
+take the protocol's shape, {"error": "message"}, with the status /v1 would give (errors.py).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.http.deps import IntakeDep, RuntimeDep
 from app.api.http.request_body import collect, inflate, run_sized
-from app.api.kserve import codec
-from app.encode import v2_tensors
-from app.errors import ApiError, InvalidImageError, InvalidRequestError
+from app.api.kserve import tensors
+from app.api.kserve.binary import HEADER_LENGTH, encode_infer_response
+from app.api.kserve.errors import KServeRoute
+from app.api.kserve.protocol import (
+    InferRequestHeader,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    ProtocolError,
+    Ready,
+    ServerMetadata,
+)
+from app.api.kserve.request import parse_infer_request
+from app.errors import InvalidImageError, InvalidRequestError, UnknownModelError
 from app.process.runtime import Runtime
 from app.service import DetectionService, ImageSource
 
-logger = logging.getLogger(__name__)
-
-
-class KServeRoute(APIRoute):
-    """Answers every error of these routes in the protocol's shape, which tritonclient reads."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def protocol_errors(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ApiError as exc:
-                status, message, headers = exc.status_code, exc.message, exc.headers
-            except RequestValidationError as exc:
-                status, headers = 400, {}
-                message = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-                )
-            except StarletteHTTPException as exc:
-                status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
-            except Exception:
-                logger.exception("unhandled error")
-                status, message, headers = 500, "internal server error", {}
-            return JSONResponse(codec.error_body(message), status_code=status, headers=headers)
-
-        return protocol_errors
-
-
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=KServeRoute)
-
-
-class ProtocolError(BaseModel):
-    error: str
-
-
-class TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
-    parameters: dict[str, Any] = {}
-
-
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
-    parameters: dict[str, Any] = {}
-
-
-class Live(BaseModel):
-    live: bool
-
-
-class Ready(BaseModel):
-    ready: bool
-
-
-class ModelReady(BaseModel):
-    name: str
-    ready: bool
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -140,9 +77,9 @@ _INFER_BODY = {
     "requestBody": {
         "required": True,
         "description": "Inference request JSON; with the binary tensor data extension it is "
-        f"followed by the raw tensors and its length is in the {codec.HEADER_LENGTH} header.",
+        f"followed by the raw tensors and its length is in the {HEADER_LENGTH} header.",
         "content": {
-            "application/json": {"schema": _inline(codec.InferRequestHeader.model_json_schema())},
+            "application/json": {"schema": _inline(InferRequestHeader.model_json_schema())},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -151,7 +88,7 @@ _INFER_BODY = {
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return codec.server_metadata(request.app.version)
+    return tensors.server_metadata(request.app.version)
 
 
 @router.get("/health/live", response_model=Live, summary="Liveness: 200 while the process lives")
@@ -238,8 +175,8 @@ async def infer_version(
 
 def _model_metadata(service: DetectionService, name: str, version: str | None) -> dict[str, Any]:
     info = service.info
-    codec.check_model(info.name, name, version)
-    return codec.model_metadata(
+    tensors.check_model(info.name, name, version)
+    return tensors.model_metadata(
         name=info.name,
         backend=info.backend,
         labels=info.labels,
@@ -251,14 +188,14 @@ def _model_metadata(service: DetectionService, name: str, version: str | None) -
 def _model_ready(runtime: Runtime, name: str, version: str | None) -> Response:
     if runtime.router is not None:
         if name not in runtime.router.models:
-            raise codec.UnknownModelError(
+            raise UnknownModelError(
                 f"unknown model {name!r}; the models are: {runtime.router.known()}"
             )
-        codec.check_model(name, name, version)
+        tensors.check_model(name, name, version)
         is_ready = runtime.router.state(name)[0] == "ready" and not runtime.draining
         return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
     served = runtime.service.info.name if runtime.service else runtime.settings.served_model_name
-    codec.check_model(served, name, version)
+    tensors.check_model(served, name, version)
     is_ready = runtime.state == "ready"
     return JSONResponse({"name": served, "ready": is_ready}, status_code=200 if is_ready else 503)
 
@@ -266,7 +203,7 @@ def _model_ready(runtime: Runtime, name: str, version: str | None) -> Response:
 async def _infer(
     request: Request, service: DetectionService, name: str, version: str | None
 ) -> Response:
-    codec.check_model(service.info.name, name, version)
+    tensors.check_model(service.info.name, name, version)
     settings = service.settings
     raw = await collect(request.stream())
     body: bytes | bytearray = raw
@@ -281,10 +218,10 @@ async def _infer(
                 max_ratio=settings.max_inflation_ratio,
             )
         )
-    length_header = request.headers.get(codec.HEADER_LENGTH)
+    length_header = request.headers.get(HEADER_LENGTH)
     parsed = await run_sized(
         len(body),
-        lambda: codec.parse_infer_request(body, length_header, settings.max_images_per_request),
+        lambda: parse_infer_request(body, length_header, settings.max_images_per_request),
     )
     try:
         result = await service.detect([ImageSource(raw=b) for b in parsed.images], parsed.options)
@@ -296,10 +233,10 @@ async def _infer(
             "whose bytes are all UTF-8; or send it with the binary tensor data extension)"
         ) from None
     k = parsed.options.max_detections or service.settings.default_max_detections
-    content, header_length = codec.encode_infer_response(
+    content, header_length = encode_infer_response(
         model_name=service.info.name,
         request_id=parsed.id,
-        tensors=v2_tensors(result, k),
+        tensors=tensors.v2_tensors(result, k),
         outputs=parsed.outputs,
     )
     if header_length is None:
@@ -307,5 +244,5 @@ async def _infer(
     return Response(
         content,
         media_type="application/octet-stream",
-        headers={codec.HEADER_LENGTH: str(header_length)},
+        headers={HEADER_LENGTH: str(header_length)},
     )

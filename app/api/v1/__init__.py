@@ -1,1 +1,2 @@
-"""The /v1 API: detect, render, models, jobs, and its request and response models."""
+"""The /v1 API: detect (with its plain-ASGI fast path), render, models, jobs; `protocol.py`
+holds the request and response models, `encode.py` builds the JSON answer from arrays."""

@@ -12,9 +12,14 @@ from starlette.formparsers import MultiPartParser
 
 from app.api.http.deps import IntakeDep
 from app.api.http.request_body import collect, parse_json, run_sized
-from app.api.v1.schemas import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
-from app.encode import v1_json
-from app.errors import ApiError, InvalidRequestError, ValidationFailedError
+from app.api.v1.encode import v1_json
+from app.api.v1.protocol import DetectRequest, DetectResponse, ErrorResponse, detect_request_model
+from app.errors import (
+    ApiError,
+    InvalidRequestError,
+    ValidationFailedError,
+    describe_validation,
+)
 from app.process.runtime import Runtime
 from app.service import ImageSource, RenderSpec
 
@@ -123,7 +128,7 @@ async def answer_detect(
     service = await runtime.inference_service(options.model)
     render = RenderSpec("jpeg", options.labels) if options.render else None
     result = await service.detect(sources, options, render)
-    # Encoded from the arrays (app/encode.py); response_model above documents the shape.
+    # Encoded from the arrays (app/api/v1/encode.py); response_model above documents the shape.
     return v1_json(result, service.info.labels)
 
 
@@ -163,7 +168,7 @@ async def _from_json(
                     f"the request holds {err['ctx']['actual_length']} images, over the limit "
                     f"of {max_images}"
                 ) from None
-        raise ValidationFailedError(_describe(exc)) from None
+        raise ValidationFailedError(describe_validation(exc.errors())) from None
     sources = [ImageSource(url=i.url, base64=i.data) for i in parsed.images]
     return sources, parsed
 
@@ -211,13 +216,5 @@ async def _from_multipart(
         # are text ("0.5", "true").
         options = model.model_validate({**fields, "images": [{"data": ""}]})
     except ValidationError as exc:
-        raise ValidationFailedError(_describe(exc)) from None
+        raise ValidationFailedError(describe_validation(exc.errors())) from None
     return sources, options
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)

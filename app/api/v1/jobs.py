@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from app.api.http.deps import InferenceServiceDep, runtime_dependency
-from app.api.v1.schemas import TilingOptions, tiling_value
 from app.config import Settings
 from app.errors import (
     ApiError,
@@ -27,9 +26,11 @@ from app.errors import (
     PayloadTooLargeError,
     QueueFullApiError,
     ValidationFailedError,
+    describe_error,
 )
 from app.jobs.reader import NOT_AN_IMAGE, sniff
 from app.jobs.store import FINISHED, Job, JobStore, new_job_id
+from app.options import TilingOptions, tiling_value
 from app.process.runtime import Runtime
 from app.service import DetectionService
 
@@ -111,9 +112,7 @@ def _validated(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ValidationFailedError(f"{where}: {err['msg']}") from None
+        raise ValidationFailedError(describe_error(exc.errors()[0])) from None
 
 
 def _resolved(options: JobOptions, service: DetectionService, settings: Settings) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.http.deps import RuntimeDep
-from app.api.kserve.codec import UnknownModelError
-from app.api.v1.schemas import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.api.v1.protocol import BucketCard, ErrorResponse, ModelCard, ModelList
+from app.errors import UnknownModelError
 from app.process.runtime import Runtime
 from app.service import DetectionService
 
@@ -20,7 +20,7 @@ router = APIRouter(tags=["models"])
     responses={503: {"model": ErrorResponse, "description": "The model is still loading."}},
 )
 async def list_models(runtime: RuntimeDep) -> ModelList:
-    if runtime.router is None:  # one model: as it always was (503 until it is loaded)
+    if runtime.router is None:  # one model: 503 until it is loaded
         return ModelList(models=[_card(runtime.service_for(None), default=True)])
     return ModelList(models=[_model_card(runtime, name) for name in sorted(runtime.router.models)])
 

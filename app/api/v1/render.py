@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.http.deps import IntakeDep
 from app.api.v1.detect import ERRORS, multipart_schema, read_request
-from app.api.v1.schemas import RenderRequest
+from app.api.v1.protocol import RenderRequest
 from app.images.render import MEDIA_TYPES
 from app.service import RenderSpec
 

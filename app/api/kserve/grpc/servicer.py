@@ -1,12 +1,12 @@
 """The v2 GRPCInferenceService RPCs: health, metadata and ModelInfer for the served model.
 
-Thin, like the REST routes: messages become the codec's request header (app/api/kserve/codec.py
-checks the input, options and outputs exactly as for REST), the images go through the same
-DetectionService (batcher, pixel admission, deadlines, metrics), and the tensors come back in
-`raw_output_contents`, as Triton sends them. Each RPC gets the HTTP routes' request id, API key
-rule, metrics and access log (`_rpc`). The RPCs of Triton's proto that this server does not
-serve (statistics, shared memory, streaming) answer UNIMPLEMENTED, from the
-generated base class.
+Thin, like the REST routes: messages become the protocol's request header (app/api/kserve/
+request.py checks the input, options and outputs exactly as for REST), the images go through
+the same DetectionService (batcher, pixel admission, deadlines, metrics), and the tensors come
+back in `raw_output_contents`, as Triton sends them. Each RPC gets the HTTP routes' request id,
+API key rule, metrics and access log (`_rpc`). The RPCs of Triton's proto that this server does
+not serve (statistics, shared memory, streaming) answer UNIMPLEMENTED, from the generated base
+class.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from app.api.http.middleware import API_KEY_MESSAGE, bearer_matches, client_request_id
-from app.api.kserve import codec, repository
-from app.encode import v2_tensors
-from app.errors import ApiError, InvalidRequestError, UnavailableError
+from app.api.kserve import repository, tensors
+from app.api.kserve.binary import deserialize_bytes
+from app.api.kserve.protocol import MODEL_VERSION, InferRequest, RequestedOutput, validate_header
+from app.api.kserve.request import infer_request, the_input
+from app.api.kserve.tensors import INPUT_NAME, OUTPUTS
+from app.errors import ApiError, InvalidRequestError, UnavailableError, UnknownModelError
 from app.logging_setup import request_id_var
 from app.process.runtime import Runtime
 from app.service import DetectionService, ImageSource
@@ -149,8 +152,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             runtime.service.info.name if runtime.service else runtime.settings.served_model_name
         )
         try:
-            codec.check_model(served, request.name, request.version or None)
-        except codec.UnknownModelError:
+            tensors.check_model(served, request.name, request.version or None)
+        except UnknownModelError:
             return pb.ModelReadyResponse(ready=False)  # as Triton: not an error, not ready
         return pb.ModelReadyResponse(ready=runtime.state == "ready")
 
@@ -158,7 +161,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(  # noqa: N802
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(**codec.server_metadata(self.version))
+        return pb.ServerMetadataResponse(**tensors.server_metadata(self.version))
 
     @_rpc("ModelMetadata")
     async def ModelMetadata(  # noqa: N802
@@ -166,8 +169,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         service = self._service(request.name)
         info = service.info
-        codec.check_model(info.name, request.name, request.version or None)
-        meta = codec.model_metadata(
+        tensors.check_model(info.name, request.name, request.version or None)
+        meta = tensors.model_metadata(
             name=info.name,
             backend=info.backend,
             labels=info.labels,
@@ -196,7 +199,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             # As the HTTP inference routes (app/api/http/deps.py): accepted calls finish, new go
             # to another replica.
             raise UnavailableError("the server is shutting down (draining); retry elsewhere")
-        codec.check_model(service.info.name, request.model_name, request.model_version or None)
+        tensors.check_model(service.info.name, request.model_name, request.model_version or None)
         parsed = parse_infer_request(request, service.settings.max_images_per_request)
         # Counted as open like an HTTP inference request: the drain waits for it.
         self.runtime.request_started()
@@ -212,7 +215,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return infer_response(
             model_name=service.info.name,
             request_id=parsed.id,
-            tensors=v2_tensors(result, k),
+            tensors=tensors.v2_tensors(result, k),
             outputs=parsed.outputs,
         )
 
@@ -254,10 +257,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def parse_infer_request(request: pb.ModelInferRequest, max_images: int) -> codec.InferRequest:
-    """The codec's request from the message: images from the input's `contents.bytes_contents`
+def parse_infer_request(request: pb.ModelInferRequest, max_images: int) -> InferRequest:
+    """The parsed request from the message: images from the input's `contents.bytes_contents`
     or from `raw_input_contents` (length-prefixed, as in REST's binary extension)."""
-    header = codec.validate_header(
+    header = validate_header(
         {
             "id": request.id or None,
             "parameters": _parameters(request.parameters),
@@ -276,19 +279,19 @@ def parse_infer_request(request: pb.ModelInferRequest, max_images: int) -> codec
             or None,
         }
     )
-    _, count = codec.the_input(header, max_images)
+    _, count = the_input(header, max_images)
     tensor = request.inputs[0]
     other = [f.name for f, _ in tensor.contents.ListFields() if f.name != "bytes_contents"]
     if other:
         raise InvalidRequestError(
-            f"input {codec.INPUT_NAME!r} is BYTES: its images go in contents.bytes_contents or "
+            f"input {INPUT_NAME!r} is BYTES: its images go in contents.bytes_contents or "
             f"raw_input_contents, not in {other[0]}"
         )
     elements = tensor.contents.bytes_contents
     raw = request.raw_input_contents
     if elements and raw:
         raise InvalidRequestError(
-            f"input {codec.INPUT_NAME!r} has both contents.bytes_contents and "
+            f"input {INPUT_NAME!r} has both contents.bytes_contents and "
             "raw_input_contents: send one"
         )
     if raw:
@@ -296,16 +299,16 @@ def parse_infer_request(request: pb.ModelInferRequest, max_images: int) -> codec
             raise InvalidRequestError(
                 f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} input"
             )
-        images = codec.deserialize_bytes(raw[0], count)
+        images = deserialize_bytes(raw[0], count)
     elif len(elements) != count:
         raise InvalidRequestError(
-            f"input {codec.INPUT_NAME!r}: the shape says {count} elements but "
+            f"input {INPUT_NAME!r}: the shape says {count} elements but "
             f"contents.bytes_contents holds {len(elements)}"
             + ("" if elements else " (and there is no raw_input_contents)")
         )
     else:
         images = list(elements)
-    return codec.infer_request(header, images, images_from_json=False)
+    return infer_request(header, images, images_from_json=False)
 
 
 def infer_response(
@@ -313,13 +316,13 @@ def infer_response(
     model_name: str,
     request_id: str | None,
     tensors: Mapping[str, np.ndarray],
-    outputs: list[codec.RequestedOutput],
+    outputs: list[RequestedOutput],
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
-        model_name=model_name, model_version=codec.MODEL_VERSION, id=request_id or ""
+        model_name=model_name, model_version=MODEL_VERSION, id=request_id or ""
     )
     for out in outputs:
-        spec = codec.OUTPUTS[out.name]
+        spec = OUTPUTS[out.name]
         array = np.ascontiguousarray(tensors[out.name], dtype=spec.dtype)
         response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
         response.raw_output_contents.append(array.tobytes())

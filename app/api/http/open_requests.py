@@ -33,7 +33,7 @@ class OpenRequestsMiddleware:
             await self.app(scope, receive, send)
             return
         # The handler runs in this task; one watcher task, started once the body is read,
-        # cancels it when the client goes (two tasks and a wait() per request before).
+        # cancels it when the client goes.
         handler = asyncio.current_task()
         assert handler is not None
         watcher: asyncio.Task[None] | None = None
