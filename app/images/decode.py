@@ -164,7 +164,7 @@ def probe_plain_jpeg(data: bytes, *, max_pixels: int, index: int) -> EncodedJpeg
     return EncodedJpeg(data if end == len(data) else data[:end], height, width, index)
 
 
-def _open(data: bytes, *, max_pixels: int, index: int) -> Image.Image:
+def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
     """Open the header after the structure walk; the size and format checked, nothing decoded."""
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)", image_index=index)
@@ -228,7 +228,7 @@ _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 
 def _plain_jpeg_facts(data: bytes, *, max_pixels: int, index: int) -> tuple[int, int, str] | None:
     """(width, height, mode) of a JPEG whose header Pillow would read to exactly these facts
-    and an EXIF orientation of 1, from the marker walk alone (app/image_structure.py): about a
+    and an EXIF orientation of 1, from the marker walk alone (app/images/structure.py): about a
     tenth of what Image.open and getexif cost, the largest part of a front end's work per image
     where JPEGs travel encoded. None for anything else (then Pillow reads the header): other
     formats, a header that is not plainly well formed, a marker Pillow's parser does not know,
@@ -296,9 +296,10 @@ def probe_image(data: bytes, *, max_pixels: int, index: int, fit: Fit | None = N
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, index: int, fit: Fit | None = None
+    data: bytes, *, max_pixels: int, index: int | None, fit: Fit | None = None
 ) -> DecodedImage:
-    """Decode one encoded image; raises InvalidImageError or ImageTooLargeError naming `index`.
+    """Decode one encoded image; raises InvalidImageError or ImageTooLargeError naming `index`
+    (None: a job's one image, not one of a request's).
 
     With `fit`, an image over REDUCE_ABOVE_PIXELS comes back at the model's input size (its
     `height` and `width` stay the original's): the full-size RGB image is never made."""

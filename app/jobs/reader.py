@@ -150,23 +150,21 @@ def open_image(path: Path, *, level: int, max_whole_pixels: int) -> ImageSource:
 
 
 def _decode_whole(path: Path, kind: str, max_pixels: int) -> np.ndarray:
-    from PIL import Image
+    """Decoded as /v1/detect decodes (app/images/decode.py: the structure walk, the pixel limit
+    from the header, EXIF orientation), so a job's boxes are in the same upright pixels."""
+    from app.errors import ImageTooLargeError, InvalidImageError
+    from app.images.decode import decode_image
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise UnreadableImageError(
-                    f"the {kind.upper()} image has {width} x {height} pixels, over "
-                    f"max_job_image_pixels ({max_pixels}); send a tiled TIFF instead"
-                )
-            image.draft("RGB", (width, height))
-            return np.array(image.convert("RGB"))  # writable: torch.from_numpy wants that
-    except UnreadableImageError:
-        raise
-    except Exception as exc:  # truncated data, bad chunks: Pillow's OSError, SyntaxError...
+        return decode_image(path.read_bytes(), max_pixels=max_pixels, index=None).pixels
+    except ImageTooLargeError as exc:
         raise UnreadableImageError(
-            f"the {kind.upper()} image does not decode: {_short(exc)}"
+            f"the {kind.upper()} image is too large: {exc.message} (max_job_image_pixels); "
+            "send a tiled TIFF instead"
+        ) from None
+    except InvalidImageError as exc:
+        raise UnreadableImageError(
+            f"the {kind.upper()} image does not decode: {exc.message}"
         ) from None
 
 
