@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.batching import Batcher, BatchStats, Priority, ShuttingDownError
 from app.config import Settings, model_dir_problem
@@ -23,6 +23,8 @@ from app.engine.tasks import DetectionTask, ImageDetections, ImageResult, ModelI
 from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 _MAX_REASON_CHARS = 600
 
@@ -51,6 +53,14 @@ class EngineHost:
         self._injected = engine
         self.pool: EnginePool[DetectionTask, ImageResult] | None = None
         self.batcher: Batcher[DetectionTask, ImageDetections] | None = None
+        # The thread that makes every torch call of this process: load, warm-up, the tiles'
+        # crops and merges, and the forward passes too where one batch is in flight (the CPU).
+        # libgomp gives each thread that enters a parallel region an OpenMP team of its own,
+        # and once its threads outnumber the CPUs it spins 100 iterations instead of ~300,000
+        # before sleeping: every op of a forward pass then pays a futex wake-up. Measured on
+        # 2 cores, torch, batch 8: 39 img/s with the model loaded and run on one thread, 22
+        # with it loaded on one and run on another (tests/unit/test_engine_thread.py).
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._executor: ThreadPoolExecutor | None = None
         self._spec: PreprocessSpec | None = None
 
@@ -65,7 +75,7 @@ class EngineHost:
             engines = [self._injected]
             warmup = getattr(self._injected, "warmup", None)
             if warmup is not None:
-                await asyncio.to_thread(warmup, sorted({1, s.max_batch_size}))
+                await self._on_torch_thread(warmup, sorted({1, s.max_batch_size}))
         elif s.backend == "null":
             from app.engine.null import NullEngine
 
@@ -74,8 +84,8 @@ class EngineHost:
             from app.engine.memory_budget import check_device_memory
             from app.models.repository import resolve
 
-            await asyncio.to_thread(check_device_memory, s)
-            engines = list(await asyncio.to_thread(resolve(s.model)[0].build_engines, s))
+            await self._on_torch_thread(check_device_memory, s)
+            engines = list(await self._on_torch_thread(resolve(s.model)[0].build_engines, s))
         self.engines = engines
         on_cuda = engines[0].info.device.startswith("cuda")
         # Two batches in flight: the next one is prepared while the current one runs. On the
@@ -88,8 +98,12 @@ class EngineHost:
         ahead_only_full = s.batches_in_flight is None and not on_cuda and overlap_on_cpu
         pool: EnginePool[DetectionTask, ImageResult] = EnginePool(engines, per_engine)
         self.pool = pool
-        self._executor = ThreadPoolExecutor(
-            max_workers=pool.max_concurrent_batches, thread_name_prefix="inference"
+        self._executor = (
+            self._torch_thread
+            if pool.max_concurrent_batches == 1
+            else ThreadPoolExecutor(
+                max_workers=pool.max_concurrent_batches, thread_name_prefix="inference"
+            )
         )
         batcher: Batcher[DetectionTask, ImageDetections] = Batcher(
             pool.run_batch,
@@ -140,12 +154,17 @@ class EngineHost:
 
         spec = self._spec or PreprocessSpec.for_model(self.settings.model)
         self._spec = spec
-        items, parts = await asyncio.to_thread(
+        items, parts = await self._on_torch_thread(
             tile_tasks.expand, tasks, spec.output_size, spec.resample
         )
         self.metrics.tiles.inc(len(items) - sum(1 for t in tasks if t.tiling is None))
         outputs = await batcher.submit(items, deadline, priority)
-        return await asyncio.to_thread(tile_tasks.collect, tasks, parts, outputs, self.info.device)
+        return await self._on_torch_thread(
+            tile_tasks.collect, tasks, parts, outputs, self.info.device
+        )
+
+    async def _on_torch_thread(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._torch_thread, fn, *args)
 
     @property
     def info(self) -> ModelInfo:
@@ -173,5 +192,6 @@ class EngineHost:
             await self.batcher.stop(
                 self.settings.drain_timeout_s if timeout_s is None else timeout_s
             )
-        if self._executor is not None:
+        # The torch thread stays: a tiled request answered by the drain still merges there.
+        if self._executor is not None and self._executor is not self._torch_thread:
             self._executor.shutdown(wait=False, cancel_futures=True)
