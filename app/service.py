@@ -173,7 +173,12 @@ class _Prepared:
             )
         # The pixels may be reduced to the model's input: boxes come back in the original's.
         return DetectionTask(
-            self.image, threshold, max_det, class_ids, source_size=(self.height, self.width)
+            self.image,
+            threshold,
+            max_det,
+            class_ids,
+            source_size=(self.height, self.width),
+            arena_block=self.block,
         )
 
 
@@ -543,9 +548,9 @@ class DetectionService:
         deadline: float,
         blocks: list[Reservation] | None = None,
     ) -> _Prepared:
-        """The image decoded in a worker process. A tiled image (full size, megabytes) is
-        written by the worker straight into a block of the engine's shared-memory arena
-        when the engine client offers one (`blocks` receives it)."""
+        """The image decoded in a worker process, which writes the pixels straight into a
+        block of the engine's shared-memory arena when the engine client offers one (`blocks`
+        receives it): no copy back through the worker's pipe, none into the arena after."""
         info, index = loaded.info, loaded.index
         if loaded.jpeg is not None:
             return _Prepared(loaded.jpeg, info.height, info.width, loaded.fetch_s, 0.0)
@@ -556,22 +561,26 @@ class DetectionService:
         )
         started = time.perf_counter()
         tiled = loaded.tiling is not None
+        target = None if tiled else self._fit.target(info.height, info.width)
         block = into = None
         reserve = getattr(self.engine, "reserve", None)
-        if tiled and reserve is not None and blocks is not None:
-            block = reserve(info.height, info.width)
-            if block is not None:
-                blocks.append(block)
-                into = Into(block.arena, block.offset, info.height, info.width)
         try:
             async with self._in_worker(loaded.pixels, deadline, late) as left_s:
+                # Reserved once a worker is free: blocks are not held by queued images. A
+                # worker whose pixels come out another shape sends them back instead.
+                if reserve is not None and blocks is not None:
+                    height, width = target or (info.height, info.width)
+                    block = reserve(height, width)
+                    if block is not None:
+                        blocks.append(block)
+                        into = Into(block.arena, block.offset, height, width)
                 pixels = await self._decode_pool.decode(
                     loaded.data,
                     max_pixels=self.settings.tiled_image_pixels
                     if tiled
                     else self.settings.max_image_pixels,
                     index=index,
-                    target=None if tiled else self._fit.target(info.height, info.width),
+                    target=target,
                     resample=self._fit.resample,
                     timeout_s=min(self.settings.decode_timeout_s, left_s),
                     into=into,

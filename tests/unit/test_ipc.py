@@ -471,6 +471,53 @@ async def test_a_tiled_request_is_decoded_into_the_engines_arena(
         svc.close()
 
 
+async def test_a_plain_image_is_decoded_straight_into_the_arena_at_the_models_input(
+    make_pair, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only tiles: a plain request's image, reduced to the model's input while decoding,
+    is written by its worker into an arena block (no pixels back through the worker's pipe,
+    no copy at submission), and the engine reads exactly that decode."""
+    from app.images.pool import _decode_in_worker
+    from app.options import DetectOptions
+    from app.service import DetectionService, ImageSource
+    from tests.conftest import shapes_image
+
+    pair = await make_pair(arena_mb=4)
+    settings = Settings(model=tiny_model_dir, decode_threads=1)
+    svc = DetectionService(settings, INFO, pair.remote, None, Metrics())  # type: ignore[arg-type]
+    shapes = []
+    reserve = pair.remote.reserve
+
+    def spy(height: int, width: int):  # type: ignore[no-untyped-def]
+        shapes.append((height, width))
+        return reserve(height, width)
+
+    monkeypatch.setattr(pair.remote, "reserve", spy)
+    decoded_back = []
+    decode = svc._decode_pool.decode
+
+    async def decode_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pixels = await decode(*args, **kwargs)
+        decoded_back.append(pixels)
+        return pixels
+
+    monkeypatch.setattr(svc._decode_pool, "decode", decode_spy)
+    try:
+        data = shapes_image(640, 480)
+        target = svc._fit.target(480, 640)
+        assert target is not None and target != (480, 640)
+        result = await svc.detect([ImageSource(raw=data)], DetectOptions())
+        (image,) = result.images
+        assert shapes == [target]
+        assert decoded_back == [None]  # written into the block: no pixels came back
+        expected = _decode_in_worker(data, 10**8, 0, target, svc._fit.resample)
+        assert float(image.detections.scores[0]) == float(expected.astype(np.int64).sum())
+        assert (image.width, image.height) == (640, 480)  # boxes in the original's pixels
+        assert _arena_used(pair.remote) == 0
+    finally:
+        svc.close()
+
+
 async def test_a_models_client_reserves_in_the_arena_of_the_engines_serving_it_now(
     make_pair,
 ) -> None:
