@@ -416,6 +416,32 @@ async def test_a_block_of_an_engine_gone_since_is_copied_to_the_new_connection(
     assert _arena_used(pair.remote) == 0
 
 
+def _spied_service(pair: Pair, model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """A DetectionService over the pair's engine client, one decode worker; with the arena
+    blocks it reserves and what each decode sent back (None: written into its block)."""
+    from app.service import DetectionService
+
+    settings = Settings(model=model, decode_threads=1)
+    svc = DetectionService(settings, INFO, pair.remote, None, Metrics())  # type: ignore[arg-type]
+    blocks: list = []
+    decoded_back: list = []
+    reserve, decode = pair.remote.reserve, svc._decode_pool.decode
+
+    def reserve_spy(height: int, width: int):  # type: ignore[no-untyped-def]
+        block = reserve(height, width)
+        blocks.append(block)
+        return block
+
+    async def decode_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pixels = await decode(*args, **kwargs)
+        decoded_back.append(pixels)
+        return pixels
+
+    monkeypatch.setattr(pair.remote, "reserve", reserve_spy)
+    monkeypatch.setattr(svc._decode_pool, "decode", decode_spy)
+    return svc, blocks, decoded_back
+
+
 async def test_a_tiled_request_is_decoded_into_the_engines_arena(
     make_pair, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -425,31 +451,12 @@ async def test_a_tiled_request_is_decoded_into_the_engines_arena(
 
     from app import service as service_module
     from app.options import DetectOptions
-    from app.service import DetectionService, ImageSource
+    from app.service import ImageSource
     from tests.conftest import shapes_image
 
     pair = await make_pair(arena_mb=4)
-    settings = Settings(model=tiny_model_dir, decode_threads=1)
-    svc = DetectionService(settings, INFO, pair.remote, None, Metrics())  # type: ignore[arg-type]
-    blocks = []
-    reserve = pair.remote.reserve
-
-    def spy(height: int, width: int):  # type: ignore[no-untyped-def]
-        block = reserve(height, width)
-        blocks.append(block)
-        return block
-
-    monkeypatch.setattr(pair.remote, "reserve", spy)
+    svc, blocks, decoded_back = _spied_service(pair, tiny_model_dir, monkeypatch)
     monkeypatch.setattr(service_module, "QUARANTINE_S", 0.2)
-    decoded_back = []
-    decode = svc._decode_pool.decode
-
-    async def decode_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        pixels = await decode(*args, **kwargs)
-        decoded_back.append(pixels)
-        return pixels
-
-    monkeypatch.setattr(svc._decode_pool, "decode", decode_spy)
     try:
         data = shapes_image(256, 192)
         one_tile = DetectOptions(tiling={"tile_size": 256, "overlap": 0.0})
@@ -479,36 +486,18 @@ async def test_a_plain_image_is_decoded_straight_into_the_arena_at_the_models_in
     no copy at submission), and the engine reads exactly that decode."""
     from app.images.pool import _decode_in_worker
     from app.options import DetectOptions
-    from app.service import DetectionService, ImageSource
+    from app.service import ImageSource
     from tests.conftest import shapes_image
 
     pair = await make_pair(arena_mb=4)
-    settings = Settings(model=tiny_model_dir, decode_threads=1)
-    svc = DetectionService(settings, INFO, pair.remote, None, Metrics())  # type: ignore[arg-type]
-    shapes = []
-    reserve = pair.remote.reserve
-
-    def spy(height: int, width: int):  # type: ignore[no-untyped-def]
-        shapes.append((height, width))
-        return reserve(height, width)
-
-    monkeypatch.setattr(pair.remote, "reserve", spy)
-    decoded_back = []
-    decode = svc._decode_pool.decode
-
-    async def decode_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        pixels = await decode(*args, **kwargs)
-        decoded_back.append(pixels)
-        return pixels
-
-    monkeypatch.setattr(svc._decode_pool, "decode", decode_spy)
+    svc, blocks, decoded_back = _spied_service(pair, tiny_model_dir, monkeypatch)
     try:
         data = shapes_image(640, 480)
         target = svc._fit.target(480, 640)
         assert target is not None and target != (480, 640)
         result = await svc.detect([ImageSource(raw=data)], DetectOptions())
         (image,) = result.images
-        assert shapes == [target]
+        assert [(b.height, b.width) for b in blocks] == [target] and blocks[0].taken
         assert decoded_back == [None]  # written into the block: no pixels came back
         expected = _decode_in_worker(data, 10**8, 0, target, svc._fit.resample)
         assert float(image.detections.scores[0]) == float(expected.astype(np.int64).sum())
