@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     onnx_spinning: bool = Field(
         default=False,
         description="Let onnxruntime's intra-op threads spin between ops instead of sleeping: "
-        "less latency on idle cores, CPU taken from decoding and HTTP on busy ones.",
+        "less latency on idle cores, CPU taken from decoding and HTTP on busy ones. Batches "
+        "of tiles spin either way (on the CPU, a second session made at the first of them).",
     )
     onnx_cache_dir: Path | None = Field(
         default=None,

@@ -274,7 +274,12 @@ class Engine:
                 # Padding rows count as all-valid pixels: a fully masked image is not a case
                 # every model handles, and these rows are dropped anyway.
                 pixel_mask = None if pixel_mask is None else pad_rows(pixel_mask, rows, 1)
-            raw = self.backend.infer(pixel_values, pixel_mask)
+            infer = self.backend.infer
+            # A batch of tiles only: a backend may run it its own way (onnxruntime on the
+            # CPU: spinning threads, app/backends/onnx_backend.py).
+            if prepared.tasks and all(t.tile for t in prepared.tasks):
+                infer = getattr(self.backend, "infer_tiles", infer)
+            raw = infer(pixel_values, pixel_mask)
             if raw.logits.shape[0] != rows:
                 raise RuntimeError(f"the model returned {raw.logits.shape[0]} rows for {rows}")
             return ComputedBatch(

@@ -32,6 +32,9 @@ class DetectionTask:
     source_size: tuple[int, int] | None = None
     # Run as tiles (app/engine/tile_tasks.py) rather than as one image; `pixels` are the full image.
     tiling: TileSpec | None = None
+    # One of the tasks a tiled image became (a tile, or its full-image pass): made in the
+    # engine's process from pixels decoded once, so it brings no decoding work of its own.
+    tile: bool = False
     # Front end only: the arena block `pixels` were decoded into (app/ipc/client.py's
     # Reservation), sent to the engine by offset without a copy.
     arena_block: object | None = None

@@ -182,7 +182,9 @@ def expand(
         pixels = task.pixels
         height, width = int(pixels.shape[0]), int(pixels.shape[1])
         for x1, y1, x2, y2 in spec.tiles(height, width):
-            out.append(replace(task, pixels=pixels[y1:y2, x1:x2], tiling=None, source_size=None))
+            out.append(
+                replace(task, pixels=pixels[y1:y2, x1:x2], tiling=None, source_size=None, tile=True)
+            )
             parts.append(_Part(index, (x1, y1)))
         if spec.runs_full_image(height, width):
             out_height, out_width = output_size(height, width)
@@ -192,6 +194,7 @@ def expand(
                     pixels=resize_pixels(pixels, out_height, out_width, resample),
                     tiling=None,
                     source_size=(height, width),
+                    tile=True,
                 )
             )
             parts.append(_Part(index, (0, 0)))

@@ -164,3 +164,32 @@ def test_onnx_threads_sleep_between_ops_unless_spinning_is_asked_for(onnx_tiny_d
         options = backend.session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
         assert options.intra_op_num_threads == 2
+
+
+def test_batches_of_tiles_run_on_a_spinning_session_of_their_own(onnx_tiny_dir):
+    """On the CPU without --onnx-spinning, tiles run on a second session whose threads spin,
+    made at the first batch of them; the answers are the same as the sleeping session's."""
+    import torch
+
+    from app.backends.onnx_backend import OnnxBackend
+
+    def spins(session) -> str:
+        return session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+
+    backend = OnnxBackend.load(onnx_tiny_dir, device="cpu", threads=2)
+    assert backend._tiles_session is None  # nothing made before the first batch of tiles
+    pixels = torch.rand((2, 3, 128, 128))
+    plain = backend.infer(pixels, None)
+    tiles = backend.infer_tiles(pixels, None)
+    assert spins(backend.session) == "0" and spins(backend._tiles_session) == "1"
+    assert torch.allclose(plain.logits, tiles.logits, atol=1e-5)
+    assert torch.allclose(plain.pred_boxes, tiles.pred_boxes, atol=1e-6)
+    made = backend._tiles_session
+    backend.infer_tiles(pixels, None)
+    assert backend._tiles_session is made  # made once
+    # Spinning everywhere already: no second session.
+    spinning = OnnxBackend.load(onnx_tiny_dir, device="cpu", threads=2, spinning=True)
+    spinning.infer_tiles(pixels, None)
+    assert spinning._tiles_session is None

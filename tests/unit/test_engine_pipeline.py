@@ -4,6 +4,7 @@ image that cannot be decoded fails alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -159,3 +160,20 @@ def test_a_batch_of_only_undecodable_images_never_reaches_the_model() -> None:
 def test_a_task_holds_pixels_or_a_jpeg() -> None:
     with pytest.raises(ValueError, match="either pixels or a JPEG"):
         DetectionTask(None, 0.5, 5)
+
+
+def test_a_batch_of_tiles_only_goes_to_the_backends_infer_tiles() -> None:
+    engine, backend, _ = fake_engine()
+    calls: list[int] = []
+
+    def infer_tiles(pixel_values, pixel_mask):  # type: ignore[no-untyped-def]
+        calls.append(pixel_values.shape[0])
+        return backend.infer(pixel_values, pixel_mask)
+
+    backend.infer_tiles = infer_tiles  # type: ignore[attr-defined]
+    tile = dataclasses.replace(pixels_task(), tile=True)
+    engine.run_batch([tile, tile, tile])
+    engine.run_batch([tile, pixels_task()])  # mixed: the plain path
+    engine.run_batch([pixels_task()])
+    assert calls == [3]
+    assert backend.batch_sizes == [3, 2, 1]

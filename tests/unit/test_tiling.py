@@ -243,8 +243,11 @@ def test_expand_cuts_views_and_collect_puts_boxes_back_in_image_pixels() -> None
         assert item.pixels is not None and item.pixels.shape == (256, 256, 3)
         assert np.shares_memory(item.pixels, pixels)  # a view: nothing copied
         assert item.tiling is None and item.size == (256, 256)
+        assert item.tile  # no decoding of its own (a batch of them may spin: onnx_backend)
+    assert not items[0].tile
     full = items[5]
     assert full.pixels is not None and full.pixels.shape == (64, 64, 3)
+    assert full.tile
     assert full.size == (300, 500)  # its boxes come back in the original's pixels
 
     def out(boxes: list[list[float]], scores: list[float]) -> ImageDetections:
