@@ -69,19 +69,26 @@ def _tasks() -> list[DetectionTask]:
     return [DetectionTask(pixels[:64, :64], 0.5, 100), tiled]
 
 
+async def _serve(model: ThreadRecorder, model_dir: Path, requests: int) -> int:
+    """Load `model` in an EngineHost, answer `requests` requests of _tasks(), stop; returns
+    the batches the host let run at once."""
+    host = EngineHost(Settings(model=model_dir, max_batch_delay_ms=1), Metrics(), model)
+    await host.load()
+    try:
+        assert host.pool is not None
+        for _ in range(requests):
+            answers = await host.submit(_tasks(), time.monotonic() + 30)
+            assert len(answers) == 2
+        return host.pool.max_concurrent_batches
+    finally:
+        await host.stop(5)
+
+
 async def test_one_thread_makes_every_model_call_on_the_cpu(
     tiny_model_dir: Path, recorded_tiles: dict[str, set[int]]
 ) -> None:
     model = ThreadRecorder("torch")
-    host = EngineHost(Settings(model=tiny_model_dir, max_batch_delay_ms=1), Metrics(), model)
-    await host.load()
-    try:
-        assert host.pool is not None and host.pool.max_concurrent_batches == 1
-        for _ in range(3):
-            answers = await host.submit(_tasks(), time.monotonic() + 30)
-            assert len(answers) == 2
-    finally:
-        await host.stop(5)
+    assert await _serve(model, tiny_model_dir, requests=3) == 1
     calls = {**model.threads, **recorded_tiles}
     assert set(calls) == {"warmup", "forward", "expand", "collect"}
     threads = set().union(*calls.values())
@@ -95,13 +102,7 @@ async def test_overlapping_batches_keep_their_own_threads_and_load_on_the_torch_
     # onnxruntime on the CPU runs two batches at once (its threads are not OpenMP's): the
     # forward passes get threads of their own; the rest stays on the one thread.
     model = ThreadRecorder("onnx")
-    host = EngineHost(Settings(model=tiny_model_dir, max_batch_delay_ms=1), Metrics(), model)
-    await host.load()
-    try:
-        assert host.pool is not None and host.pool.max_concurrent_batches == 2
-        await host.submit(_tasks(), time.monotonic() + 30)
-    finally:
-        await host.stop(5)
+    assert await _serve(model, tiny_model_dir, requests=1) == 2
     (warmup,) = model.threads["warmup"]
     assert recorded_tiles["expand"] == recorded_tiles["collect"] == {warmup}
     assert warmup not in model.threads["forward"]
