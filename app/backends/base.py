@@ -20,5 +20,9 @@ class Backend(Protocol):
     dtype: torch.dtype
 
     def infer(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> RawOutputs:
-        """Run the detector on a pre-processed batch that already sits on `device`."""
+        """Run the detector on a pre-processed batch that already sits on `device`.
+
+        A backend may also offer `infer_tiles`, with the same signature and result, for batches
+        made only of a tiled image's tiles: the engine calls it for those when it is there
+        (app/engine/pipeline.py; onnxruntime on the CPU runs them on spinning threads)."""
         ...

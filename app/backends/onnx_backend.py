@@ -164,10 +164,11 @@ class OnnxBackend:
         Its price: the weights held twice."""
         if self._make_tiles_session is None:
             return self.infer(pixel_values, pixel_mask)
-        with self._tiles_lock:
-            if self._tiles_session is None:
-                logger.info("making onnxruntime's spinning session for batches of tiles")
-                self._tiles_session = self._make_tiles_session()
+        if self._tiles_session is None:  # the lock only until it is made
+            with self._tiles_lock:
+                if self._tiles_session is None:
+                    logger.info("making onnxruntime's spinning session for batches of tiles")
+                    self._tiles_session = self._make_tiles_session()
         return self._run(self._tiles_session, pixel_values, pixel_mask)
 
     def _run(
