@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the exporter writes a different graph for the same model (app/export/onnx_export.py,
 # app/ops/onnx_function.py): every cached export is then stale.
-EXPORTER_VERSION = "1"
+EXPORTER_VERSION = "2"
 META_EXPORT_KEY = "detr_serve.export_key"
 Precision = Literal["float32", "int8"]
 FILE_NAMES: dict[str, str] = {"float32": "model.onnx", "int8": "model.int8.onnx"}

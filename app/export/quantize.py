@@ -6,8 +6,8 @@ unsigned 8-bit activations with calibrated min/max ranges, signed 8-bit weights 
 channel), which is where most of an RT-DETR's CPU time goes. What stays float32: the decoder and
 the detection heads, and so each multi-scale deformable attention node
 (``detr_serve::MultiscaleDeformableAttnPlugin_TRT``) with its function body: the quantizer only
-rewrites the main-graph nodes it is given, so the node receives float inputs and its gather-based
-bilinear sampling runs exactly as in the float model. On the default model, quantizing every
+rewrites the main-graph nodes it is given, so the node receives float inputs and its GridSample
+sampling runs exactly as in the float model. On the default model, quantizing every
 node instead was as fast but lost 0.07 mAP@[.5:.95] (box edges), and Conv/MatMul alone gained
 only ~1.1x (README, "INT8"); adding the encoder-output heads, the decoder's matrix products,
 QOperator format or onnxruntime's pre-processing measured no faster (README, "Where INT8's time

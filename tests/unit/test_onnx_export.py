@@ -55,7 +55,11 @@ def onnx_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.set_num_threads(threads)
 
 
-def _single_node_model(value_dtype: int = 1) -> onnx.ModelProto:
+def _single_node_model(
+    value_dtype: int = 1, opset: int = 20, levels: int | str = 2
+) -> onnx.ModelProto:
+    """One MSDA node over two levels (7x5 and 3x4), 3 heads of 5 channels, 3 points; ``levels``
+    a string makes the level count symbolic."""
     from onnx import TensorProto, helper
 
     from app.ops.onnx_function import INPUTS, add_msda_function
@@ -63,22 +67,25 @@ def _single_node_model(value_dtype: int = 1) -> onnx.ModelProto:
     float_type = value_dtype
     inputs = [
         helper.make_tensor_value_info("value", float_type, ["N", "S", 3, 5]),
-        helper.make_tensor_value_info("spatial_shapes", TensorProto.INT32, [2, 2]),
-        helper.make_tensor_value_info("level_start_index", TensorProto.INT32, [2]),
-        helper.make_tensor_value_info("sampling_locations", float_type, ["N", "Q", 3, 2, 3, 2]),
-        helper.make_tensor_value_info("attention_weights", float_type, ["N", "Q", 3, 2, 3]),
+        helper.make_tensor_value_info("spatial_shapes", TensorProto.INT32, [levels, 2]),
+        helper.make_tensor_value_info("level_start_index", TensorProto.INT32, [levels]),
+        helper.make_tensor_value_info(
+            "sampling_locations", float_type, ["N", "Q", 3, levels, 3, 2]
+        ),
+        helper.make_tensor_value_info("attention_weights", float_type, ["N", "Q", 3, levels, 3]),
     ]
     node = helper.make_node(ONNX_OP_TYPE, INPUTS, ["out"], domain=ONNX_DOMAIN)
     output = helper.make_tensor_value_info("out", float_type, ["N", "Q", 3, 5])
     graph = helper.make_graph([node], "msda", inputs, [output])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     assert add_msda_function(model) == 1
     return model
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_function_body_matches_grid_sample_in_onnxruntime(batch):
-    model = _single_node_model()
+@pytest.mark.parametrize(("batch", "opset"), [(1, 20), (3, 20), (2, 17)])
+def test_function_body_matches_grid_sample_in_onnxruntime(batch, opset):
+    # GridSample-20 names bilinear "linear"; opsets 16 to 19 name it "bilinear".
+    model = _single_node_model(opset=opset)
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(batch)
@@ -99,6 +106,27 @@ def test_function_body_matches_grid_sample_in_onnxruntime(batch):
     )
     want = ms_deform_attn_reference(value, shapes, start, loc, weights).view(batch, 6, 3, 5)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_function_body_unrolls_one_grid_sample_per_level():
+    model = _single_node_model()
+    (function,) = model.functions
+    assert [n.op_type for n in function.node].count("GridSample") == 2
+
+
+def test_function_needs_a_static_level_count():
+    from app.ops.onnx_function import level_count
+
+    with pytest.raises(ValueError, match="number of feature levels is not static"):
+        _single_node_model(levels="L")
+    assert level_count(_single_node_model()) == 2
+
+
+def test_function_needs_opset_16():
+    from app.ops.onnx_function import msda_function
+
+    with pytest.raises(ValueError, match="opset >= 16"):
+        msda_function(15, 2)
 
 
 def test_function_body_runs_float16_values():
