@@ -1,7 +1,8 @@
 """An Ultralytics RT-DETR checkpoint behind the torch backend's interface (imports ultralytics).
 
-The model is loaded by Ultralytics' own ``load_checkpoint`` (float32, Conv+BN fused, as its
-predictor's AutoBackend does) and wrapped so that it takes ``pixel_values`` and gives what a
+The model is loaded by Ultralytics' own ``load_checkpoint`` (float32, Conv+BN fused and, where
+the installed AutoBackend does it, in channels-last memory format, as its predictor's
+AutoBackend does) and wrapped so that it takes ``pixel_values`` and gives what a
 transformers detector gives: ``logits`` [B, Q, C] (before the sigmoid) and ``pred_boxes`` [B, Q, 4]
 (normalised cxcywh), the decoder's last layer. The engine's Postprocessor then does what the
 installed version's ``RTDETRPredictor.postprocess`` does; the decoder head says which of its two
@@ -16,8 +17,10 @@ layouts that is:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import platform
 from typing import Any, NamedTuple
 
 import torch
@@ -86,8 +89,32 @@ def _spec(layout: str, queries: int) -> PostprocessSpec:
     return PostprocessSpec("sigmoid", queries, best_class_per_query=True)
 
 
+def predictor_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format the installed Ultralytics' predictor gives a PyTorch model on `device`.
+
+    AutoBackend versions with a ``channels_last`` argument turn it on by default on CUDA and on
+    x86 Linux/Windows CPUs with oneDNN: the convolutions then round differently (~1e-5 after the
+    first layer), so the same format is what gives the predictor's answers. Older versions
+    leave the model as loaded."""
+    from ultralytics.nn.autobackend import AutoBackend
+
+    if "channels_last" not in inspect.signature(AutoBackend.__init__).parameters:
+        return torch.contiguous_format
+    if device.type == "cuda":
+        return torch.channels_last
+    cpu_ok = (
+        device.type == "cpu"
+        and platform.machine() in {"AMD64", "x86_64"}
+        and platform.system() in {"Linux", "Windows"}
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+    return torch.channels_last if cpu_ok else torch.contiguous_format
+
+
 def load_module(checkpoint: UltralyticsCheckpoint, device: torch.device) -> Any:
-    """The checkpoint's RTDETRDetectionModel, float32, fused, in eval mode, on `device`."""
+    """The checkpoint's RTDETRDetectionModel, float32, fused, in eval mode, on `device`, in
+    the memory format the installed predictor uses there."""
     _offline()
     try:
         from ultralytics.nn.tasks import load_checkpoint as ultralytics_load
@@ -97,7 +124,7 @@ def load_module(checkpoint: UltralyticsCheckpoint, device: torch.device) -> Any:
             f"package (AGPL-3.0): pip install -e '.[ultralytics]' ({exc})"
         ) from exc
     model, _ = ultralytics_load(str(checkpoint.path), device=device, fuse=True)
-    model = model.float().eval()
+    model = model.float().eval().to(memory_format=predictor_memory_format(device))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -30,19 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("YOLO_CONFIG_DIR", tmp)
-        import torch
         from ultralytics import RTDETR
 
         from app.engine.pipeline import Engine
         from app.engine.tasks import DetectionTask, ImageDetections
-        from tests.ultralytics.conftest import IMAGE_SIZES, SEED, _perturb, png, predict, rgb
+        from tests.ultralytics.conftest import IMAGE_SIZES, make_case, predict, rgb
 
-        arrays = [rgb(png(w, h, seed=i)) for i, (w, h) in enumerate(IMAGE_SIZES)]
-        torch.manual_seed(SEED)
-        model = RTDETR("rtdetr-l.yaml")
-        _perturb(model, SEED, arrays)
-        path = Path(tmp) / "rtdetr-l-random.pt"
-        model.save(path)
+        case = make_case(Path(tmp))  # the checkpoint and images tests/ultralytics use
+        arrays = [rgb(data) for data in case.images]
+        path = case.checkpoint
         saved = RTDETR(str(path))
         predict(saved, arrays[:1])  # warm
         started = time.process_time()

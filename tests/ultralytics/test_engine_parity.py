@@ -1,47 +1,13 @@
 """The engine on an Ultralytics checkpoint against Ultralytics' own predictor, in one process:
-the same boxes (1 px), scores (1e-3) and classes, in one batch of several images, with
+the same boxes, scores and classes (conftest.assert_parity), in one batch of several images, with
 detr-serve's deformable attention op and with Ultralytics' own sampling."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from app.engine.tasks import DetectionTask, ImageDetections
-from tests.ultralytics.conftest import Reference, UltralyticsCase, rgb
-
-CONF = 0.25  # Ultralytics' default conf: predict keeps score > conf
-MAX_DET = 300  # Ultralytics' default max_det
-
-
-def assert_parity(got: ImageDetections | dict, want: Reference) -> None:
-    """The same detections: as many, the top five in the same order, and each of Ultralytics'
-    matched one to one by one of ours with the same class, its score within 1e-3 and its box
-    within 1 px (below the top, scores closer than 1e-6 may trade places)."""
-    if isinstance(got, dict):  # a /v1 answer's result
-        dets = got["detections"]
-        scores = np.array([d["score"] for d in dets], np.float32)
-        labels = np.array([d["class_id"] for d in dets], np.int64)
-        boxes = np.array([d["box"] for d in dets], np.float32).reshape(-1, 4)
-    else:
-        scores, labels, boxes = got.scores, got.labels, got.boxes
-    assert len(scores) == len(want.scores) > 0, (len(scores), len(want.scores))
-    np.testing.assert_array_equal(labels[:5], want.classes[:5])
-    np.testing.assert_allclose(scores[:5], want.scores[:5], atol=1e-3, rtol=0)
-    free = set(range(len(scores)))
-    for score, label, box in zip(want.scores, want.classes, want.boxes, strict=True):
-        match = next(
-            (
-                j
-                for j in sorted(free)
-                if labels[j] == label
-                and abs(scores[j] - score) <= 1e-3
-                and np.abs(boxes[j] - box).max() <= 1.0
-            ),
-            None,
-        )
-        assert match is not None, f"no match for class {label} score {score} box {box}"
-        free.remove(match)
+from tests.ultralytics.conftest import CONF, MAX_DET, UltralyticsCase, assert_parity, rgb
 
 
 def assert_engine_parity(case: UltralyticsCase, **load: object) -> None:
@@ -123,3 +89,23 @@ def test_msda_patch_replaces_ultralytics_sampling(ultralytics_case: UltralyticsC
     for layout in [(loc, weights), (loc.reshape(2, 5, 8, 12, 2), weights.reshape(2, 5, 8, 12))]:
         ours = ms_deform_attn_ultralytics(value, shapes, *layout)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_module_has_the_predictors_memory_format(ultralytics_case: UltralyticsCase) -> None:
+    """The engine's model is in the memory format Ultralytics' predictor puts it in on this
+    machine (channels-last on x86 CPUs with oneDNN since AutoBackend's `channels_last`): each
+    format rounds the convolutions its own way, and on a chaotic model that shows."""
+    import torch
+    from ultralytics import RTDETR
+
+    from app.backends.ultralytics import load_module
+    from app.models.ultralytics import probe
+
+    checkpoint = probe(ultralytics_case.checkpoint)
+    assert checkpoint is not None
+    ours = load_module(checkpoint, torch.device("cpu"))
+    theirs = RTDETR(str(ultralytics_case.checkpoint))
+    theirs.predict(rgb(ultralytics_case.images[2])[..., ::-1].copy(), verbose=False, save=False)
+    net = theirs.predictor.model.model  # AutoBackend -> its PyTorch backend's module
+    for a, b in zip(ours.parameters(), net.parameters(), strict=True):
+        assert a.shape == b.shape and a.stride() == b.stride()

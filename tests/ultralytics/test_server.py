@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from scripts.bench.serverproc import RunningServer
-from tests.ultralytics.conftest import UltralyticsCase
-from tests.ultralytics.test_engine_parity import assert_parity
+from tests.ultralytics.conftest import UltralyticsCase, assert_parity
 
 pytestmark = pytest.mark.e2e
 
