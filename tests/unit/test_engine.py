@@ -66,3 +66,26 @@ def test_image_that_does_not_fit_alone_fails_only_itself(engine: Engine) -> None
     oom_engine = Engine(fake, engine.preprocessor, engine.postprocessor, engine.info)
     results = oom_engine.run_batch([task(), task()])
     assert all(isinstance(r, DeviceOutOfMemoryError) for r in results)
+
+
+def test_torch_backend_runs_convolutions_in_the_fastest_memory_format(tiny_model_dir) -> None:
+    """On an x86 CPU with oneDNN the model's convolution weights are channels-last
+    (conv_memory_format), and its outputs are the NCHW model's up to float rounding."""
+    import platform
+
+    from app.backends.torch_backend import TorchBackend, conv_memory_format
+
+    backend = TorchBackend.load(tiny_model_dir, device="cpu", msda_kernel=True)
+    convs = [m for m in backend.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    fmt = conv_memory_format(torch.device("cpu"))
+    if platform.machine() in {"AMD64", "x86_64"} and torch.backends.mkldnn.is_available():
+        assert fmt == torch.channels_last  # this project's CI machines
+    for conv in convs:
+        assert conv.weight.is_contiguous(memory_format=fmt)
+    pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    got = backend.infer(pixels, None)
+    backend.model.to(memory_format=torch.contiguous_format)
+    want = backend.infer(pixels, None)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.pred_boxes, want.pred_boxes, atol=1e-5, rtol=1e-4)
