@@ -188,6 +188,12 @@ def assert_parity(
     assert not extra, f"detections Ultralytics does not have: scores {extra}"
 
 
+def predictor_module(model) -> Any:
+    """The torch module an RTDETR object's predictor runs (AutoBackend -> its PyTorch backend's
+    module); the predictor exists once `model.predict` has run."""
+    return model.predictor.model.model
+
+
 def _stable(model, arrays: list[np.ndarray], references: list[Reference]) -> bool:
     """Ultralytics' predictor gives the same answers within a quarter of the parity tolerances
     with its convolutions in the other memory format, with its input rounded as x * (1 / 255),
@@ -195,25 +201,27 @@ def _stable(model, arrays: list[np.ndarray], references: list[Reference]) -> boo
     import torch
 
     predictor = model.predictor
-    net = predictor.model.model  # AutoBackend -> its PyTorch backend's module
-    channels_last = next(net.parameters()).is_contiguous(memory_format=torch.channels_last)
+    net = predictor_module(model)
+    own, other = torch.contiguous_format, torch.channels_last
+    if next(net.parameters()).is_contiguous(memory_format=torch.channels_last):
+        own, other = other, own
     preprocess = predictor.preprocess
     runs = []
     try:
-        net.to(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+        net.to(memory_format=other)
         runs.append(predict(model, arrays))
-        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        net.to(memory_format=own)
         predictor.preprocess = lambda im: (preprocess(im) * 255).round_().mul_(1 / 255)
         runs.append(predict(model, arrays))
         predictor.preprocess = preprocess
         runs.append(predict(model, arrays, batch=True))
     finally:
         predictor.preprocess = preprocess
-        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        net.to(memory_format=own)
     try:
         for run in runs:
-            for other, reference in zip(run, references, strict=True):
-                assert_parity(other, reference, SCORE_TOL / 4, BOX_TOL / 4)
+            for got, reference in zip(run, references, strict=True):
+                assert_parity(got, reference, SCORE_TOL / 4, BOX_TOL / 4)
     except AssertionError:
         return False
     return True

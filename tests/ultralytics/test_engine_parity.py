@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 
 from app.engine.tasks import DetectionTask, ImageDetections
-from tests.ultralytics.conftest import CONF, MAX_DET, UltralyticsCase, assert_parity, rgb
+from tests.ultralytics.conftest import (
+    CONF,
+    MAX_DET,
+    UltralyticsCase,
+    assert_parity,
+    predictor_module,
+    rgb,
+)
 
 
 def assert_engine_parity(case: UltralyticsCase, **load: object) -> None:
@@ -106,6 +113,6 @@ def test_module_has_the_predictors_memory_format(ultralytics_case: UltralyticsCa
     ours = load_module(checkpoint, torch.device("cpu"))
     theirs = RTDETR(str(ultralytics_case.checkpoint))
     theirs.predict(rgb(ultralytics_case.images[2])[..., ::-1].copy(), verbose=False, save=False)
-    net = theirs.predictor.model.model  # AutoBackend -> its PyTorch backend's module
+    net = predictor_module(theirs)
     for a, b in zip(ours.parameters(), net.parameters(), strict=True):
         assert a.shape == b.shape and a.stride() == b.stride()
