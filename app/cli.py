@@ -6,7 +6,6 @@ Flags are generated from the Settings fields so the two never drift apart.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import types
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.errors import describe_error
 from app.process.malloc_tuning import cap_arenas
+from app.process.openmp_policy import set_openmp_policy
 
 
 def _flag(name: str) -> str:
@@ -94,15 +94,8 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
-    # OpenMP's wait policy (read when torch loads it). In one process, idle OpenMP workers must
-    # sleep (PASSIVE) so that decoding and HTTP get the cores between forward passes (+18%
-    # end to end on 2 cores). With the engine in a process of its own, nothing else there
-    # needs the cores: OpenMP's default (spin ~3 ms, then sleep) keeps its threads awake
-    # between the ops of one forward pass and sleeps between batches; measured on 2 cores,
-    # 16 clients: 21.6-26.4 img/s against 16.0-17.6 with PASSIVE (ACTIVE, spinning without
-    # end, starves the front ends: 12.8-16.8). The front ends do not load OpenMP at all.
-    if not settings.engine_process:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Read when torch loads libgomp: before anything imports torch (app/process/openmp_policy.py).
+    set_openmp_policy(settings.engine_process)
     cap_arenas()
     from app.logging_setup import configure_logging
 

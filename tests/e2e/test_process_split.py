@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from app.process.openmp_policy import ENGINE_SPINCOUNT
 from scripts.bench.serverproc import RunningServer
 from tests.conftest import shapes_image
 
@@ -184,5 +185,8 @@ def test_only_the_engine_process_loads_openmp(server: RunningServer) -> None:
     so its wait policy and spinning concern the engine alone (README, torch end to end)."""
     (engine,) = _engine_pids(server.log())
     assert any("libgomp" in m.path for m in psutil.Process(engine).memory_maps())
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):  # else the user's wins
+        # The short spin of app/process/openmp_policy.py, read by libgomp as the engine starts.
+        assert psutil.Process(engine).environ().get("GOMP_SPINCOUNT") == str(ENGINE_SPINCOUNT)
     for worker in _worker_pids(server.log()):
         assert not any("libgomp" in m.path for m in psutil.Process(worker).memory_maps())
