@@ -9,12 +9,13 @@ set (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins.
   300,000). Long enough to keep a forward pass's team awake between its ops; short enough that
   the stretches where one thread works alone (the decoder's small ops, Python between them) and
   the gaps between batches leave the other core to the decode workers and the front ends. On
-  2 cores, 16 clients, `--backend torch`, five rounds over two runs of `bench.py --e2e-vs-raw`:
-  0.90x to 1.24x libgomp's default in img/s (median 1.10x base64 JSON, 1.04x multipart), with
-  0.79x to 1.05x its CPU per image (docs/BENCHMARKS.md, 2026-12-03). PASSIVE there measured
-  21.6-26.4 against 16.0-17.6 img/s for spinning (ACTIVE, spinning without end, starves the front
-  ends). onnxruntime's own threads do not read these variables (the `--backend auto` default on
-  the CPU measured the same with both spins). The front ends do not load OpenMP at all.
+  2 cores, 16 clients, `--backend torch`, eight rounds over three runs of `bench.py --e2e-vs-raw`:
+  0.90x to 1.24x libgomp's default in img/s (median 1.07x base64 JSON, 1.08x multipart), with
+  0.79x to 1.05x its CPU per image (median 0.89x; docs/BENCHMARKS.md, 2026-12-03). Earlier,
+  libgomp's default measured 21.6-26.4 img/s there against 16.0-17.6 under PASSIVE (ACTIVE,
+  spinning without end, starves the front ends: 12.8-16.8). onnxruntime's own threads do not
+  read these variables (the `--backend auto` default on the CPU measured the same with both
+  spins). The front ends do not load OpenMP at all.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def raw_forward(
 ) -> dict[str, Any]:
     """The raw pass in a process of its own, the server's threads, every batch size up to
     max_batch (or `sizes`), under PASSIVE, under OpenMP's default policy and with a short spin
-    (GOMP_SPINCOUNT=10000, which --e2e-vs-raw measures as a server variant): the best
+    (GOMP_SPINCOUNT=10000, the engine process's own: app/process/openmp_policy.py): the best
     forward-only img/s. `backend`, `precision`: as scripts/bench/bench.py's flags (auto resolves as
     a server does); `image`: the JPEG the batch repeats (default the 640x480 sample)."""
     if backend == "onnx":
