@@ -32,9 +32,11 @@ endpoint (scripts/bench/naive_server.py), with the GPU targets checked.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -332,6 +334,7 @@ def main() -> None:
 
     jpeg = sample_jpeg(args.image)
     workdir = Path(tempfile.mkdtemp(prefix="detr-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its models and logs
     image = args.image or workdir / "image.jpg"
     if args.image is None:
         image.write_bytes(jpeg)

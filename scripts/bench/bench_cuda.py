@@ -19,9 +19,11 @@ recorded in the JSON. --dry-run runs all of it on the CPU at tiny sizes (128 px 
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -273,6 +275,7 @@ def main_cuda(args: argparse.Namespace) -> None:
     delay_ms = 0.0 if args.delay_ms is None else args.delay_ms
     jpeg = sample_jpeg(args.image)
     workdir = Path(tempfile.mkdtemp(prefix="detr-bench-cuda-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its models and logs
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if not dry else "cpu (dry run)",
         "torch": torch.__version__,

@@ -27,8 +27,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import shutil
 import sys
 import tempfile
 import threading
@@ -369,6 +371,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="detr-soak-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its models and logs
     image = args.image or workdir / "image.jpg"
     if args.image is None:
         image.write_bytes(sample_jpeg(None))
