@@ -110,22 +110,30 @@ def _server(name: str, model: Path, max_batch: int, delay_ms: float, workers: in
     raise ValueError(name)
 
 
-def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt: str):
-    # A few requests first: lazy imports and allocations are not what is measured.
+def _prime(server: RunningServer, jpeg: bytes, fmt: str) -> None:
+    """A few requests from 2 clients first: lazy imports and allocations are not what is
+    measured. Outside every measured window (CPU time, batch sizes): its batches are small."""
     run_load(server.url + "/v1/detect", jpeg, 2, 1.0, warmup_s=0.5, as_json=fmt == "json")
+
+
+def _load(server: RunningServer, jpeg: bytes, clients: int, seconds: float, fmt: str):
+    """The measured load, after its own 2 s warm-up at full concurrency (`completed` counts
+    the warm-up's answers too: they are in the CPU time)."""
     return run_load(
         server.url + "/v1/detect", jpeg, clients, seconds, warmup_s=2.0, as_json=fmt == "json"
     )
 
 
-def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str):
+def _load_with_cpu(server: RunningServer, jpeg: bytes, args: Any, fmt: str, prime: bool = True):
     """The load's result, and the CPU time of all the server's processes per image answered: on
     a shared machine, where img/s is mostly the CPU share a server gets, this is what a quiet
-    machine's img/s follows."""
+    machine's img/s follows. prime=False: the caller has primed the server."""
+    if prime:
+        _prime(server, jpeg, fmt)
     pids = _all_pids(server)
     before = _tree_cpu_s(pids)
     res = _load(server, jpeg, args.clients, args.duration, fmt)
-    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed + 2)
+    return res, (_tree_cpu_s(pids) - before) * 1e3 / max(1, res.completed)
 
 
 def raw_forward(
@@ -391,12 +399,12 @@ def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
                 for fmt in FORMATS:
                     pids = _front_end_pids(server)
                     engines = list(_engine_pids(server))
+                    _prime(server, jpeg, fmt)
                     before, engine_before = _tree_cpu_s(pids), _tree_cpu_s(engines)
                     load = _load(server, jpeg, args.clients, args.duration, fmt)
                     cpu_s = _tree_cpu_s(pids) - before
                     engine_s = _tree_cpu_s(engines) - engine_before
-                    # _load's own 1 s warm-up is in the CPU time too: count its answers.
-                    images = load.completed + 2  # at least; a slight overestimate of ms/image
+                    images = max(1, load.completed)
                     res.setdefault(name, {})[fmt] = {
                         **load.as_dict(),
                         "front_end_cpu_ms_per_image": cpu_s * 1e3 / max(1, images),
@@ -508,8 +516,11 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
             server = RunningServer(args_, env=env, ready_timeout_s=600, env_remove=remove)
             try:
                 for fmt in FORMATS:
+                    # Batch sizes from the measured load only: the priming's 2 clients make
+                    # batches of 1 and 2.
+                    _prime(server, jpeg, fmt)
                     before = _batch_size_totals(server.url)
-                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt)
+                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt, prime=False)
                     after = _batch_size_totals(server.url)
                     batches = after[1] - before[1]
                     mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
