@@ -129,11 +129,12 @@ def bench_raw(
             engine.run_batch(tasks)
             runs += 1
         engine_s = (time.perf_counter() - started) / runs
-        fwd_runs, started = 0, time.perf_counter()
+        fwd_runs, started, cpu_started = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds / 2:
             engine.backend.infer(pv, mask)
             fwd_runs += 1
         forward_s = (time.perf_counter() - started) / fwd_runs
+        forward_cpu_s = (time.process_time() - cpu_started) / fwd_runs
         rows.append(
             {
                 "batch": bs,
@@ -143,6 +144,8 @@ def bench_raw(
                 "engine_img_s": bs / engine_s,
                 "forward_ms": forward_s * 1e3,
                 "forward_img_s": bs / forward_s,
+                # CPU time of the process (every thread) per image of the forward pass
+                "forward_cpu_ms_per_image": forward_cpu_s * 1e3 / bs,
             }
         )
         print(

@@ -191,6 +191,7 @@ def raw_forward(
     return {
         "backend": best["backend"],
         "forward_img_s": best["forward_img_s"],
+        "forward_cpu_ms_per_image": best["forward_cpu_ms_per_image"],
         "batch": best["batch"],
         "variant": best["variant"],
         "omp": best["omp"],
@@ -387,6 +388,55 @@ def _front_end_pids(server: RunningServer) -> list[int]:
     ]
 
 
+def _roles(server: RunningServer) -> dict[str, list[int]]:
+    """detr-serve's processes by what they do, from its log (`--log-level info`) and the process
+    tree: the engines, the front ends (the supervisor and its uvicorn workers), the decode
+    workers (the front ends' children) and the rest (job runner, resource trackers)."""
+    log = server.log()
+    engines = {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", log)}
+    root = psutil.Process(server.proc.pid)
+    roles: dict[str, list[int]] = {"engine": [], "front end": [root.pid], "decode": [], "other": []}
+    for child in root.children(recursive=True):
+        try:
+            helper = "resource_tracker" in " ".join(child.cmdline())
+            parent = child.ppid()
+        except psutil.NoSuchProcess:
+            continue
+        if child.pid in engines:
+            roles["engine"].append(child.pid)
+        elif helper or "job-runner" in log and f"(pid {child.pid})" in log:
+            roles["other"].append(child.pid)
+        elif parent == root.pid:
+            roles["front end"].append(child.pid)
+        else:
+            roles["decode"].append(child.pid)
+    return roles
+
+
+def _load_with_cpu_split(
+    server: RunningServer, jpeg: bytes, args: Any, fmt: str
+) -> tuple[LoadResult, float, dict[str, float]]:
+    """_load_with_cpu (primed by the caller), and where the machine's CPU went during the
+    load: ms of CPU per image answered for each of the server's roles (_roles) and for the load
+    generator (this process's children), and the machine's idle cores."""
+    roles = _roles(server)
+    before = {role: _tree_cpu_s(pids) for role, pids in roles.items()}
+    children = os.times()
+    idle, started = psutil.cpu_times().idle, time.monotonic()
+    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt, prime=False)
+    wall = time.monotonic() - started
+    images = max(1, res.completed)
+    split = {
+        role: (_tree_cpu_s(pids) - before[role]) * 1e3 / images for role, pids in roles.items()
+    }
+    after = os.times()
+    generator_s = after.children_user + after.children_system
+    generator_s -= children.children_user + children.children_system
+    split["load generator"] = generator_s * 1e3 / images
+    split["idle cores"] = (psutil.cpu_times().idle - idle) / wall
+    return res, cpu_ms, split
+
+
 def bench_overhead(args: Any, jpeg: bytes) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for r in range(args.rounds):
@@ -498,7 +548,8 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
         raw = raw_forward(args.model, args.max_batch, args.raw_seconds)
         print(
             f"  raw torch: forward {raw['forward_img_s']:.1f} img/s at batch {raw['batch']} "
-            f"(OMP {raw['omp']}), engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
+            f"(OMP {raw['omp']}, {raw['forward_cpu_ms_per_image']:.1f} ms of CPU per image), "
+            f"engine (pre+forward+post) {raw['engine_img_s']:.1f} img/s",
             flush=True,
         )
         results: dict[str, dict[str, Any]] = {}
@@ -508,7 +559,7 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
             args_ = ["--model", str(args.model), "--backend", "torch", *variant.flags]
             args_ += ["--max-batch-size", str(args.max_batch)]
             args_ += ["--max-batch-delay-ms", str(args.delay_ms), "--max-queue-size", "1024"]
-            args_ += ["--log-level", "warning"]
+            args_ += ["--log-level", "info"]  # the engine's pid is read from the log
             if args.workers:
                 args_ += ["--workers", str(args.workers)]
             # A policy the variant sets is its own; otherwise as --compare runs detr-serve.
@@ -520,7 +571,7 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
                     # batches of 1 and 2.
                     _prime(server, jpeg, fmt)
                     before = _batch_size_totals(server.url)
-                    res, cpu_ms = _load_with_cpu(server, jpeg, args, fmt, prime=False)
+                    res, cpu_ms, split = _load_with_cpu_split(server, jpeg, args, fmt)
                     after = _batch_size_totals(server.url)
                     batches = after[1] - before[1]
                     mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
@@ -529,12 +580,29 @@ def bench_e2e_vs_raw(args: Any, jpeg: bytes) -> dict[str, Any]:
                         "cpu_ms_per_image": cpu_ms,
                         "mean_batch": mean_batch,
                         "e2e_over_raw": _ratio(res.img_s, raw["forward_img_s"]),
+                        "cpu_split": split,
                     }
                     print(
                         f"  {name:20s} {fmt:9s} {res.img_s:6.1f} img/s  p50 {res.p50_ms:6.0f} ms  "
                         f"CPU {cpu_ms:5.1f} ms/image  mean batch {mean_batch:4.2f}  "
                         f"end-to-end/raw {_ratio(res.img_s, raw['forward_img_s']):.2f}  "
                         f"failures {res.failures}",
+                        flush=True,
+                    )
+                    # What the cores allow: the raw pass's CPU per image, and everything
+                    # else the served image costs the same cores (front end, decoding, the
+                    # load generator), even with no idle core and no slower forward pass.
+                    rest = split["front end"] + split["decode"] + split["load generator"]
+                    ceiling = _ratio(
+                        raw["forward_cpu_ms_per_image"], raw["forward_cpu_ms_per_image"] + rest
+                    )
+                    results[name][fmt]["cores_ceiling"] = ceiling
+                    print(
+                        "    CPU ms/image: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "idle cores")
+                        + f"; machine idle {split['idle cores']:.2f} cores; the cores' ceiling "
+                        f"of end-to-end/raw: {raw['forward_cpu_ms_per_image']:.1f} / "
+                        f"({raw['forward_cpu_ms_per_image']:.1f} + {rest:.1f}) = {ceiling:.2f}",
                         flush=True,
                     )
             finally:

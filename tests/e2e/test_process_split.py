@@ -190,3 +190,24 @@ def test_only_the_engine_process_loads_openmp(server: RunningServer) -> None:
         assert psutil.Process(engine).environ().get("GOMP_SPINCOUNT") == str(ENGINE_SPINCOUNT)
     for worker in _worker_pids(server.log()):
         assert not any("libgomp" in m.path for m in psutil.Process(worker).memory_maps())
+
+
+def test_the_benchmarks_cpu_split_names_each_process_by_its_role(server: RunningServer) -> None:
+    """scripts/bench/bench_compare.py's CPU split (`--e2e-vs-raw`): the engine, the supervisor and
+    its uvicorn workers as the front end, the workers' decode processes, and the rest, each
+    process once."""
+    from scripts.bench.bench_compare import _roles
+
+    log = server.log()
+    workers = _worker_pids(log)
+    _wait(lambda: all(psutil.Process(w).children() for w in workers), 30, "decode workers")
+    roles = _roles(server)
+    assert roles["engine"] == _engine_pids(log)
+    assert sorted(roles["front end"]) == sorted([server.proc.pid, *workers])
+    assert roles["decode"], "no decode worker found"
+    assert all(psutil.Process(p).ppid() in workers for p in roles["decode"])
+    runner = re.findall(r"job-runner \d+ started \(pid (\d+)\)", log)
+    assert {int(p) for p in runner} <= set(roles["other"])
+    found = [p for pids in roles.values() for p in pids]
+    everyone = [server.proc.pid, *(c.pid for c in psutil.Process(server.proc.pid).children(True))]
+    assert sorted(found) == sorted(everyone)

@@ -35,3 +35,4 @@ def test_raw_pass_times_the_backend_a_server_would_run(tiny_model_dir, backend, 
         torch.set_num_threads(threads)
     assert [(r["batch"], r["backend"]) for r in rows] == [(2, runs)]
     assert rows[0]["forward_img_s"] > 0 and rows[0]["engine_img_s"] > 0
+    assert rows[0]["forward_cpu_ms_per_image"] > 0

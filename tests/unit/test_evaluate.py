@@ -301,6 +301,7 @@ def test_the_raw_pass_reports_each_variant_and_takes_the_faster(monkeypatch, tmp
                 "threads": 2,
                 "forward_img_s": speed,
                 "engine_img_s": speed * 0.9,
+                "forward_cpu_ms_per_image": 2000.0 / speed,
             }
             for batch, speed in zip((1, 8), speeds[spinning], strict=True)
         ]
@@ -312,3 +313,4 @@ def test_the_raw_pass_reports_each_variant_and_takes_the_faster(monkeypatch, tmp
     raw = bench_compare.raw_forward(tmp_path, 8, 1.0, backend="onnx")
     assert raw["variants"] == {"no spinning": 70.0, "spinning": 80.5}
     assert raw["forward_img_s"] == 80.5 and raw["variant"] == "spinning" and raw["batch"] == 8
+    assert raw["forward_cpu_ms_per_image"] == 2000.0 / 80.5  # the faster row's own
