@@ -392,8 +392,8 @@ def _roles(server: RunningServer) -> dict[str, list[int]]:
     """detr-serve's processes by what they do, from its log (`--log-level info`) and the process
     tree: the engines, the front ends (the supervisor and its uvicorn workers), the decode
     workers (the front ends' children) and the rest (job runner, resource trackers)."""
-    log = server.log()
-    engines = {int(p) for p in re.findall(r"engine \d+ started \(pid (\d+)\)", log)}
+    engines = _engine_pids(server)
+    runners = {int(p) for p in re.findall(r"job-runner \d+ started \(pid (\d+)\)", server.log())}
     root = psutil.Process(server.proc.pid)
     roles: dict[str, list[int]] = {"engine": [], "front end": [root.pid], "decode": [], "other": []}
     for child in root.children(recursive=True):
@@ -404,7 +404,7 @@ def _roles(server: RunningServer) -> dict[str, list[int]]:
             continue
         if child.pid in engines:
             roles["engine"].append(child.pid)
-        elif helper or "job-runner" in log and f"(pid {child.pid})" in log:
+        elif helper or child.pid in runners:
             roles["other"].append(child.pid)
         elif parent == root.pid:
             roles["front end"].append(child.pid)
